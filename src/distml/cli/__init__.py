@@ -1,0 +1,1 @@
+"""The ``distml`` command line: a thin layer over the stage packages."""

@@ -1,0 +1,104 @@
+"""The typed config tree, validated once.
+
+One :class:`DistmlConfig` holds a typed section per component. It is built explicitly by
+:func:`load_config` from (lowest to highest precedence) defaults, an optional TOML file, the ``DISTML_HOME``
+environment variable and command-line overrides. Nothing here runs at import time. Validation errors become a
+:class:`~distml.errors.ConfigError` that names the field and what it accepts.
+
+Runtime objects (devices, process groups, open stores) never live in config; they are built from it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distml.errors import ConfigError
+
+DEFAULT_HOME = Path(".distml")
+HOME_ENV = "DISTML_HOME"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorkspaceConfig(_Section):
+    """Where everything distml writes lives (datasets, downloads; later runs, the MLflow store)."""
+
+    home: Path = DEFAULT_HOME
+
+
+class DataConfig(_Section):
+    """Dataset ingest and store settings."""
+
+    shard_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="target bytes of one image shard")
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1, description="decoded pixels above which an image is a decompression bomb"
+    )
+    max_image_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    on_bad_file: Literal["fail", "skip"] = "fail"
+    download_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class DistmlConfig(_Section):
+    """The root of the config tree; later stages add their sections here."""
+
+    workspace: WorkspaceConfig = WorkspaceConfig()
+    data: DataConfig = DataConfig()
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> DistmlConfig:
+    """Build the validated config.
+
+    ``overrides`` are dotted keys (``{"workspace.home": "/data"}``) from the command line; ``None`` values are
+    ignored so that unset CLI options do not clobber the file.
+    """
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_toml(path)
+    if env.get(HOME_ENV):
+        _set_dotted(raw, "workspace.home", env[HOME_ENV])
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, key, value)
+    try:
+        return DistmlConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _config_error(exc, source=str(path) if path else "command line") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", hint="check the --config path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _config_error(exc: ValidationError, *, source: str) -> ConfigError:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"])
+    given = first.get("input")
+    return ConfigError(f"invalid config value {field}={given!r} in {source}: {first['msg']}")

@@ -1,0 +1,54 @@
+"""Small file helpers shared by the store and the sources: hashing and atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_stream(fh: BinaryIO, *algorithms: str) -> dict[str, str]:
+    """Read ``fh`` to the end, returning ``{algorithm: hexdigest}`` for each algorithm."""
+    hashers = {name: hashlib.new(name) for name in algorithms}
+    while chunk := fh.read(CHUNK):
+        for h in hashers.values():
+            h.update(chunk)
+    return {name: h.hexdigest() for name, h in hashers.items()}
+
+
+class HashingWriter:
+    """A write-only file object that hashes what passes through it (so a file is never read back to hash)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self._sha = hashlib.sha256()
+        self.bytes_written = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._sha.update(data)
+        self.bytes_written += len(data)
+        return self._fh.write(data)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

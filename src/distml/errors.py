@@ -1,0 +1,72 @@
+"""The one exception tree of distml.
+
+Every error a user can cause or fix is a :class:`DistmlError`. The CLI prints its message on one line (no
+traceback) and exits with :attr:`DistmlError.exit_code`; later, the model server maps the same classes to HTTP
+status codes in one handler. Messages name the offending value and, through ``hint``, the fix.
+"""
+
+from __future__ import annotations
+
+
+class DistmlError(Exception):
+    """Base class. ``exit_code`` 1 means "the operation failed"; usage errors use 2."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(DistmlError):
+    """The command line or a config file asks for something that cannot be (exit code 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A config value is invalid; the message names the field."""
+
+
+class NotFoundError(UsageError):
+    """A dataset (or later: run, model) reference that resolves to nothing, or to more than one thing."""
+
+
+class WorkspaceError(DistmlError):
+    """The workspace folder cannot be created, written or read."""
+
+
+class DataError(DistmlError):
+    """Base for problems with dataset sources or the dataset store."""
+
+
+class SourceNotFoundError(DataError):
+    """The source files of a dataset are not where they were looked for (and could not be downloaded)."""
+
+
+class DownloadError(DataError):
+    """Every mirror failed; the message lists why for each."""
+
+
+class ChecksumError(DataError):
+    """A file's content does not match its published checksum."""
+
+
+class FormatError(DataError):
+    """A source file is not in the format it claims (bad IDX magic, truncated gzip, wrong record size...)."""
+
+
+class UnsafeArchiveError(DataError):
+    """An archive member would escape the target, is a link or device, or the archive exceeds its caps."""
+
+
+class BadImageError(DataError):
+    """An image file cannot be decoded, or is too large (decompression bomb)."""
+
+
+class CorruptDatasetError(DataError):
+    """A stored dataset does not match its manifest: edited by hand, or a shard changed on disk."""
