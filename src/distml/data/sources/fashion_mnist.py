@@ -136,13 +136,14 @@ class FashionMnistSource:
         return next(f for f in self.spec.files if f.name == name)
 
     def _verify_download(self, path: Path, name: str) -> None:
-        self._read_verified(path, self._spec(name))
+        self._read_verified(path, self._spec(name), shown=name)
 
-    def _read_verified(self, path: Path, spec: IdxSpec) -> IdxFile:
-        idx = read_idx_file(path, max_bytes=self.spec.max_file_bytes)
+    def _read_verified(self, path: Path, spec: IdxSpec, shown: str | None = None) -> IdxFile:
+        shown = shown or str(path)
+        idx = read_idx_file(path, max_bytes=self.spec.max_file_bytes, shown=shown)
         if idx.sha256 != spec.sha256 and idx.md5_file != spec.md5:
             raise ChecksumError(
-                f"{path}: checksum mismatch for {spec.name} (content sha256 {idx.sha256[:16]}..., "
+                f"{shown}: checksum mismatch for {spec.name} (content sha256 {idx.sha256[:16]}..., "
                 f"expected {spec.sha256[:16]}...)",
                 hint="the file is damaged or from another release; delete it and fetch it again",
             )

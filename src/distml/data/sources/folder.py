@@ -204,7 +204,9 @@ def decode_image(path: Path, options: FolderOptions) -> np.ndarray:
                 array = np.asarray(out, dtype=np.uint8)
     except BadImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError(f"{path}: over the pixel limit (decompression bomb?): {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(f"{path}: cannot decode image ({exc})") from None
     return array.reshape(options.image_size[0], options.image_size[1], -1)
 

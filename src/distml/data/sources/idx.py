@@ -23,12 +23,15 @@ class IdxFile:
     md5_file: str  # of the file as stored (the published .gz MD5 when it was not re-compressed)
 
 
-def read_idx_file(path: Path, *, max_bytes: int) -> IdxFile:
-    """Read (and gunzip, if needed) an IDX file, hashing both the stored and the uncompressed bytes."""
+def read_idx_file(path: Path, *, max_bytes: int, shown: str | None = None) -> IdxFile:
+    """Read (and gunzip, if needed) an IDX file, hashing both the stored and the uncompressed bytes.
+
+    ``shown`` is the name used in errors (a download's temp file is better reported by its real name).
+    """
     raw = path.read_bytes()
     md5 = hashlib.md5(raw, usedforsecurity=False).hexdigest()
     is_gzip = raw[:2] == b"\x1f\x8b"
-    content = _gunzip(raw, max_bytes=max_bytes, name=path.name) if is_gzip else raw
+    content = _gunzip(raw, max_bytes=max_bytes, name=shown or path.name) if is_gzip else raw
     return IdxFile(content=content, sha256=hashlib.sha256(content).hexdigest(), md5_file=md5)
 
 

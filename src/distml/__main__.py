@@ -1,0 +1,5 @@
+"""``python -m distml`` is the ``distml`` command."""
+
+from distml.cli.main import main
+
+main()
