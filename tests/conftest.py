@@ -52,9 +52,7 @@ def make_mnist(folder: Path, n_train: int = 120, n_test: int = 40, seed: int = 0
         content = idx_bytes(images[split] if ndim == 3 else labels[split])
         gz = gzip.compress(content, mtime=0)
         (folder / name).write_bytes(gz)
-        specs.append(
-            IdxSpec(name, hashlib.sha256(content).hexdigest(), hashlib.md5(gz).hexdigest(), split, ndim)  # noqa: S324
-        )
+        specs.append(IdxSpec(name, hashlib.sha256(content).hexdigest(), hashlib.md5(gz).hexdigest(), split, ndim))
     spec = MnistLikeSpec(files=tuple(specs), class_names=tuple(f"class{i}" for i in range(10)))
     return MnistFiles(folder, spec, images, labels)
 
@@ -67,7 +65,9 @@ class CifarFiles:
     labels: dict[str, np.ndarray]
 
 
-def make_cifar(folder: Path, per_batch: int = 20, seed: int = 0, extra: list[tarfile.TarInfo] | None = None) -> CifarFiles:
+def make_cifar(
+    folder: Path, per_batch: int = 20, seed: int = 0, extra: list[tarfile.TarInfo] | None = None
+) -> CifarFiles:
     """Write a cifar-10-binary.tar.gz in the real record layout (label byte + R, G, B planes)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def make_cifar(folder: Path, per_batch: int = 20, seed: int = 0, extra: list[tar
             tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
     archive = folder / "cifar-10-binary.tar.gz"
     archive.write_bytes(buf.getvalue())
-    spec = Cifar10Spec(md5=hashlib.md5(buf.getvalue()).hexdigest())  # noqa: S324
+    spec = Cifar10Spec(md5=hashlib.md5(buf.getvalue()).hexdigest())
     return CifarFiles(
         archive,
         spec,
@@ -128,7 +128,7 @@ def mnist(tmp_path: Path) -> MnistFiles:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_FASHION, make_image_folder, requires_fashion, run_cli
 
+from conftest import SHARED_FASHION, make_image_folder, requires_fashion, run_cli
 from distml import __version__
 
 
@@ -27,7 +27,9 @@ def _assert_one_line_error(err: str, *needles: str) -> None:
         assert needle in errors[0]
 
 
-@pytest.mark.parametrize("args", [[], ["data"], ["data", "ingest"], ["data", "list"], ["data", "show"], ["data", "verify"]])
+@pytest.mark.parametrize(
+    "args", [[], ["data"], ["data", "ingest"], ["data", "list"], ["data", "show"], ["data", "verify"]]
+)
 def test_help_at_every_level(args: list[str]) -> None:
     result = run_cli(*args, "--help")
     assert result.code == 0
@@ -186,6 +188,8 @@ def test_sigkill_midway_leaves_nothing_visible_and_the_next_ingest_succeeds(home
 def test_cli_subprocess_prints_no_traceback(tmp_path: Path) -> None:
     exe = shutil.which("distml") or ""
     cmd = [exe] if exe else [sys.executable, "-m", "distml"]
-    proc = subprocess.run([*cmd, "--home", str(tmp_path), "data", "show", "x"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [*cmd, "--home", str(tmp_path), "data", "show", "x"], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 2
     _assert_one_line_error(proc.stderr, "no dataset 'x'")

@@ -18,7 +18,9 @@ def test_defaults_file_env_and_overrides_in_order(tmp_path: Path) -> None:
     config.write_text('[workspace]\nhome = "/from/file"\n[data]\nshard_bytes = 4096\n')
     assert load_config(config, environ={}).workspace.home == Path("/from/file")
     assert load_config(config, environ={"DISTML_HOME": "/from/env"}).workspace.home == Path("/from/env")
-    cfg = load_config(config, environ={"DISTML_HOME": "/e"}, overrides={"workspace.home": "/cli", "data.on_bad_file": None})
+    cfg = load_config(
+        config, environ={"DISTML_HOME": "/e"}, overrides={"workspace.home": "/cli", "data.on_bad_file": None}
+    )
     assert cfg.workspace.home == Path("/cli")
     assert cfg.data.shard_bytes == 4096 and cfg.data.on_bad_file == "fail"
 

@@ -7,8 +7,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import MnistFiles, make_cifar
 
+from conftest import MnistFiles, make_cifar
 from distml.data import DatasetStore, ingest
 from distml.data.sources import Cifar10Source, FashionMnistSource
 from distml.errors import DownloadError
@@ -31,7 +31,9 @@ def test_corrupt_mirror_then_good_mirror(home: Path, mnist: MnistFiles, http_roo
     src = FashionMnistSource(home / "downloads", mirrors=(f"{base}/bad", f"{base}/good"), spec=mnist.spec)
     result = ingest(src, store=DatasetStore(Workspace(home)), log=log.append)
     assert len(result.dataset.split("train")) == 120
-    assert any("bad/train-images-idx3-ubyte.gz failed (train-images-idx3-ubyte.gz: corrupt or truncated" in m for m in log)
+    assert any(
+        "bad/train-images-idx3-ubyte.gz failed (train-images-idx3-ubyte.gz: corrupt or truncated" in m for m in log
+    )
     assert any("bad/t10k-labels-idx1-ubyte.gz failed (HTTP 404)" in m for m in log)
     # Only verified files are kept in the cache, under their own names; no partial downloads remain.
     cached = sorted(p.name for p in (home / "downloads").iterdir())
@@ -67,7 +69,7 @@ def test_every_mirror_failing_says_where_to_put_the_files(home: Path, mnist: Mni
         ingest(src, store=DatasetStore(Workspace(home)))
     text = str(info.value)
     assert "could not get train-images-idx3-ubyte.gz from any mirror" in text
-    assert f"copy the files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz" in text
+    assert "copy the files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz" in text
     assert str(home / "downloads") in text and "--source DIR" in text
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MnistFiles, make_mnist
 
+from conftest import MnistFiles, make_mnist
 from distml.data import DatasetStore, IngestResult, ingest, open_dataset, open_path
 from distml.data.sources import FashionMnistSource
 from distml.errors import CorruptDatasetError, NotFoundError
