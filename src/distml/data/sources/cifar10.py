@@ -107,10 +107,10 @@ class Cifar10Source:
         images = np.ascontiguousarray(records[:, 1:].reshape(-1, 3, _SIDE, _SIDE).transpose(0, 2, 3, 1))
         return images, labels
 
-    def _verify_download(self, path: Path, _name: str) -> None:
-        self._verify(path)
+    def _verify_download(self, path: Path, name: str) -> None:
+        self._verify(path, shown=name)
 
-    def _verify(self, path: Path) -> dict[str, str]:
+    def _verify(self, path: Path, shown: str | None = None) -> dict[str, str]:
         md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
         with path.open("rb") as fh:
             while chunk := fh.read(1 << 22):
@@ -118,7 +118,7 @@ class Cifar10Source:
                 sha.update(chunk)
         if md5.hexdigest() != self.spec.md5:
             raise ChecksumError(
-                f"{path}: MD5 {md5.hexdigest()} does not match the published {self.spec.md5}",
+                f"{shown or path}: MD5 {md5.hexdigest()} does not match the published {self.spec.md5}",
                 hint="the archive is damaged or not the binary CIFAR-10 release; delete it and fetch it again",
             )
         return {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
