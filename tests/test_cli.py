@@ -193,3 +193,10 @@ def test_cli_subprocess_prints_no_traceback(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     _assert_one_line_error(proc.stderr, "no dataset 'x'")
+
+
+def test_non_ascii_dataset_name_is_refused(home: Path, tmp_path: Path) -> None:
+    images = make_image_folder(tmp_path / "pets", per_class=2)
+    result = run_cli("--home", home, "data", "ingest", "folder", images, "--name", "\uff44\uff41\uff54\uff41")
+    assert result.code == 2
+    _assert_one_line_error(result.err, "is not allowed", "letters, digits")

@@ -50,3 +50,17 @@ def test_importing_distml_touches_nothing_and_imports_no_torch(tmp_path: Path) -
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "False"
     assert list(tmp_path.iterdir()) == []  # no workspace created, no config read
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b'workspace = "x"\n', "workspace must be a table"),
+        (b"[data]\nshard_bytes = 4096 # \xff\xfe\n", "is not valid TOML"),
+    ],
+)
+def test_malformed_config_files_are_config_errors(tmp_path: Path, content: bytes, needle: str) -> None:
+    config = tmp_path / "distml.toml"
+    config.write_bytes(content)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(config, environ={"DISTML_HOME": "/h"})

@@ -264,3 +264,26 @@ def test_folder_options_are_validated() -> None:
         FolderOptions(test_fraction=1.5)
     with pytest.raises(UsageError, match="image size 0x8"):
         FolderOptions(image_size=(0, 8))
+
+
+def test_folder_limits_are_part_of_the_source_key_and_reuse_lists_skipped(home: Path, tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "pets", per_class=4)
+    (root / "cat" / "big.png").write_bytes(_png_claiming(3000, 3000))
+    strict = FolderOptions(on_bad_file="skip", max_pixels=1_000_000)
+    first = _run(home, FolderSource(root, strict))
+    assert [rel for rel, _ in first.skipped] == ["cat/big.png"]
+    again = _run(home, FolderSource(root, strict))
+    assert again.reused
+    assert [rel for rel, _ in again.skipped] == ["cat/big.png"]
+    loose = _run(home, FolderSource(root, replace(strict, max_pixels=2_000_000_000)))
+    assert not loose.reused  # a different limit may decide differently: never reuse silently
+
+
+def test_symlinked_class_folder_is_not_followed_out_of_root(home: Path, tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "pets", classes=("cat",), per_class=4)
+    outside = make_image_folder(tmp_path / "outside", classes=("secret",), per_class=3)
+    (root / "dog").symlink_to(outside / "secret")
+    (root / "cat" / "sneaky").symlink_to(outside / "secret")
+    ds = _run(home, FolderSource(root)).dataset
+    assert ds.class_names == ("cat",)
+    assert sum(len(split) for split in ds.splits.values()) == 4

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from conftest import MnistFiles, make_mnist
 from distml.data import DatasetStore, IngestResult, ingest, open_dataset, open_path
+from distml.data.manifest import content_digest
 from distml.data.sources import FashionMnistSource
 from distml.errors import CorruptDatasetError, NotFoundError
 from distml.workspace import Workspace
@@ -152,3 +156,73 @@ def test_stale_temp_folders_are_invisible_and_cleaned(home: Path, mnist: MnistFi
     assert store.versions() == []
     _ingest(home, mnist)
     assert not stale.exists()
+
+
+def _forge(ds_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """Edit a manifest *and* recompute its digest and folder name, as an attacker could."""
+    doc = json.loads((ds_path / "manifest.json").read_text())
+    edit(doc)
+    doc["digest"] = content_digest(doc)
+    forged = ds_path.parent / doc["digest"]
+    shutil.copytree(ds_path, forged)
+    (forged / "manifest.json").write_text(json.dumps(doc))
+    return forged
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["files"].update({"/etc/shadow": {"sha256": "0" * 64, "bytes": 1}}), "not a plain file name"),
+        (lambda d: d["files"].update({"../escape.npy": {"sha256": "0" * 64, "bytes": 1}}), "not a plain file name"),
+        (lambda d: next(iter(d["files"].values())).pop("bytes"), "no valid byte count"),
+        (lambda d: next(iter(d["files"].values())).update({"sha256": "x"}), "no valid sha256"),
+    ],
+)
+def test_forged_manifest_cannot_point_outside_its_folder(
+    home: Path, mnist: MnistFiles, edit: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    forged = _forge(_ingest(home, mnist).dataset.path, edit)
+    with pytest.raises(CorruptDatasetError, match=message):
+        open_path(forged)
+
+
+def test_symlinked_shard_file_is_refused(home: Path, mnist: MnistFiles, tmp_path: Path) -> None:
+    ds = _ingest(home, mnist).dataset
+    shard = ds.path / ds.manifest.splits["test"].shards[0].labels
+    outside = tmp_path / "outside.npy"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    with pytest.raises(CorruptDatasetError, match="symbolic link"):
+        open_path(ds.path)
+
+
+def test_shard_layout_is_part_of_the_source_key(home: Path, mnist: MnistFiles) -> None:
+    big = _ingest(home, mnist)
+    small = _ingest(home, mnist, shard_bytes=28 * 28 * 30)
+    assert not small.reused
+    assert small.dataset.digest != big.dataset.digest
+    assert len(small.dataset.manifest.splits["train"].shards) == 4
+
+
+def test_no_empty_shards_when_one_image_exceeds_the_shard_size(home: Path, mnist: MnistFiles) -> None:
+    ds = _ingest(home, mnist, shard_bytes=1024).dataset  # one 784-byte image... and still never empty shards
+    counts = [s.num_samples for s in ds.manifest.splits["test"].shards]
+    assert min(counts) >= 1
+    assert sum(counts) == 40
+
+
+def test_the_newest_version_wins_even_within_one_second(home: Path, tmp_path: Path) -> None:
+    digests = [_ingest(home, make_mnist(tmp_path / f"v{i}", seed=i)).dataset.digest for i in range(5)]
+    assert open_dataset("fashion-mnist", home=home).digest == digests[-1]
+
+
+def test_a_live_ingests_temp_folder_is_not_removed(home: Path, mnist: MnistFiles) -> None:
+    store = DatasetStore(Workspace(home))
+    with store.begin() as live:
+        assert live.tmp.is_dir()
+        assert store.remove_stale_temps() == []
+        assert live.tmp.is_dir()
+        _ingest(home, mnist)  # another ingest runs its own cleanup meanwhile
+        assert live.tmp.is_dir()
+    assert not live.tmp.exists()
+    assert list((home / "datasets" / ".locks").iterdir()) == []

@@ -85,15 +85,20 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist", hint="check the --config path") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
-    for part in parents:
+    for i, part in enumerate(parents):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            section = ".".join(parents[: i + 1])
+            raise ConfigError(f"config key {section} must be a table ([{section}]), not {node!r}")
     node[leaf] = value
 
 

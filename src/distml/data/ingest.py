@@ -35,12 +35,13 @@ def ingest(source: Source, *, store: DatasetStore, name: str | None = None, log:
     name = check_dataset_name(name or source.default_name)
     store.workspace.ensure(store.root)
     source.prepare(log)
-    key = _source_key(source, name)
+    key = _source_key(source, name, shard_bytes=store.shard_bytes)
     existing = store.lookup(key)
     if existing is not None:
         try:
             dataset = open_path(existing)
-            return IngestResult(dataset, reused=True, seconds=time.perf_counter() - start)
+            skipped = [(str(rel), "skipped when first ingested") for rel in dataset.manifest.source.get("skipped", [])]
+            return IngestResult(dataset, reused=True, seconds=time.perf_counter() - start, skipped=skipped)
         except CorruptDatasetError as exc:
             log(f"  the stored copy is damaged ({exc.message}); ingesting again")
             shutil.rmtree(existing, ignore_errors=True)
@@ -55,8 +56,9 @@ def ingest(source: Source, *, store: DatasetStore, name: str | None = None, log:
     return IngestResult(dataset, reused=False, seconds=time.perf_counter() - start, skipped=data.skipped)
 
 
-def _source_key(source: Source, name: str) -> str:
+def _source_key(source: Source, name: str, *, shard_bytes: int) -> str:
     doc = {
+        "shard_bytes": shard_bytes,  # the shard layout is part of the content (and the digest)
         "schema": SCHEMA_VERSION,
         "converter": CONVERTER_VERSION,
         "kind": source.kind,

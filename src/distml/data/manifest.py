@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,9 @@ from distml.errors import CorruptDatasetError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _UNHASHED = ("digest", "created_at")
+# File names inside a dataset folder: plain names only, so a crafted manifest cannot point outside it.
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -135,9 +139,16 @@ def parse_manifest(doc: Any, *, where: str) -> Manifest:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise bad(f"malformed manifest field: {exc}") from None
+    for fname, info in manifest.files.items():
+        if not _FILE_NAME.fullmatch(fname) or fname == MANIFEST_NAME:
+            raise bad(f"file name {fname!r} is not a plain file name inside the dataset folder")
+        if not (isinstance(info.get("sha256"), str) and _SHA256.fullmatch(info["sha256"])):
+            raise bad(f"file {fname!r} has no valid sha256")
+        if type(info.get("bytes")) is not int or info["bytes"] < 0:
+            raise bad(f"file {fname!r} has no valid byte count")
     for split in manifest.splits.values():
         for shard in split.shards:
             for fname in (shard.images, shard.labels):
-                if fname not in manifest.files or "/" in fname or fname.startswith("."):
-                    raise bad(f"shard file {fname!r} is not a plain file listed in 'files'")
+                if fname not in manifest.files:
+                    raise bad(f"shard file {fname!r} is not listed in 'files'")
     return manifest

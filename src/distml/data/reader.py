@@ -216,6 +216,11 @@ def open_path(path: Path) -> Dataset:
         )
     for fname, info in manifest.files.items():
         file = path / fname
+        if file.is_symlink():
+            raise CorruptDatasetError(
+                f"dataset {manifest.name}@{manifest.short_digest}: {fname} is a symbolic link",
+                hint="the store holds only regular files; re-ingest the dataset",
+            )
         size = file.stat().st_size if file.is_file() else None
         if size != info["bytes"]:
             what = "is missing" if size is None else f"has {size} bytes, the manifest says {info['bytes']}"

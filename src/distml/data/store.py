@@ -9,10 +9,12 @@ lookup instead of a conversion.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -114,29 +116,49 @@ class DatasetStore:
         self.workspace.ensure(self.root)
         self.remove_stale_temps()
         tmp = self.root / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        # The lock is taken before the temp folder exists and held until it is gone: while the writer lives
+        # (on this host or another sharing the workspace) no cleaner can take it; the kernel drops it on SIGKILL.
+        lock_fd = _lock(self._lock_path(tmp), blocking=True)
         try:
             tmp.mkdir()
         except OSError as exc:
+            _unlock(self._lock_path(tmp), lock_fd)
             raise WorkspaceError(f"cannot create {tmp}: {exc.strerror}") from None
-        return DatasetWriter(self, tmp)
+        return DatasetWriter(self, tmp, lock_fd)
+
+    def _lock_path(self, tmp: Path) -> Path:
+        locks = self.root / ".locks"
+        locks.mkdir(exist_ok=True)
+        return locks / f"{tmp.name}.lock"
 
     def remove_stale_temps(self) -> list[Path]:
-        """Remove temp folders left by ingests whose process no longer exists (killed, crashed)."""
+        """Remove temp folders left by ingests that died (killed, crashed): those whose lock nobody holds."""
         removed = []
         for path in self.root.glob(f"{_TMP_PREFIX}*"):
-            pid_text = path.name[len(_TMP_PREFIX) :].split("-", 1)[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            lock_path = self._lock_path(path)
+            if lock_path.exists():
+                fd = _lock(lock_path, blocking=False)
+                if fd is None:
+                    continue  # a live ingest
                 shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+                _unlock(lock_path, fd)
+            else:
+                # No lock file: a temp folder from elsewhere; fall back to whether its pid lives on this host.
+                pid_text = path.name[len(_TMP_PREFIX) :].split("-", 1)[0]
+                if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
         return removed
 
 
 class DatasetWriter:
     """Writes shards into a temp folder, then :meth:`commit` publishes the version atomically."""
 
-    def __init__(self, store: DatasetStore, tmp: Path) -> None:
+    def __init__(self, store: DatasetStore, tmp: Path, lock_fd: int | None) -> None:
         self.store = store
         self.tmp = tmp
+        self._lock_fd = lock_fd
         self._splits: dict[str, list[ShardInfo]] = {}
         self._files: dict[str, dict[str, Any]] = {}
         self._stats: dict[str, list[float]] = {}
@@ -150,6 +172,8 @@ class DatasetWriter:
     ) -> None:
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
+        _unlock(self.store._lock_path(self.tmp), self._lock_fd)
+        self._lock_fd = None
 
     def add_split(self, split: str, images: np.ndarray, labels: np.ndarray) -> None:
         """Write one split as shards of at most ~``shard_bytes`` of images each."""
@@ -162,7 +186,7 @@ class DatasetWriter:
             raise ValueError(f"split {split} has image shape {shape}, others have {self._image_shape}")
         self._image_shape = shape
         labels = labels.astype(np.int64, copy=False)
-        count = max(1, math.ceil(images.nbytes / self.store.shard_bytes))
+        count = max(1, min(len(images), math.ceil(images.nbytes / self.store.shard_bytes)))
         bounds = np.linspace(0, len(images), count + 1).astype(np.int64)
         shards = []
         for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
@@ -188,7 +212,7 @@ class DatasetWriter:
             raise ValueError("a dataset needs at least a train split")
         manifest = build_manifest(
             name=name,
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="microseconds"),  # orders versions
             class_names=class_names,
             image_shape=self._image_shape,
             splits=self._splits,
@@ -238,6 +262,24 @@ def _channel_stats(images: np.ndarray) -> dict[str, list[float]]:
     return {"mean": means, "std": stds}
 
 
+def _lock(path: Path, *, blocking: bool) -> int | None:
+    """Open ``path`` and take an exclusive flock on it; None if ``blocking`` is False and someone holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(path: Path, fd: int | None) -> None:
+    if fd is None:
+        return
+    path.unlink(missing_ok=True)  # while still holding the lock, so nobody locks a file about to vanish
+    os.close(fd)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -250,8 +292,7 @@ def _pid_alive(pid: int) -> bool:
 
 def check_dataset_name(name: str) -> str:
     """Dataset names appear in paths, registry names and Kubernetes labels: keep them to a safe alphabet."""
-    ok = name and len(name) <= 63 and name[0].isalnum() and all(c.isalnum() or c in "-_." for c in name)
-    if not ok:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
         raise UsageError(
             f"dataset name {name!r} is not allowed",
             hint="use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit",

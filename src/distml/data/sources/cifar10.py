@@ -31,6 +31,7 @@ class Cifar10Spec:
     train_files: tuple[str, ...] = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
     test_files: tuple[str, ...] = ("test_batch.bin",)
     meta_file: str = "batches.meta.txt"
+    max_archive_bytes: int = 256 * 1024 * 1024  # the real archive is 162 MiB
     limits: TarLimits = field(default_factory=lambda: TarLimits(max_members=64, max_member_bytes=64 * 1024 * 1024))
 
 
@@ -62,6 +63,7 @@ class Cifar10Source:
                 log=log,
                 timeout_s=self.timeout_s,
                 dataset=self.kind,
+                max_bytes=self.spec.max_archive_bytes,
             )[self.spec.archive]
         self._checksums = self._verify(self._archive)
 

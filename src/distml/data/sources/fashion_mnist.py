@@ -95,6 +95,7 @@ class FashionMnistSource:
             log=log,
             timeout_s=self.timeout_s,
             dataset=self.kind,
+            max_bytes=self.spec.max_file_bytes,
         )
 
     def fingerprint(self) -> dict[str, Any]:

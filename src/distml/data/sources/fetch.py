@@ -61,6 +61,7 @@ def download(
     log: Log,
     timeout_s: float,
     dataset: str,
+    max_bytes: int = 1 << 30,
 ) -> dict[str, Path]:
     """Make sure every file in ``names`` is in ``dest``, verified, downloading the missing ones."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def download(
         for mirror in mirrors:
             url = f"{check_url(mirror).rstrip('/')}/{name}"
             try:
-                _fetch_one(url, target, name, verify=verify, log=log, timeout_s=timeout_s)
+                _fetch_one(url, target, name, verify=verify, log=log, timeout_s=timeout_s, max_bytes=max_bytes)
                 out[name] = target
                 break
             except (OSError, DataError, ValueError) as exc:
@@ -89,7 +90,9 @@ def download(
     return out
 
 
-def _fetch_one(url: str, target: Path, name: str, *, verify: Verify, log: Log, timeout_s: float) -> None:
+def _fetch_one(
+    url: str, target: Path, name: str, *, verify: Verify, log: Log, timeout_s: float, max_bytes: int
+) -> None:
     part = target.with_name(f".{name}.{os.getpid()}-{secrets.token_hex(3)}.part")
     log(f"  downloading {url}")
     try:
@@ -99,6 +102,8 @@ def _fetch_one(url: str, target: Path, name: str, *, verify: Verify, log: Log, t
             while chunk := resp.read(_CHUNK):
                 fh.write(chunk)
                 size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadError(f"more than {max_bytes} bytes: not the expected file")
             if expected is not None and size != int(expected):
                 raise DownloadError(f"short read: {size} of {expected} bytes")
             fh.flush()

@@ -61,6 +61,7 @@ class FolderSource:
     _items: list[_Item] = field(default_factory=list, init=False, repr=False)
     _classes: list[str] = field(default_factory=list, init=False, repr=False)
     _digest: str = field(default="", init=False, repr=False)
+    _real_root: Path = field(default=Path("/nonexistent"), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.default_name = self.default_name or self.root.resolve().name
@@ -68,6 +69,7 @@ class FolderSource:
     def prepare(self, log: Log) -> None:
         if not self.root.is_dir():
             raise SourceNotFoundError(f"image folder {self.root} does not exist", hint="pass ROOT/<class>/<image>")
+        self._real_root = self.root.resolve()
         train, test = self.root / "train", self.root / "test"
         if train.is_dir() and test.is_dir():
             self._classes = _class_dirs(train)
@@ -97,6 +99,8 @@ class FolderSource:
             for path in sorted(folder.rglob("*")):
                 if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file() or path.is_symlink():
                     continue
+                if not path.resolve().is_relative_to(self._real_root):
+                    continue  # reached through a symlinked folder: never read outside ROOT
                 rel = path.relative_to(self.root).as_posix()
                 order = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big")
                 chosen = split or ("test" if order / 2**64 < self.options.test_fraction else "train")
@@ -155,6 +159,8 @@ class FolderSource:
             raise BadImageError(f"{self.root}: no image of the train split could be decoded")
         for rel, reason in skipped:
             log(f"  skipped {rel}: {reason}")
+        if "test" not in splits:
+            log(f"  warning: no image fell in the test split (--test-fraction {self.options.test_fraction})")
         return SourceData(
             class_names=list(self._classes),
             splits=splits,
@@ -175,6 +181,9 @@ class FolderSource:
             "mode": o.mode,
             "test_fraction": o.test_fraction,
             "on_bad_file": o.on_bad_file,
+            # The limits decide which files are refused, so they shape the content too.
+            "max_pixels": o.max_pixels,
+            "max_file_bytes": o.max_file_bytes,
         }
 
 
@@ -212,4 +221,4 @@ def decode_image(path: Path, options: FolderOptions) -> np.ndarray:
 
 
 def _class_dirs(base: Path) -> list[str]:
-    return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))

@@ -28,6 +28,8 @@ def read_idx_file(path: Path, *, max_bytes: int, shown: str | None = None) -> Id
 
     ``shown`` is the name used in errors (a download's temp file is better reported by its real name).
     """
+    if path.stat().st_size > max_bytes:
+        raise FormatError(f"{shown or path.name}: {path.stat().st_size} bytes is over the {max_bytes}-byte limit")
     raw = path.read_bytes()
     md5 = hashlib.md5(raw, usedforsecurity=False).hexdigest()
     is_gzip = raw[:2] == b"\x1f\x8b"
