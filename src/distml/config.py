@@ -46,11 +46,40 @@ class DataConfig(_Section):
     download_timeout_s: float = Field(default=60.0, gt=0)
 
 
+class TrainConfig(_Section):
+    """One training job: W replicas of one model under torchrun, in lock-step (DDP).
+
+    ``batch_size`` is the global batch; each replica gets ``batch_size / workers``.
+    """
+
+    dataset: str = "fashion-mnist"
+    model: str = "cnn"
+    workers: int = Field(default=2, ge=1, le=1024)
+    epochs: int = Field(default=5, ge=1, le=10_000)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(default=5e-4, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    schedule: Literal["constant", "step", "cosine", "onecycle"] = "onecycle"
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    augment: Literal["none", "crop", "crop+flip"] = "crop+flip"
+    seed: int = 0
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="0: only at the end of each epoch")
+    threads_per_worker: int = Field(default=0, ge=0, description="0: cores / workers")
+    allow_oversubscribe: bool = False
+    compile: bool = False
+    max_restarts: int = Field(default=0, ge=0)
+    log_every_steps: int = Field(default=50, ge=1)
+
+
 class DistmlConfig(_Section):
     """The root of the config tree; later stages add their sections here."""
 
     workspace: WorkspaceConfig = WorkspaceConfig()
     data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def load_config(

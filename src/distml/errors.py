@@ -70,3 +70,11 @@ class BadImageError(DataError):
 
 class CorruptDatasetError(DataError):
     """A stored dataset does not match its manifest: edited by hand, or a shard changed on disk."""
+
+
+class TrainingError(DistmlError):
+    """A training job failed: a worker crashed, the loss diverged, or a checkpoint cannot be resumed."""
+
+
+class ResumeError(TrainingError):
+    """The run folder holds a checkpoint that this job must not continue (other dataset, incompatible config)."""

@@ -1,0 +1,67 @@
+"""The distributed context: rank, world size and device, read from the environment in this one place.
+
+torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` (and the rendezvous variables); everything else in the
+training code receives a :class:`DistContext` and never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str  # "gloo" on CPU, "nccl" on GPU
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def context_from_env(environ: Mapping[str, str] | None = None) -> DistContext:
+    """Build the context from torchrun's variables (a plain single process when they are absent)."""
+    import torch
+
+    env = os.environ if environ is None else environ
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    return DistContext(rank, local_rank, world_size, device, backend)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity-aware, so a container's CPU set is respected)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+class RankLogger:
+    """Prints on rank 0; on other ranks every method does nothing, so call sites never branch on rank."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.enabled = ctx.is_main
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)

@@ -1,0 +1,76 @@
+"""The job file a launcher writes and every worker reads: resolved config, dataset, where to write.
+
+Also the resume rules, shared by the launcher (to refuse early, before any process starts) and the workers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distml.config import TrainConfig
+from distml.data._files import write_atomic
+from distml.errors import ResumeError
+
+JOB_FILE = "job.json"
+# Fields that may change between a checkpoint and the job that resumes it; any other change is incompatible.
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "checkpoint_every_steps", "log_every_steps", "max_restarts", "allow_oversubscribe", "compile"}
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    config: TrainConfig
+    run_dir: Path
+    dataset_path: Path
+    dataset_digest: str
+    world_size: int
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def write(self) -> None:
+        doc = {
+            "config": self.config.model_dump(mode="json"),
+            "dataset_path": str(self.dataset_path),
+            "dataset_digest": self.dataset_digest,
+            "world_size": self.world_size,
+        }
+        write_atomic(self.run_dir / JOB_FILE, (json.dumps(doc, indent=2) + "\n").encode())
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Job:
+        doc = json.loads((run_dir / JOB_FILE).read_text())
+        return cls(
+            config=TrainConfig.model_validate(doc["config"]),
+            run_dir=run_dir,
+            dataset_path=Path(doc["dataset_path"]),
+            dataset_digest=doc["dataset_digest"],
+            world_size=int(doc["world_size"]),
+        )
+
+
+def check_resume(state: dict[str, Any], job: Job, checkpoint: str) -> None:
+    """Raise ResumeError if the checkpoint ``state`` must not be continued by ``job``."""
+    where = f"run {job.run_dir.name}: checkpoint {checkpoint}"
+    if state.get("dataset_digest") != job.dataset_digest:
+        raise ResumeError(
+            f"{where} was trained on dataset {str(state.get('dataset_digest'))[:12]}, "
+            f"this job uses {job.dataset_digest[:12]} (the dataset changed since)",
+            hint="use a new --run-name, or the dataset version the run started with",
+        )
+    if state.get("world_size") != job.world_size:
+        raise ResumeError(
+            f"{where} was written by {state.get('world_size')} workers, this job has {job.world_size}",
+            hint="resume with the same --workers, or use a new --run-name",
+        )
+    saved = dict(state.get("config", {}))
+    current = job.config.model_dump(mode="json")
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        diffs = ", ".join(f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ResumeError(f"{where} has an incompatible config: {diffs}", hint="use a new --run-name to start over")

@@ -1,0 +1,168 @@
+"""``distml train``: check everything a user can get wrong, write the job, run torchrun, report the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from distml.config import TrainConfig
+from distml.data import DatasetStore, open_path
+from distml.errors import TrainingError, UsageError, WorkspaceError
+from distml.train.dist import usable_cores
+from distml.train.job import Job, check_resume
+from distml.train.models import check_model_name
+from distml.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """torchrun's multi-host flags, passed through unchanged; the default is one standalone host."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    endpoint: str | None = None
+
+    def torchrun_args(self, run_id: str) -> list[str]:
+        if self.nnodes == 1 and self.endpoint is None:
+            return ["--standalone"]
+        if self.endpoint is None:
+            raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        return [
+            f"--nnodes={self.nnodes}",
+            f"--node-rank={self.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={run_id}",
+        ]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    torchrun_exit: int
+
+
+def prepare(cfg: TrainConfig, workspace: Workspace, run_name: str | None, rdzv: Rendezvous = Rendezvous()) -> Job:
+    """Validate the request and write the job file; nothing is started yet."""
+    check_model_name(cfg.model)
+    if cfg.batch_size % cfg.workers:
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} does not divide by --workers {cfg.workers}",
+            hint=f"the batch is global: use a multiple of {cfg.workers}, e.g. {_round_to(cfg.batch_size, cfg.workers)}",
+        )
+    cores = usable_cores()
+    threads = cfg.threads_per_worker or 1
+    if not _has_gpu() and cfg.workers * threads > cores and not cfg.allow_oversubscribe:
+        raise UsageError(
+            f"--workers {cfg.workers} x {threads} thread(s) is more than the {cores} cores here",
+            hint="use fewer workers, or pass --allow-oversubscribe (slower: workers wait for each other)",
+        )
+    dataset = open_path(DatasetStore(workspace).resolve(cfg.dataset))
+    name = run_name or f"{cfg.model}-{dataset.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
+        raise UsageError(f"run name {name!r} is not allowed", hint="use letters, digits, '-', '_' and '.'")
+    run_dir = workspace.home / "runs" / name
+    try:
+        workspace.ensure(run_dir)
+    except WorkspaceError as exc:
+        raise WorkspaceError(f"run folder {run_dir} is not writable", hint=exc.hint) from None
+    job = Job(cfg, run_dir, dataset.path, dataset.digest, world_size=cfg.workers * rdzv.nnodes)
+    _check_existing(job)
+    job.write()
+    return job
+
+
+def _check_existing(job: Job) -> None:
+    from distml.train.checkpoint import load_latest
+
+    loaded = load_latest(job.checkpoints, warn=lambda m: print(m, file=sys.stderr))
+    if loaded is not None:
+        check_resume(loaded[1], job, loaded[0].name)
+
+
+def run_job(job: Job, rdzv: Rendezvous = Rendezvous()) -> TrainResult:
+    """Run torchrun for ``job`` and wait; rank 0's progress goes straight to our stdout."""
+    status = job.run_dir / "status"
+    shutil.rmtree(status, ignore_errors=True)
+    (job.run_dir / "result.json").unlink(missing_ok=True)
+    cfg = job.config
+    threads = cfg.threads_per_worker or max(1, usable_cores() // cfg.workers)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        *rdzv.torchrun_args(job.run_dir.name),
+        f"--nproc-per-node={cfg.workers}",
+        f"--max-restarts={cfg.max_restarts}",
+        "-m", "distml.train.worker", str(job.run_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    env.pop("RANK", None)  # a launcher inside a worker must not inherit its parent's identity
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return _interpret(job, code, rdzv)
+
+
+def _interpret(job: Job, code: int, rdzv: Rendezvous) -> TrainResult:
+    status = job.run_dir / "status"
+    local_ranks = range(rdzv.node_rank * job.config.workers, (rdzv.node_rank + 1) * job.config.workers)
+    failed = sorted(status.glob("rank-*.failed")) if status.is_dir() else []
+    done = all((status / f"rank-{r}.done").is_file() for r in local_ranks)
+    if failed and not done:
+        reason = failed[0].read_text().strip()
+        raise TrainingError(f"training run {job.run_dir.name} failed on {failed[0].stem}: {reason}")
+    if not done:
+        raise TrainingError(
+            f"training run {job.run_dir.name} failed: torchrun exited with {code} before every worker finished",
+            hint="see the output above; re-running the same --run-name resumes from the last checkpoint",
+        )
+    if code != 0:
+        # Every rank finished and wrote its results, then something aborted in shutdown (seen with gloo):
+        # the work is complete, so this is not a failure, but it is said.
+        print(
+            f"note: torchrun exited with {code} after every worker had finished and written its results "
+            "(an abort during process-group shutdown); the run is complete",
+            file=sys.stderr,
+        )
+    metrics: dict[str, Any] = {}
+    result_file = job.run_dir / "result.json"
+    if result_file.is_file():
+        metrics = json.loads(result_file.read_text())
+    return TrainResult(job.run_dir, metrics, code)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def train(
+    cfg: TrainConfig, workspace: Workspace, run_name: str | None = None, rdzv: Rendezvous = Rendezvous()
+) -> TrainResult:
+    """Validate, then run the whole job: the library form of ``distml train``."""
+    job = prepare(cfg, workspace, run_name, rdzv)
+    start = time.perf_counter()
+    result = run_job(job, rdzv)
+    result.metrics.setdefault("wall_seconds", time.perf_counter() - start)
+    return result
+
+
+def _round_to(value: int, multiple: int) -> int:
+    return max(multiple, value // multiple * multiple)

@@ -1,0 +1,58 @@
+"""Entry point of one training process under torchrun: ``python -m distml.train.worker RUN_DIR``.
+
+Each rank leaves a marker in ``RUN_DIR/status/``: ``rank-N.done`` after it finished and wrote its results, or
+``rank-N.failed`` with the error. The launcher trusts the markers over torchrun's exit code, because gloo
+sometimes aborts a process *after* a clean ``destroy_process_group()`` (issue 4, item 9), while a real failure
+leaves no ``done`` marker and is never hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+from distml.data._files import write_atomic
+from distml.errors import DistmlError
+
+
+def main(argv: list[str]) -> int:
+    import torch.distributed as dist
+
+    from distml.train.dist import context_from_env
+    from distml.train.job import Job
+    from distml.train.loop import run
+
+    run_dir = Path(argv[0])
+    ctx = context_from_env()
+    status = run_dir / "status"
+    status.mkdir(parents=True, exist_ok=True)
+    try:
+        job = Job.read(run_dir)
+        if ctx.distributed:
+            dist.init_process_group(ctx.backend, timeout=timedelta(minutes=10))
+        result = run(job, ctx)
+        if ctx.is_main:
+            write_atomic(run_dir / "result.json", (json.dumps(result, indent=2) + "\n").encode())
+        if ctx.distributed:
+            dist.barrier()  # every rank has finished its work before any marks itself done
+        write_atomic(status / f"rank-{ctx.rank}.done", b"ok\n")
+    except DistmlError as exc:
+        message = f"{exc.message}; {exc.hint}" if exc.hint else exc.message
+        print(f"error: rank {ctx.rank}: {message}", file=sys.stderr, flush=True)
+        write_atomic(status / f"rank-{ctx.rank}.failed", message.encode())
+        return 1
+    except Exception as exc:
+        traceback.print_exc()
+        write_atomic(status / f"rank-{ctx.rank}.failed", f"{type(exc).__name__}: {exc}".encode())
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
