@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ class DistContext:
     world_size: int
     device: torch.device
     backend: str  # "gloo" on CPU, "nccl" on GPU
+    restart: int = 0  # torchrun's restart count: 0 on the first attempt
 
     @property
     def is_main(self) -> bool:
@@ -45,7 +47,29 @@ def context_from_env(environ: Mapping[str, str] | None = None) -> DistContext:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    return DistContext(rank, local_rank, world_size, device, backend)
+    return DistContext(rank, local_rank, world_size, device, backend, int(env.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+
+def init_distributed(ctx: DistContext, timeout: timedelta, environ: Mapping[str, str] | None = None) -> None:
+    """Join the process group through a store namespaced by the restart attempt.
+
+    With plain ``env://`` init, workers restarted by torchrun (``--max-restarts``) could read the gloo addresses
+    that the previous attempt's workers left in the rendezvous store, and then hang or fail connecting to dead
+    ports (seen here about one restart in two with torch 2.13). A prefix per attempt keeps attempts apart.
+    """
+    import torch.distributed as dist
+
+    env = os.environ if environ is None else environ
+    agent_hosts_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        ctx.world_size,
+        is_master=not agent_hosts_store and ctx.rank == 0,
+        timeout=timeout,
+    )
+    prefixed = dist.PrefixStore(f"distml/attempt-{ctx.restart}/", store)  # type: ignore[attr-defined]
+    dist.init_process_group(ctx.backend, store=prefixed, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
 
 
 def usable_cores() -> int:

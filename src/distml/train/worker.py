@@ -9,6 +9,7 @@ leaves no ``done`` marker and is never hidden.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from datetime import timedelta
@@ -21,7 +22,7 @@ from distml.errors import DistmlError
 def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
-    from distml.train.dist import context_from_env
+    from distml.train.dist import context_from_env, init_distributed
     from distml.train.job import Job
     from distml.train.loop import run
 
@@ -29,10 +30,14 @@ def main(argv: list[str]) -> int:
     ctx = context_from_env()
     status = run_dir / "status"
     status.mkdir(parents=True, exist_ok=True)
+    # Markers describe the latest attempt only: a restarted worker clears what its predecessor left.
+    for stale in (status / f"rank-{ctx.rank}.failed", status / f"rank-{ctx.rank}.done"):
+        stale.unlink(missing_ok=True)
+    write_atomic(status / f"rank-{ctx.rank}.pid", f"{os.getpid()}\n".encode())  # for operators (and the fault test)
     try:
         job = Job.read(run_dir)
         if ctx.distributed:
-            dist.init_process_group(ctx.backend, timeout=timedelta(minutes=10))
+            init_distributed(ctx, timeout=timedelta(minutes=10))
         result = run(job, ctx)
         if ctx.is_main:
             write_atomic(run_dir / "result.json", (json.dumps(result, indent=2) + "\n").encode())

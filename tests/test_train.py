@@ -1,0 +1,204 @@
+"""Training: the DDP contract, exact resume after a worker is killed, and every bad input, with real torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_mnist, run_cli
+from distml.config import TrainConfig
+from distml.data import DatasetStore, ingest
+from distml.data.sources import FashionMnistSource
+from distml.errors import ResumeError, TrainingError
+from distml.train import train
+from distml.train.checkpoint import list_checkpoints, load_latest
+from distml.train.launch import Rendezvous, _interpret, prepare
+from distml.workspace import Workspace
+
+
+def _dataset(home: Path, tmp: Path, n_train: int, n_test: int = 64, seed: int = 0, name: str = "tiny") -> None:
+    files = make_mnist(tmp / f"src-{name}-{seed}", n_train=n_train, n_test=n_test, seed=seed)
+    src = FashionMnistSource(home / "downloads", location=str(files.folder), spec=files.spec)
+    ingest(src, store=DatasetStore(Workspace(home)), name=name)
+
+
+def _cfg(**kw: object) -> TrainConfig:
+    base: dict[str, object] = {"dataset": "tiny", "model": "cnn", "workers": 1, "epochs": 1, "batch_size": 32,
+                               "lr": 0.01, "optimizer": "sgd", "schedule": "constant", "augment": "none",
+                               "log_every_steps": 1000}  # fmt: skip
+    return TrainConfig.model_validate({**base, **kw})
+
+
+def _history(run_dir: Path) -> list[dict[str, object]]:
+    return list(json.loads((run_dir / "history.json").read_text()))
+
+
+def test_ddp_two_workers_at_half_batch_equal_one_worker_at_full_batch(home: Path, tmp_path: Path) -> None:
+    _dataset(home, tmp_path, n_train=32 * 24)
+    one = train(_cfg(workers=1), Workspace(home), "w1")
+    two = train(_cfg(workers=2), Workspace(home), "w2")
+    losses_one = _history(one.run_dir)[0]["step_losses"]
+    losses_two = _history(two.run_dir)[0]["step_losses"]
+    assert isinstance(losses_one, list) and isinstance(losses_two, list)
+    assert len(losses_one) == len(losses_two) == 24
+    assert losses_one[0] != losses_one[-1]  # it learns: the comparison is not of constants
+    for step, (a, b) in enumerate(zip(losses_one, losses_two, strict=True)):
+        assert abs(a - b) <= 1e-5, f"step {step}: W=1 loss {a} vs W=2 loss {b}"
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    loaded = load_latest(run_dir / "checkpoints", warn=print)
+    assert loaded is not None
+    return dict(loaded[1]["model"])
+
+
+def test_sigkill_of_one_worker_mid_epoch_resumes_bit_exactly(home: Path, tmp_path: Path) -> None:
+    _dataset(home, tmp_path, n_train=16 * 256)
+    common = ["--dataset", "tiny", "--model", "cnn-dropout", "--workers", "2", "--epochs", "3", "--batch-size", "16",
+              "--augment", "crop+flip", "--checkpoint-every-steps", "100", "--home", str(home)]  # fmt: skip
+    reference = subprocess.run(
+        [sys.executable, "-m", "distml", "train", *common, "--run-name", "ref"], capture_output=True, text=True
+    )
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = home / "runs" / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distml", "train", *common, "--run-name", "killed", "--max-restarts", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    killed_pid = None
+    try:
+        deadline = time.monotonic() + 240
+        # Wait for the first mid-epoch checkpoint of epoch 2 (global step 300 of 256/epoch), then kill rank 1
+        # a little later, so the job must resume from the middle of an epoch.
+        while time.monotonic() < deadline and proc.poll() is None:
+            ckpts = [p.name for p in list_checkpoints(run_dir / "checkpoints")]
+            if "ckpt-000001-000000300.pt" in ckpts:
+                time.sleep(0.2)
+                killed_pid = int((run_dir / "status" / "rank-1.pid").read_text())
+                os.kill(killed_pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed_pid is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, out[-4000:]
+    assert "resuming killed from ckpt-" in out
+    history = _history(run_dir)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert any(h["resumed_at_step"] for h in history), "the resume should have started mid-epoch"
+    ref, got = _final_weights(home / "runs" / "ref"), _final_weights(run_dir)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), f"{key} differs after kill-and-resume"
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_home(home: Path, tmp_path: Path) -> Path:
+    _dataset(home, tmp_path, n_train=256)
+    return home
+
+
+def _train_cli(home: Path, *args: str):  # type: ignore[no-untyped-def]
+    return run_cli("train", "--dataset", "tiny", "--epochs", "1", "--home", home, *args)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model", "vit"], "unknown model 'vit'"),
+        (["--dataset", "imagenet"], "no dataset 'imagenet'"),
+        (["--workers", "2", "--batch-size", "33"], "--batch-size 33 does not divide by --workers 2"),
+        (["--workers", "64", "--batch-size", "64"], "more than the"),
+        (["--epochs", "0"], "epochs=0"),
+        (["--run-name", "../escape"], "run name '../escape' is not allowed"),
+    ],
+)
+def test_usage_errors_are_one_line_before_anything_starts(tiny_home: Path, args: list[str], needle: str) -> None:
+    result = _train_cli(tiny_home, *args)
+    assert result.code == 2, result.err
+    assert result.err.strip().splitlines()[-1].startswith("error: ")
+    assert needle in result.err
+    assert "Traceback" not in result.err
+
+
+def test_oversubscribe_is_allowed_when_asked(tiny_home: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    job = prepare(
+        _cfg(workers=cores + 1, batch_size=32 * (cores + 1), allow_oversubscribe=True), Workspace(tiny_home), "ok"
+    )
+    assert job.world_size == cores + 1
+
+
+def test_nan_loss_stops_with_the_step(tiny_home: Path) -> None:
+    result = _train_cli(tiny_home, "--workers", "1", "--optimizer", "sgd", "--lr", "1e12", "--schedule", "constant")
+    assert result.code == 1
+    assert "failed on rank-0: loss is" in result.err
+    assert "at step" in result.err and "lower --lr" in result.err
+
+
+def test_unwritable_run_folder(tiny_home: Path) -> None:
+    (tiny_home / "runs").write_text("a file where the runs folder should be")
+    result = _train_cli(tiny_home, "--workers", "1")
+    assert result.code == 1
+    assert "run folder" in result.err and "is not writable" in result.err
+
+
+def test_dataset_changed_since_the_checkpoint(tiny_home: Path, tmp_path: Path) -> None:
+    first = train(_cfg(), Workspace(tiny_home), "r")
+    assert first.metrics["epochs"] == 1
+    _dataset(tiny_home, tmp_path, n_train=256, seed=7)  # a new version of "tiny"
+    with pytest.raises(ResumeError, match="the dataset changed since"):
+        prepare(_cfg(epochs=2), Workspace(tiny_home), "r")
+    result = _train_cli(tiny_home, "--workers", "1", "--run-name", "r")
+    assert result.code == 1 and "the dataset changed since" in result.err
+
+
+def test_incompatible_config_or_world_size_is_refused_on_resume(tiny_home: Path) -> None:
+    train(_cfg(), Workspace(tiny_home), "c")
+    with pytest.raises(ResumeError, match=r"incompatible config: lr 0.01 -> 0.02"):
+        prepare(_cfg(lr=0.02), Workspace(tiny_home), "c")
+    with pytest.raises(ResumeError, match="written by 1 workers, this job has 2"):
+        prepare(_cfg(workers=2), Workspace(tiny_home), "c")
+    assert prepare(_cfg(epochs=3), Workspace(tiny_home), "c").config.epochs == 3  # more epochs: fine
+
+
+def test_resume_extends_epochs_and_falls_back_past_a_corrupt_checkpoint(tiny_home: Path) -> None:
+    first = train(_cfg(epochs=1), Workspace(tiny_home), "grow")
+    ckpts = first.run_dir / "checkpoints"
+    (ckpts / "ckpt-000009-000000999.pt").write_bytes(b"not a checkpoint")
+    warnings: list[str] = []
+    loaded = load_latest(ckpts, warn=warnings.append)
+    assert loaded is not None and loaded[0].name.startswith("ckpt-000001-")
+    assert "ckpt-000009-000000999.pt cannot be loaded" in warnings[0]
+    (ckpts / "ckpt-000009-000000999.pt").unlink()
+    second = train(_cfg(epochs=2), Workspace(tiny_home), "grow")
+    assert [h["epoch"] for h in _history(second.run_dir)] == [1, 2]
+
+
+def test_a_clean_finish_with_a_shutdown_abort_is_not_a_failure(tiny_home: Path) -> None:
+    job = prepare(_cfg(workers=2, batch_size=32), Workspace(tiny_home), "shutdown")
+    status = job.run_dir / "status"
+    status.mkdir()
+    (status / "rank-0.done").write_text("ok")
+    with pytest.raises(TrainingError, match="before every worker finished"):
+        _interpret(job, -6, Rendezvous())
+    (status / "rank-1.done").write_text("ok")
+    assert _interpret(job, -6, Rendezvous()).torchrun_exit == -6  # SIGABRT after both ranks were done
+    (status / "rank-1.done").unlink()
+    (status / "rank-1.failed").write_text("loss is nan at step 3")
+    with pytest.raises(TrainingError, match="failed on rank-1: loss is nan at step 3"):
+        _interpret(job, 1, Rendezvous())
