@@ -61,14 +61,14 @@ def init_distributed(ctx: DistContext, timeout: timedelta, environ: Mapping[str,
 
     env = os.environ if environ is None else environ
     agent_hosts_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(
+    store = dist.TCPStore(  # type: ignore[attr-defined]  # re-exported at runtime, not in the stubs
         env["MASTER_ADDR"],
         int(env["MASTER_PORT"]),
         ctx.world_size,
         is_master=not agent_hosts_store and ctx.rank == 0,
         timeout=timeout,
     )
-    prefixed = dist.PrefixStore(f"distml/attempt-{ctx.restart}/", store)  # type: ignore[attr-defined]
+    prefixed = dist.PrefixStore(f"distml/attempt-{ctx.restart}/", store)  # type: ignore[attr-defined]  # idem
     dist.init_process_group(ctx.backend, store=prefixed, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
 
 
