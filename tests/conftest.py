@@ -173,3 +173,9 @@ def run_cli(*args: str | Path) -> CliResult:
 requires_fashion = pytest.mark.skipif(
     not (SHARED_FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="no ../shared/datasets/fashion-mnist"
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_tracking_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests track into their own workspace's SQLite store, never a server named by the environment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

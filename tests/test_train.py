@@ -202,3 +202,27 @@ def test_a_clean_finish_with_a_shutdown_abort_is_not_a_failure(tiny_home: Path) 
     (status / "rank-1.failed").write_text("loss is nan at step 3")
     with pytest.raises(TrainingError, match="failed on rank-1: loss is nan at step 3"):
         _interpret(job, 1, Rendezvous())
+
+
+def test_one_mlflow_run_per_job_with_metrics_reopened_on_resume(tiny_home: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    first = train(_cfg(workers=2, epochs=2), Workspace(tiny_home), "tracked")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tiny_home.resolve() / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("distml-tiny").experiment_id])
+    assert [r.info.run_name for r in runs] == ["tracked"]  # one run for the job, not one per rank
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id == first.metrics["mlflow_run_id"]
+    assert run.data.params["model"] == "cnn" and run.data.params["world_size"] == "2"
+    history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    assert history[-1].value == pytest.approx(first.metrics["test_accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"job.json", "history.json"} <= artifacts and any(a.startswith("ckpt-000002-") for a in artifacts)
+    assert list((first.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    train(_cfg(workers=2, epochs=3), Workspace(tiny_home), "tracked")  # resume: the same MLflow run goes on
+    runs = client.search_runs([run.info.experiment_id])
+    assert len(runs) == 1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2, 3]

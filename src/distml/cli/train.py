@@ -22,7 +22,11 @@ _SCHEDULES = ["constant", "step", "cosine", "onecycle"]
 @click.option("--lr", type=float, help="Peak learning rate. [default: 0.002]")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), help="[default: adamw]")
 @click.option("--schedule", type=click.Choice(_SCHEDULES), help="Learning-rate schedule. [default: onecycle]")
-@click.option("--augment", type=click.Choice(["none", "crop", "crop+flip"]), help="[default: crop+flip]")
+@click.option(
+    "--augment",
+    type=click.Choice(["none", "crop", "crop+flip"]),
+    help="Random crop (pad 2) and horizontal flip; helps longer runs of bigger nets. [default: none]",
+)
 @click.option("--seed", type=int, help="Seeds weights, data order, augmentation and dropout. [default: 0]")
 @click.option("--run-name", help="Run folder under <home>/runs; the same name again resumes it.")
 @click.option("--checkpoint-every-steps", type=int, help="Also checkpoint every N steps (0: epoch ends only).")

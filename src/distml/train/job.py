@@ -28,6 +28,8 @@ class Job:
     dataset_path: Path
     dataset_digest: str
     world_size: int
+    mlflow_uri: str | None = None
+    mlflow_run_id: str | None = None
 
     @property
     def checkpoints(self) -> Path:
@@ -39,6 +41,8 @@ class Job:
             "dataset_path": str(self.dataset_path),
             "dataset_digest": self.dataset_digest,
             "world_size": self.world_size,
+            "mlflow_uri": self.mlflow_uri,
+            "mlflow_run_id": self.mlflow_run_id,
         }
         write_atomic(self.run_dir / JOB_FILE, (json.dumps(doc, indent=2) + "\n").encode())
 
@@ -51,6 +55,8 @@ class Job:
             dataset_path=Path(doc["dataset_path"]),
             dataset_digest=doc["dataset_digest"],
             world_size=int(doc["world_size"]),
+            mlflow_uri=doc.get("mlflow_uri"),
+            mlflow_run_id=doc.get("mlflow_run_id"),
         )
 
 

@@ -9,14 +9,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from distml.config import TrainConfig
 from distml.data import DatasetStore, open_path
+from distml.data._files import write_atomic
 from distml.errors import TrainingError, UsageError, WorkspaceError
+from distml.train import tracking
 from distml.train.dist import usable_cores
 from distml.train.job import Job, check_resume
 from distml.train.models import check_model_name
@@ -158,10 +160,50 @@ def train(
 ) -> TrainResult:
     """Validate, then run the whole job: the library form of ``distml train``."""
     job = prepare(cfg, workspace, run_name, rdzv)
+    if rdzv.node_rank == 0:
+        job = _with_mlflow_run(job, workspace)
     start = time.perf_counter()
-    result = run_job(job, rdzv)
+    try:
+        result = run_job(job, rdzv)
+    except BaseException:
+        _finish_mlflow_run(job, ok=False)
+        raise
     result.metrics.setdefault("wall_seconds", time.perf_counter() - start)
+    _finish_mlflow_run(job, ok=True)
+    result.metrics["mlflow_run_id"] = job.mlflow_run_id
     return result
+
+
+def _with_mlflow_run(job: Job, workspace: Workspace) -> Job:
+    """Open the job's one MLflow run (reopened when the run folder already has one) and record it in the job."""
+    id_file = job.run_dir / "mlflow_run_id"
+    existing = id_file.read_text().strip() if id_file.is_file() else None
+    params = {**job.config.model_dump(mode="json"), "world_size": job.world_size, "dataset_digest": job.dataset_digest}
+    params.update(tracking.system_info())
+    dataset_name = open_path(job.dataset_path).name
+    uri, run_id = tracking.open_run(
+        home=workspace.home,
+        experiment=f"distml-{dataset_name}",
+        run_name=job.run_dir.name,
+        existing_id=existing,
+        params=params,
+        tags={"distml.run_dir": str(job.run_dir), "distml.dataset": dataset_name, "distml.model": job.config.model},
+    )
+    write_atomic(id_file, run_id.encode())
+    job = replace(job, mlflow_uri=uri, mlflow_run_id=run_id)
+    job.write()
+    return job
+
+
+def _finish_mlflow_run(job: Job, *, ok: bool) -> None:
+    """Attach the run's record (and on success its final checkpoint) and mark the MLflow run finished or failed."""
+    if not (job.mlflow_uri and job.mlflow_run_id):
+        return
+    from distml.train.checkpoint import list_checkpoints
+
+    final = list_checkpoints(job.checkpoints)[-1:] if ok else []
+    artifacts = [job.run_dir / "job.json", job.run_dir / "history.json", *final]
+    tracking.close_run(job.mlflow_uri, job.mlflow_run_id, ok=ok, artifacts=artifacts)
 
 
 def _round_to(value: int, multiple: int) -> int:

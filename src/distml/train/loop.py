@@ -29,8 +29,10 @@ from distml.train.dist import DistContext, RankLogger, usable_cores
 from distml.train.job import Job, check_resume
 from distml.train.models import ModelSpec, build_model, count_parameters
 from distml.train.schedule import lr_at
+from distml.train.tracking import RankTracker
 
 EVAL_BATCH = 1024
+_EPOCH_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "images_per_s", "seconds")
 
 
 @dataclass
@@ -98,6 +100,9 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
         f"{ctx.backend} on {ctx.device}, {threads} thread(s)/worker"
     )
 
+    tracker = RankTracker(
+        ctx, uri=job.mlflow_uri, run_id=job.mlflow_run_id, tensorboard_dir=job.run_dir / "tensorboard"
+    )
     history: list[dict[str, Any]] = _read_history(job.run_dir) if ctx.is_main and pos.global_step else []
     run_start = time.perf_counter()
     images_done = 0
@@ -138,6 +143,7 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
                 _progress(
                     log, cfg, epoch, s + 1, order.steps_per_epoch, value, lr, images_done, run_start, pos, total_steps
                 )
+                tracker.step(pos.global_step, value, lr)
             if (
                 cfg.checkpoint_every_steps
                 and pos.global_step % cfg.checkpoint_every_steps == 0
@@ -169,6 +175,7 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
             "step_losses": step_losses,
             "resumed_at_step": first_step,
         }
+        tracker.epoch(epoch + 1, {k: float(v) for k, v in record.items() if k in _EPOCH_METRICS})
         if ctx.is_main:
             _save(ctx, job, model, optimizer, pos)
             history.append(record)
@@ -177,6 +184,7 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {train_acc:.2%} | "
                 f"test loss {test_loss:.4f} acc {test_acc:.2%} | {record['images_per_s']:,.0f} img/s | {seconds:.1f} s"
             )
+    tracker.close()
     final = history[-1] if history else {}
     return {
         "test_accuracy": final.get("test_accuracy"),
