@@ -71,6 +71,7 @@ class TrainConfig(_Section):
     allow_oversubscribe: bool = False
     compile: bool = False
     max_restarts: int = Field(default=0, ge=0)
+    bucket_cap_mb: float = Field(default=25.0, gt=0, description="DDP gradient bucket size (MB)")
     log_every_steps: int = Field(default=50, ge=1)
 
 

@@ -17,7 +17,16 @@ from distml.errors import ResumeError
 JOB_FILE = "job.json"
 # Fields that may change between a checkpoint and the job that resumes it; any other change is incompatible.
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "checkpoint_every_steps", "log_every_steps", "max_restarts", "allow_oversubscribe", "compile"}
+    {
+        "epochs",
+        "checkpoint_every_steps",
+        "log_every_steps",
+        "max_restarts",
+        "allow_oversubscribe",
+        "compile",
+        "bucket_cap_mb",
+        "threads_per_worker",
+    }
 )
 
 
