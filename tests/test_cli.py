@@ -28,7 +28,7 @@ def _assert_one_line_error(err: str, *needles: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "args", [[], ["data"], ["data", "ingest"], ["data", "list"], ["data", "show"], ["data", "verify"]]
+    "args", [[], ["data"], ["data", "ingest"], ["data", "list"], ["data", "show"], ["data", "verify"], ["train"]]
 )
 def test_help_at_every_level(args: list[str]) -> None:
     result = run_cli(*args, "--help")

@@ -86,3 +86,14 @@ def test_checkpoints_are_atomic_rotated_and_safe_to_load(tmp_path: Path) -> None
     loaded = load_latest(tmp_path, warn=warnings.append)
     assert loaded is not None and loaded[0].name == "ckpt-000005-000000050.pt"
     assert "ckpt-000009-000000090.pt cannot be loaded" in warnings[0]
+
+
+def test_rendezvous_flags_go_to_torchrun_unchanged() -> None:
+    from distml.train.launch import Rendezvous
+
+    assert Rendezvous().torchrun_args("run") == ["--standalone"]
+    assert Rendezvous(nnodes=2, node_rank=1, endpoint="10.0.0.1:29400").torchrun_args("run") == [
+        "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=run",
+    ]  # fmt: skip
+    with pytest.raises(UsageError, match="--rdzv-endpoint"):
+        Rendezvous(nnodes=2).torchrun_args("run")
