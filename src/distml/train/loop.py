@@ -116,7 +116,7 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
         epoch = pos.epoch
         perm = order.permutation(epoch)
         model.train()
-        losses = torch.zeros(order.steps_per_epoch, dtype=torch.float64)
+        losses = torch.zeros(order.steps_per_epoch, dtype=torch.float64, device=ctx.device)
         correct = torch.zeros((), dtype=torch.float64, device=ctx.device)
         first_step = pos.step_in_epoch
         epoch_start = time.perf_counter()
@@ -132,8 +132,10 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
             with autocast:
                 logits = step_model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            value = loss.item() if not on_gpu or s % cfg.log_every_steps == 0 else float("nan")
-            if not on_gpu and not math.isfinite(value):
+            # On a GPU, .item() every step would stall the device: read the loss only when it is printed.
+            sampled = not on_gpu or (s + 1) % cfg.log_every_steps == 0
+            value = loss.item() if sampled else float("nan")
+            if sampled and not math.isfinite(value):
                 raise TrainingError(
                     f"loss is {value} at step {pos.global_step} (epoch {epoch + 1}, step {s + 1} of the epoch)",
                     hint="lower --lr, or check the data",
@@ -141,7 +143,7 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
-            losses[s] = loss.detach().double().cpu() if on_gpu else value
+            losses[s] = loss.detach()
             correct += (logits.argmax(1) == y).sum()
             pos.step_in_epoch, pos.global_step = s + 1, pos.global_step + 1
             images_done += cfg.batch_size
@@ -158,9 +160,10 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
                 _save(ctx, job, model, optimizer, pos)
         train_seconds = time.perf_counter() - epoch_start
         # Epoch end: global per-step losses and train accuracy (one all-reduce), then the test split.
-        sums = torch.cat([losses, correct.double().cpu().view(1)])
+        sums = torch.cat([losses, correct.view(1)])
         if ctx.distributed:
             dist.all_reduce(sums)
+        sums = sums.cpu()
         steps_run = order.steps_per_epoch - first_step
         step_losses = (sums[:-1] / job.world_size)[first_step:].tolist()
         train_acc = float(sums[-1]) / max(1, steps_run * cfg.batch_size)
