@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,7 @@ from distml.train.batches import Batcher, EpochOrder, random_crop, step_generato
 from distml.train.checkpoint import KEEP, list_checkpoints, load_latest, save_checkpoint
 from distml.train.models import MODELS, ModelSpec, build_model
 from distml.train.schedule import lr_at
+from distml.train.shm_allreduce import SHM_DIR
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -97,3 +103,21 @@ def test_rendezvous_flags_go_to_torchrun_unchanged() -> None:
     ]  # fmt: skip
     with pytest.raises(UsageError, match="--rdzv-endpoint"):
         Rendezvous(nnodes=2).torchrun_args("run")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the shm path is x86-64 only")
+def test_shared_memory_allreduce_matches_gloo_on_three_ranks() -> None:
+    # Three real processes under torchrun, 60 buckets of varied sizes: the mean equals gloo's all-reduce / W,
+    # every rank gets the same values, a bucket over capacity is refused, and nothing is left in /dev/shm.
+    before = set(SHM_DIR.glob("distml-test-*"))
+    worker = Path(__file__).with_name("_shm_allreduce_worker.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", str(worker)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line is not None, proc.stderr[-3000:]
+    result = json.loads(line.split(" ", 1)[1])
+    assert result["max_abs_diff"] <= 1e-6  # summation order differs from gloo's ring for W=3
+    assert result["too_big"] == "refused"
+    assert set(SHM_DIR.glob("distml-test-*")) == before

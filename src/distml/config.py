@@ -72,6 +72,9 @@ class TrainConfig(_Section):
     compile: bool = False
     max_restarts: int = Field(default=0, ge=0)
     bucket_cap_mb: float = Field(default=25.0, gt=0, description="DDP gradient bucket size (MB)")
+    cpu_allreduce: Literal["shm", "gloo"] = Field(
+        default="shm", description="shm: through shared memory when every CPU worker is on this host; else gloo"
+    )
     log_every_steps: int = Field(default=50, ge=1)
 
 

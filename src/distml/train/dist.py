@@ -24,6 +24,8 @@ class DistContext:
     device: torch.device
     backend: str  # "gloo" on CPU, "nccl" on GPU
     restart: int = 0  # torchrun's restart count: 0 on the first attempt
+    local_world_size: int = 1  # workers on this host
+    job_id: str = "local"  # the same on every rank of one job: torchrun's run id and the store's port
 
     @property
     def is_main(self) -> bool:
@@ -47,7 +49,16 @@ def context_from_env(environ: Mapping[str, str] | None = None) -> DistContext:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    return DistContext(rank, local_rank, world_size, device, backend, int(env.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    return DistContext(
+        rank,
+        local_rank,
+        world_size,
+        device,
+        backend,
+        restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world_size))),
+        job_id=f"{env.get('TORCHELASTIC_RUN_ID', 'local')}-{env.get('MASTER_PORT', '0')}",
+    )
 
 
 def init_distributed(ctx: DistContext, timeout: timedelta, environ: Mapping[str, str] | None = None) -> None:

@@ -69,7 +69,13 @@ def prepare(cfg: TrainConfig, workspace: Workspace, run_name: str | None, rdzv: 
         )
     cores = usable_cores()
     threads = cfg.threads_per_worker or 1
-    if not _has_gpu() and cfg.workers * threads > cores and not cfg.allow_oversubscribe:
+    gpus = _gpu_count()
+    if gpus and cfg.workers > gpus:
+        raise UsageError(
+            f"--workers {cfg.workers} is more than the {gpus} GPU(s) on this host",
+            hint=f"NCCL runs one worker per GPU: use --workers {gpus} or fewer (more hosts: --nnodes)",
+        )
+    if not gpus and cfg.workers * threads > cores and not cfg.allow_oversubscribe:
         raise UsageError(
             f"--workers {cfg.workers} x {threads} thread(s) is more than the {cores} cores here",
             hint="use fewer workers, or pass --allow-oversubscribe (slower: workers wait for each other)",
@@ -154,10 +160,10 @@ def _interpret(job: Job, code: int, rdzv: Rendezvous) -> TrainResult:
     return TrainResult(job.run_dir, metrics, code)
 
 
-def _has_gpu() -> bool:
+def _gpu_count() -> int:
     import torch
 
-    return bool(torch.cuda.is_available())
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def train(

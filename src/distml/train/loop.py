@@ -23,6 +23,7 @@ from torch import nn
 from distml.data import open_path
 from distml.data._files import write_atomic
 from distml.errors import ResumeError, TrainingError
+from distml.train import shm_allreduce
 from distml.train.batches import Batcher, EpochOrder, step_generator
 from distml.train.checkpoint import load_latest, save_checkpoint
 from distml.train.dist import DistContext, RankLogger, usable_cores
@@ -89,6 +90,7 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
         log.info(f"resuming {job.run_dir.name} from {path.name} (epoch {pos.epoch + 1}, step {pos.global_step})")
 
     ddp: nn.Module = model
+    allreduce = f"{ctx.backend} all-reduce" if ctx.distributed else "one process"
     if ctx.distributed:
         # Gradients as views into the all-reduce buckets: no copy into and out of the buckets each step.
         ddp = nn.parallel.DistributedDataParallel(
@@ -97,13 +99,17 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
             gradient_as_bucket_view=True,
             bucket_cap_mb=cfg.bucket_cap_mb,
         )
+        if cfg.cpu_allreduce == "shm" and shm_allreduce.available(ctx):
+            shm_allreduce.install(ddp, ctx, name=f"distml-grads-{ctx.job_id}-{ctx.restart}")
+            allreduce = "shared-memory all-reduce"
     step_model = cast(nn.Module, torch.compile(ddp)) if cfg.compile else ddp
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
     log.info(
         f"training {cfg.model} ({count_parameters(model):,} parameters) on "
         f"{dataset.name}@{dataset.manifest.short_digest}: {job.world_size} worker(s) x {order.local_batch} = "
         f"batch {cfg.batch_size}, {order.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, "
-        f"{ctx.backend} on {ctx.device}, {threads} thread(s)/worker"
+        f"{allreduce} on {ctx.device}, "
+        f"{threads} thread(s)/worker"
     )
 
     tracker = RankTracker(
@@ -114,7 +120,9 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
     images_done = 0
     while pos.epoch < cfg.epochs:
         epoch = pos.epoch
-        perm = order.permutation(epoch)
+        # On a GPU every per-step index and random draw stays on the device: a host-to-device copy of pageable
+        # memory would wait for the queued work each step and stop the host from running ahead.
+        perm = order.permutation(epoch).to(ctx.device)
         model.train()
         losses = torch.zeros(order.steps_per_epoch, dtype=torch.float64, device=ctx.device)
         correct = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -123,7 +131,8 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
         for s in range(first_step, order.steps_per_epoch):
             gen = step_generator(cfg.seed, 2, epoch, s, ctx.rank)
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # dropout stream of this step
-            x, y = train.batch(order.indices(perm, s), augment=cfg.augment, gen=gen)
+            aug_gen = step_generator(cfg.seed, 3, epoch, s, ctx.rank, device=ctx.device) if on_gpu else gen
+            x, y = train.batch(order.indices(perm, s), augment=cfg.augment, gen=aug_gen)
             lr = lr_at(
                 pos.global_step, total_steps=total_steps, base_lr=cfg.lr, schedule=cfg.schedule, warmup_steps=warmup
             )
@@ -158,6 +167,8 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
                 and s + 1 < order.steps_per_epoch
             ):
                 _save(ctx, job, model, optimizer, pos)
+        if on_gpu:
+            torch.cuda.synchronize(ctx.device)  # the queued steps belong to this epoch's time
         train_seconds = time.perf_counter() - epoch_start
         # Epoch end: global per-step losses and train accuracy (one all-reduce), then the test split.
         sums = torch.cat([losses, correct.view(1)])
@@ -214,7 +225,7 @@ def evaluate(model: nn.Module, data: Batcher, ctx: DistContext, world_size: int,
     model.eval()
     with torch.no_grad(), autocast:
         for start in range(lo, hi, EVAL_BATCH):
-            idx = torch.arange(start, min(hi, start + EVAL_BATCH))
+            idx = torch.arange(start, min(hi, start + EVAL_BATCH), device=ctx.device)
             x, y = data.batch(idx)
             logits = model(x).float()
             sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
