@@ -68,8 +68,11 @@ def init_distributed(ctx: DistContext, timeout: timedelta, environ: Mapping[str,
     that the previous attempt's workers left in the rendezvous store, and then hang or fail connecting to dead
     ports (seen here about one restart in two with torch 2.13). A prefix per attempt keeps attempts apart.
     """
+    import torch
     import torch.distributed as dist
 
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)  # before NCCL creates its communicator on the current device
     env = os.environ if environ is None else environ
     agent_hosts_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(  # type: ignore[attr-defined]  # re-exported at runtime, not in the stubs

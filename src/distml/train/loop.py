@@ -57,6 +57,8 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
         )
     stats = dataset.manifest.stats
     on_gpu = ctx.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(ctx.device)  # this rank's GPU is the current one: NCCL and the dropout seed use it
     train_images, train_labels = dataset.split("train").to_torch()
     train = Batcher(
         train_images, train_labels, mean=stats["mean"], std=stats["std"], device=ctx.device, channels_last=on_gpu
@@ -130,7 +132,7 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
         epoch_start = time.perf_counter()
         for s in range(first_step, order.steps_per_epoch):
             gen = step_generator(cfg.seed, 2, epoch, s, ctx.rank)
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # dropout stream of this step
+            _seed_dropout(int(torch.randint(0, 2**62, (1,), generator=gen)), ctx.device)
             aug_gen = step_generator(cfg.seed, 3, epoch, s, ctx.rank, device=ctx.device) if on_gpu else gen
             x, y = train.batch(order.indices(perm, s), augment=cfg.augment, gen=aug_gen)
             lr = lr_at(
@@ -215,6 +217,18 @@ def run(job: Job, ctx: DistContext) -> dict[str, Any]:
         "seconds": time.perf_counter() - run_start,
         "parameters": count_parameters(model),
     }
+
+
+def _seed_dropout(seed: int, device: torch.device) -> None:
+    """Seed the stream dropout draws from in this step (on the device that runs the model).
+
+    Only that one generator: ``torch.manual_seed`` also visits every other backend's generators and cost 66 µs
+    a step here, over 1% of a seed-cnn step on CPU; this costs about 1 µs.
+    """
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)  # the current device's generator
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def evaluate(model: nn.Module, data: Batcher, ctx: DistContext, world_size: int, autocast: Any) -> tuple[float, float]:
