@@ -78,3 +78,13 @@ class TrainingError(DistmlError):
 
 class ResumeError(TrainingError):
     """The run folder holds a checkpoint that this job must not continue (other dataset, incompatible config)."""
+
+
+class ModelError(DistmlError):
+    """A model artifact cannot be exported, verified or loaded (parity failed, corrupt ``model.onnx``)."""
+
+
+class RegistryError(DistmlError):
+    """The model registry refuses an operation (unknown model, alias or version; nothing to roll back to)."""
+
+    exit_code = 2

@@ -70,10 +70,12 @@ def cli(ctx: click.Context, home: Path | None, config_path: Path | None) -> None
 
 def _register_commands() -> None:
     from distml.cli.data import data
+    from distml.cli.models import models
     from distml.cli.train import train_cmd
 
     cli.add_command(data)
     cli.add_command(train_cmd)
+    cli.add_command(models)
 
 
 def main(argv: list[str] | None = None) -> None:

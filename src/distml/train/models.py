@@ -85,6 +85,28 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
 }
 
 
+class UInt8Classifier(nn.Module):
+    """What is exported: ``uint8`` N x H x W x C -> (logits, probabilities), normalising inside the graph.
+
+    The same arithmetic as training's batches (``distml.train.batches.Batcher``), so a served model needs
+    nothing but raw pixels.
+    """
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.net = net
+        c = len(mean)
+        self.mean: torch.Tensor
+        self.inv_std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1) * 255.0)
+        self.register_buffer("inv_std", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1) * 255.0))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (images.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+        logits = self.net(x)
+        return logits, torch.softmax(logits, dim=1)
+
+
 def check_model_name(name: str) -> str:
     if name not in MODELS:
         raise UsageError(f"unknown model {name!r}", hint=f"choose one of {', '.join(MODELS)}")

@@ -1,0 +1,147 @@
+"""``distml models``: export trained runs to ONNX, register them, and manage the ``champion`` alias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from distml.cli.main import AppContext, pass_app
+
+
+@click.group("models")
+def models() -> None:
+    """Model artifacts and the model registry (MLflow, in the workspace's store).
+
+    A model artifact is a folder with model.onnx (raw uint8 images in, normalised inside the graph; logits and
+    probabilities out) and model.json (classes, input spec, metrics, parity, lineage). Every export is
+    checked against PyTorch on 1,000 test images before it is written or registered.
+    """
+
+
+@models.command("export")
+@click.argument("run")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New folder for the artifact.")
+@pass_app
+def export_cmd(app: AppContext, run: str, out: Path) -> None:
+    """Export the finished training RUN (a run name or folder) to an ONNX artifact folder."""
+    from distml.registry import export_run, find_run
+
+    artifact, parity = export_run(find_run(run, app.workspace), out)
+    click.echo(_parity_line(parity))
+    click.echo(f"exported {artifact.name} from run {artifact.card['lineage']['training_run']} -> {artifact.path}")
+
+
+@models.command("register")
+@click.argument("run")
+@click.option("--name", help="Registered model name. [default: <dataset>-classifier]")
+@click.option("--no-promote", is_flag=True, help="Register without moving the champion alias.")
+@pass_app
+def register_cmd(app: AppContext, run: str, name: str | None, no_promote: bool) -> None:
+    """Export RUN, check parity, add it as a new version and (by default) make it the champion."""
+    import tempfile
+
+    from distml.registry import Registry, export_run, find_run
+
+    run_dir = find_run(run, app.workspace)
+    with tempfile.TemporaryDirectory(prefix="distml-export-") as tmp:
+        artifact, parity = export_run(run_dir, Path(tmp) / "model", name=name)
+        click.echo(_parity_line(parity))
+        version = Registry(app.workspace).register(artifact, promote=not no_promote)
+    aliases = f" ({', '.join(version.aliases)})" if version.aliases else ""
+    click.echo(f"registered {version.name} version {version.version}{aliases} from run {run_dir.name}")
+
+
+@models.command("list")
+@pass_app
+def list_cmd(app: AppContext) -> None:
+    """Registered models with their version count and champion."""
+    from distml.registry import Registry
+
+    rows = Registry(app.workspace).models()
+    if not rows:
+        click.echo("no registered models yet (distml models register RUN)")
+        return
+    click.echo(f"{'NAME':<32} {'VERSIONS':>8}  {'CHAMPION':>8}  TEST ACC")
+    for row in rows:
+        acc = row["champion_test_accuracy"]
+        acc_text = f"{acc:.2%}" if isinstance(acc, float) else "-"
+        click.echo(f"{row['name']:<32} {row['versions']:>8}  {row['champion'] or '-':>8}  {acc_text}")
+
+
+@models.command("show")
+@click.argument("ref")
+@pass_app
+def show_cmd(app: AppContext, ref: str) -> None:
+    """A model's versions (REF = NAME), or one version (NAME@ALIAS, NAME/VERSION, models:/...) in detail."""
+    from distml.registry import Registry
+
+    registry = Registry(app.workspace)
+    uri = ref if ref.startswith("models:/") else f"models:/{ref}"
+    if not ref.startswith("models:/") and "@" not in ref and "/" not in ref:
+        versions = registry.versions(ref)
+        click.echo(f"{'VERSION':>7}  {'ALIASES':<20} {'TEST ACC':>8}  TRAINING RUN")
+        for v in versions:
+            acc = f"{v.test_accuracy:.2%}" if v.test_accuracy is not None else "-"
+            click.echo(
+                f"{v.version:>7}  {','.join(v.aliases) or '-':<20} {acc:>8}  {v.tags.get('distml.training_run')}"
+            )
+        return
+    version = registry.lookup(uri)
+    artifact = registry.fetch(version)
+    card = artifact.card
+    click.echo(f"model      {version.name} version {version.version} ({', '.join(version.aliases) or 'no alias'})")
+    click.echo(f"artifact   {artifact.path}")
+    click.echo(f"input      {card['input']['dtype']} {card['input']['shape']} ({card['input']['layout']})")
+    click.echo(f"classes    {', '.join(card['class_names'])}")
+    m = card["metrics"]
+    click.echo(
+        f"metrics    test accuracy {m['test_accuracy']:.2%}, test loss {m['test_loss']:.4f}, {m['epochs']} epochs"
+    )
+    click.echo(f"parity     {_parity_text(card['parity'])}")
+    lineage = card["lineage"]
+    click.echo(f"lineage    run {lineage['training_run']} (MLflow {lineage['mlflow_run_id']}), dataset "
+               f"{lineage['dataset']}@{lineage['dataset_digest'][:12]}, {lineage['config']['model']}")  # fmt: skip
+
+
+@models.command("promote")
+@click.argument("name")
+@click.argument("version")
+@pass_app
+def promote_cmd(app: AppContext, name: str, version: str) -> None:
+    """Make VERSION of NAME the champion (the old champion becomes 'previous')."""
+    from distml.registry import Registry
+
+    v = Registry(app.workspace).promote(name, version)
+    click.echo(f"{name}: champion is now version {v.version}")
+
+
+@models.command("rollback")
+@click.argument("name")
+@pass_app
+def rollback_cmd(app: AppContext, name: str) -> None:
+    """Move NAME's champion back to the version that held it before."""
+    from distml.registry import Registry
+
+    v = Registry(app.workspace).rollback(name)
+    click.echo(f"{name}: champion rolled back to version {v.version}")
+
+
+def _parity_text(parity: dict[str, float]) -> str:
+    return (
+        f"{parity['images']} images, max |p_onnx - p_torch| {parity['max_abs_diff_probabilities']:.2e}, "
+        f"top-1 agreement {parity['top1_agreement']:.2%}"
+    )
+
+
+def _parity_line(parity: object) -> str:
+    from distml.registry import Parity
+
+    assert isinstance(parity, Parity)
+    return "parity ok: " + _parity_text(
+        {
+            "images": parity.images,
+            "max_abs_diff_probabilities": parity.max_abs_diff_probabilities,
+            "top1_agreement": parity.top1_agreement,
+        }
+    )
