@@ -163,3 +163,72 @@ def test_bad_runs_and_folders(home: Path, tmp_path: Path) -> None:
     registry.client.create_registered_model("empty-classifier")
     with pytest.raises(RegistryError, match="no champion to roll back"):
         registry.rollback("empty-classifier")
+
+
+# -- batch prediction -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])
+def test_predict_a_dataset_split_matches_onnx_runtime(home: Path, tmp_path: Path, suffix: str) -> None:
+    assert run_cli("--home", home, "models", "register", "run0").code == 0
+    out = tmp_path / f"preds{suffix}"
+    result = run_cli("--home", home, "predict", f"models:/{NAME}@champion", "--dataset", "tiny", "--batch-size",
+                     "500", "--out", out)  # fmt: skip
+    assert result.code == 0, result.err
+    assert "predicted 1,200 images" in result.out and "accuracy" in result.out
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(out).to_pylist()
+    elif suffix == ".jsonl":
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    else:
+        import csv
+
+        rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 1200 and {"id", "prediction", "class_name", "probability", "label"} <= set(rows[0])
+    # The same answers as ONNX Runtime run directly on the stored pixels.
+    arrays = open_dataset("tiny", home=home).split("test").arrays()
+    model = resolve_model(f"models:/{NAME}@champion", Workspace(home))
+    _, probs = model.session().run(None, {"images": np.ascontiguousarray(arrays.images)})
+    assert [int(r["prediction"]) for r in rows] == probs.argmax(1).tolist()
+    assert [int(r["label"]) for r in rows] == arrays.labels.tolist()
+    assert rows[5]["class_name"] == model.class_names[int(rows[5]["prediction"])]
+    accuracy = float((probs.argmax(1) == arrays.labels).mean())
+    assert f"accuracy {accuracy:.2%}" in result.out
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_predict_an_image_folder_with_a_non_image(home: Path, tmp_path: Path) -> None:
+    from conftest import make_image_folder
+
+    assert run_cli("--home", home, "models", "register", "run0").code == 0
+    folder = make_image_folder(tmp_path / "photos", per_class=3)  # RGB, various sizes: converted to 28x28 L
+    (folder / "cat" / "notes.txt").write_text("not an image")
+    out = tmp_path / "preds.jsonl"
+    ref = f"models:/{NAME}/1"
+    failed = run_cli("--home", home, "predict", ref, "--images", folder, "--out", out)
+    assert failed.code == 1 and "notes.txt: not a PNG or JPEG file" in failed.err and not out.exists()
+    skipped = run_cli("--home", home, "predict", ref, "--images", folder, "--out", out, "--on-bad-file", "skip")
+    assert skipped.code == 0, skipped.err
+    assert "predicted 9 images" in skipped.out and "skipped:" in skipped.err and "notes.txt" in skipped.err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows][:3] == ["cat/img000.jpg", "cat/img001.png", "cat/img002.jpg"]
+    assert "label" not in rows[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--out", "p.txt", "--dataset", "tiny"], "cannot write p.txt"),
+        (["--out", "p.csv"], "give exactly one of --dataset and --images"),
+        (["--out", "p.csv", "--dataset", "tiny", "--split", "valid"], "has no split 'valid'"),
+        (["--out", "p.csv", "--images", "/nonexistent-folder"], "is not a folder of images"),
+    ],
+)
+def test_predict_bad_input(home: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    assert run_cli("--home", home, "models", "register", "run0").code == 0
+    args = [str(tmp_path / a) if a.startswith("p.") else a for a in args]
+    result = run_cli("--home", home, "predict", f"models:/{NAME}@champion", *args)
+    assert result.code == 2, result.err
+    assert needle in result.err and "Traceback" not in result.err

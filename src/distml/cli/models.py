@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -145,3 +146,57 @@ def _parity_line(parity: object) -> str:
             "top1_agreement": parity.top1_agreement,
         }
     )
+
+
+@click.command("predict")
+@click.argument("model")
+@click.option("--dataset", help="Predict a split of this dataset (name or digest prefix).")
+@click.option("--split", default="test", show_default=True, help="Which split of --dataset.")
+@click.option("--images", type=click.Path(path_type=Path), help="Predict every PNG/JPEG under this folder.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output: .parquet, .jsonl or .csv.")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=128, show_default=True,
+              help="ONNX Runtime's batch (small batches stay in cache).")  # fmt: skip
+@click.option("--threads", type=click.IntRange(0, 1024), default=0, help="ONNX Runtime threads. [default: all cores]")
+@click.option("--on-bad-file", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="With --images: stop at a file that is not a readable image, or skip and list it.")  # fmt: skip
+@pass_app
+def predict_cmd(
+    app: AppContext, model: str, dataset: str | None, split: str, images: Path | None, out: Path,
+    batch_size: int, threads: int, on_bad_file: str,
+) -> None:  # fmt: skip
+    """Batch prediction with MODEL (a folder, models:/NAME@ALIAS or models:/NAME/VERSION) through ONNX Runtime.
+
+    \b
+    Examples:
+      distml predict models:/fashion-mnist-classifier@champion --dataset fashion-mnist --out preds.parquet
+      distml predict ./exported-model --images ./photos --out preds.csv
+    """
+    from distml.data import DatasetStore, open_path
+    from distml.errors import UsageError
+    from distml.registry import resolve_model
+    from distml.registry.predict import CHUNK, dataset_batches, folder_batches, predict
+
+    if (dataset is None) == (images is None):
+        raise UsageError("give exactly one of --dataset and --images")
+    artifact = resolve_model(model, app.workspace)
+    skipped: list[str] = []
+    if dataset is not None:
+        ds = open_path(DatasetStore(app.workspace).resolve(dataset))
+        if split not in ds.splits:
+            raise UsageError(f"dataset {ds.name} has no split {split!r}", hint=f"splits: {', '.join(ds.splits)}")
+        if tuple(ds.image_shape) != artifact.image_shape:
+            raise UsageError(f"dataset {ds.name} has {ds.image_shape} images, the model takes {artifact.image_shape}")
+        arrays = ds.split(split).arrays()
+        batches = dataset_batches(arrays.images, arrays.labels, CHUNK)
+        total: int | None = len(arrays)
+    else:
+        assert images is not None
+        mode: Literal["fail", "skip"] = "fail" if on_bad_file == "fail" else "skip"
+        batches = folder_batches(images, artifact.image_shape, CHUNK, mode, skipped)
+        total = None
+    result = predict(artifact, batches, out, total=total, batch=batch_size, threads=threads, skipped=skipped)
+    acc = f", accuracy {result.accuracy:.2%}" if result.accuracy is not None else ""
+    click.echo(f"predicted {result.images:,} images in {result.seconds:.2f} s ({result.images_per_s:,.0f} img/s)"
+               f"{acc} -> {result.out}")  # fmt: skip
+    for line in result.skipped:
+        click.echo(f"skipped: {line}", err=True)
