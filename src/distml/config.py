@@ -10,13 +10,14 @@ Runtime objects (devices, process groups, open stores) never live in config; the
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distml.errors import ConfigError
 
@@ -84,6 +85,25 @@ class DistmlConfig(_Section):
     workspace: WorkspaceConfig = WorkspaceConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    # [[candidates]] tables: each overrides some [train] settings for one candidate of ``distml train
+    # --candidates`` (e.g. ``model = "resnet-small"`` with its own ``lr``).
+    candidates: tuple[dict[str, Any], ...] = ()
+
+    @model_validator(mode="after")
+    def _check_candidates(self) -> DistmlConfig:
+        self.candidate_configs()  # every candidate must make a valid TrainConfig
+        return self
+
+    def candidate_configs(self) -> list[TrainConfig]:
+        configs = []
+        for i, overrides in enumerate(self.candidates):
+            unknown = sorted(set(overrides) - set(TrainConfig.model_fields))
+            if unknown:
+                near = difflib.get_close_matches(unknown[0], list(TrainConfig.model_fields), n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ValueError(f"candidates[{i}] has an unknown key {unknown[0]!r}{hint}")
+            configs.append(TrainConfig.model_validate({**self.train.model_dump(), **overrides}))
+        return configs
 
 
 def load_config(

@@ -34,11 +34,19 @@ _SCHEDULES = ["constant", "step", "cosine", "onecycle"]
 @click.option("--allow-oversubscribe", is_flag=True, default=None, help="Allow workers x threads > cores.")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model (GPU).")
 @click.option("--max-restarts", type=int, help="torchrun restarts after a worker dies (resume from checkpoint).")
+@click.option(
+    "--candidates",
+    metavar="MODELS|config",
+    help="Train several candidates at once: comma-separated models, or 'config' for the [[candidates]] tables of "
+    "the config file. Other options apply to every candidate; --run-name is the prefix of their runs.",
+)
 @click.option("--nnodes", type=int, default=1, show_default=True, help="torchrun: number of hosts.")
 @click.option("--node-rank", type=int, default=0, show_default=True, help="torchrun: this host's rank.")
 @click.option("--rdzv-endpoint", metavar="HOST:PORT", help="torchrun: c10d rendezvous endpoint (multi-host).")
 @pass_app
-def train_cmd(app: AppContext, nnodes: int, node_rank: int, rdzv_endpoint: str | None, **options: Any) -> None:
+def train_cmd(
+    app: AppContext, nnodes: int, node_rank: int, rdzv_endpoint: str | None, candidates: str | None, **options: Any
+) -> None:
     """Train one model with synchronous data-parallel SGD (PyTorch DDP, W workers under torchrun).
 
     Gradients are all-reduced every step (gloo on CPU, NCCL on GPU); progress is printed by rank 0.
@@ -54,6 +62,9 @@ def train_cmd(app: AppContext, nnodes: int, node_rank: int, rdzv_endpoint: str |
 
     overrides = {("compile" if k == "compile_" else k): v for k, v in options.items() if v is not None}
     run_name = overrides.pop("run_name", None)
+    if candidates is not None:
+        _train_candidates(app, candidates, overrides, run_name)
+        return
     try:
         cfg = TrainConfig.model_validate({**app.config.train.model_dump(), **overrides})
     except ValidationError as exc:
@@ -67,3 +78,34 @@ def train_cmd(app: AppContext, nnodes: int, node_rank: int, rdzv_endpoint: str |
         f"run {result.run_dir.name}: {cfg.model} on {cfg.dataset}, {m.get('epochs')} epochs, {acc_text}, "
         f"{m.get('wall_seconds', 0):.1f} s -> {result.run_dir}"
     )
+
+
+def _train_candidates(app: AppContext, spec: str, overrides: dict[str, Any], prefix: str | None) -> None:
+    from datetime import datetime
+
+    from distml.errors import UsageError
+    from distml.train.candidates import run_candidates, summarise
+
+    if spec == "config":
+        if not app.config.candidates:
+            raise UsageError("--candidates config, but the config has no [[candidates]] tables")
+        per_candidate = [dict(c) for c in app.config.candidates]
+    else:
+        models = [m.strip() for m in spec.split(",") if m.strip()]
+        if not models:
+            raise UsageError("--candidates needs at least one model", hint="e.g. --candidates cnn,cnn-dropout")
+        per_candidate = [{"model": m} for m in models]
+    try:
+        configs = [
+            TrainConfig.model_validate({**app.config.train.model_dump(), **c, **overrides}) for c in per_candidate
+        ]
+    except ValidationError as exc:
+        raise _config_error(exc, source="candidates") from None
+    prefix = prefix or f"candidates-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    jobs = run_candidates(configs, app.workspace, prefix)
+    summarise(jobs)
+    for job in jobs:
+        if job.state == "failed":
+            click.echo(f"candidate {job.label} failed: {job.error} (log: {job.log})", err=True)
+    done = sum(j.state == "done" for j in jobs)
+    click.echo(f"{done} of {len(jobs)} candidates finished; runs: {', '.join(j.run_dir.name for j in jobs)}")

@@ -2,8 +2,8 @@
 
 Images go to the graph as they are stored (``uint8`` N x H x W x C, no Python per image), in cache-sized batches,
 on all cores. Rows are read and written in chunks of ``CHUNK`` images, so memory stays flat for any input size;
-the file appears under its name only when complete. Each row: ``id`` (sample index or relative path), ``prediction`` (class
-index), ``class_name``, ``probability`` (of that class) and, when known, ``label``.
+the file appears under its name only when complete. Each row: ``id`` (sample index or relative path),
+``prediction`` (class index), ``class_name``, ``probability`` (of that class) and, when known, ``label``.
 """
 
 from __future__ import annotations

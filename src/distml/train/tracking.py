@@ -33,6 +33,20 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def ensure_experiment(home: Path, experiment: str, client: Any = None) -> str:
+    """Create the store (schema) and the experiment if missing; returns the experiment id.
+
+    Call it once before starting jobs that log concurrently: two processes creating a new SQLite store's schema,
+    or the same experiment, at the same moment fail (seen: "duplicate column name" from the schema migration).
+    """
+    client = client or _client(tracking_uri(home))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return str(exp.experiment_id)
+    artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (home.resolve() / "mlartifacts").as_uri()
+    return str(client.create_experiment(experiment, artifact_location=artifacts))
+
+
 def open_run(
     *, home: Path, experiment: str, run_name: str, existing_id: str | None, params: dict[str, Any], tags: dict[str, str]
 ) -> tuple[str, str]:
@@ -45,12 +59,7 @@ def open_run(
             return uri, existing_id
         except Exception:  # noqa: S110 - the old run is gone (store replaced): start a new one below
             pass
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (home.resolve() / "mlartifacts").as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=artifacts)
-    else:
-        exp_id = exp.experiment_id
+    exp_id = ensure_experiment(home, experiment, client)
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     from mlflow.entities import Param
 

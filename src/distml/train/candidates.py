@@ -1,0 +1,234 @@
+"""Several candidate training jobs at once: a small scheduler that knows the cores (and GPUs) of this host.
+
+Each candidate is a whole ``distml train`` job (W workers under torchrun) in its own process, with its output in
+``<run>/train.log``. Jobs start as long as they fit: on CPU a job takes ``workers x threads`` cores and the jobs
+running together never take more than the host has (unless ``allow_oversubscribe``); on GPU a job takes
+``workers`` GPUs, named to it through ``CUDA_VISIBLE_DEVICES``. One failing candidate does not stop the others;
+it is reported at the end with its log.
+
+While the jobs run, a table shows each one's state, epoch, test accuracy and ETA, read from the files the jobs
+write (``history.json``, ``status/``, the log's last progress line). On a terminal it is redrawn in place;
+otherwise a line is printed whenever a candidate's state or epoch changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from distml.config import TrainConfig
+from distml.errors import TrainingError, UsageError
+from distml.train.dist import usable_cores
+from distml.train.models import check_model_name
+from distml.workspace import Workspace
+
+_ETA = re.compile(r"ETA (\d+)m(\d+)s")
+
+
+@dataclass
+class Candidate:
+    label: str
+    config: TrainConfig
+    run_dir: Path
+    slots: int = 0  # cores (CPU) or GPUs this job holds while it runs
+    threads: int = 1
+    gpus: list[int] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    state: str = "queued"
+    started: float = 0.0
+    ended: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def log(self) -> Path:
+        return self.run_dir / "train.log"
+
+
+def plan(configs: list[TrainConfig], cores: int, gpus: int, prefix: str, home: Path) -> list[Candidate]:
+    """Name the candidates and size each job: threads per worker on CPU (jobs share the cores), GPUs on GPU."""
+    if not configs:
+        raise UsageError("no candidates given", hint="--candidates cnn,cnn-dropout or [[candidates]] in the config")
+    labels: list[str] = []
+    for cfg in configs:
+        check_model_name(cfg.model)
+        label = cfg.model
+        n = 2
+        while label in labels:
+            label, n = f"{cfg.model}-{n}", n + 1
+        labels.append(label)
+    out = []
+    for label, cfg in zip(labels, configs, strict=True):
+        if gpus:
+            if cfg.workers > gpus:
+                raise UsageError(f"candidate {label}: --workers {cfg.workers} is more than the {gpus} GPU(s) here")
+            out.append(Candidate(label, cfg, home / "runs" / f"{prefix}-{label}", slots=cfg.workers))
+            continue
+        if cfg.workers > cores and not cfg.allow_oversubscribe:
+            raise UsageError(
+                f"candidate {label}: --workers {cfg.workers} is more than the {cores} cores here",
+                hint="use fewer workers, or pass --allow-oversubscribe",
+            )
+        # As many jobs as fit side by side share the cores; each worker gets an equal part of its job's share.
+        side_by_side = max(1, min(len(configs), cores // max(1, cfg.workers)))
+        threads = cfg.threads_per_worker or max(1, cores // side_by_side // cfg.workers)
+        slots = min(cores, cfg.workers * threads)
+        out.append(Candidate(label, cfg, home / "runs" / f"{prefix}-{label}", slots=slots, threads=threads))
+    return out
+
+
+def run_candidates(
+    configs: list[TrainConfig], workspace: Workspace, prefix: str, *, stream: TextIO = sys.stdout, poll_s: float = 1.0
+) -> list[Candidate]:
+    """Run every candidate, as many at once as fit; returns them with their state, result or error."""
+    from distml.train.launch import _gpu_count
+
+    gpus = _gpu_count()
+    cores = usable_cores()
+    jobs = plan(configs, cores, gpus, prefix, workspace.home)
+    from distml.data import DatasetStore, open_path
+    from distml.train import tracking
+
+    for name in sorted({open_path(DatasetStore(workspace).resolve(c.dataset)).name for c in configs}):
+        tracking.ensure_experiment(workspace.home, f"distml-{name}")  # before jobs race to create it
+    capacity = gpus or cores
+    free_gpus = list(range(gpus))
+    table = _Table(stream)
+    try:
+        while any(j.state in ("queued", "running") for j in jobs):
+            for job in jobs:
+                if job.state == "running" and job.proc is not None and job.proc.poll() is not None:
+                    _finish(job)
+                    free_gpus.extend(job.gpus)
+            in_use = sum(j.slots for j in jobs if j.state == "running")
+            for job in jobs:
+                if job.state != "queued":
+                    continue
+                nothing_running = in_use == 0
+                fits = in_use + job.slots <= capacity or job.config.allow_oversubscribe
+                if fits or nothing_running:
+                    if gpus:
+                        job.gpus, free_gpus = free_gpus[: job.slots], free_gpus[job.slots :]
+                    _start(job, workspace)
+                    in_use += job.slots
+            table.draw(jobs)
+            if any(j.state == "running" for j in jobs):
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        for job in jobs:
+            if job.proc is not None and job.proc.poll() is None:
+                job.proc.terminate()
+        for job in jobs:
+            if job.proc is not None:
+                job.proc.wait()
+        raise
+    table.draw(jobs, final=True)
+    return jobs
+
+
+def _start(job: Candidate, workspace: Workspace) -> None:
+    cfg = job.config
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = {**cfg.model_dump(mode="json"), "threads_per_worker": job.threads}
+    job_file = job.run_dir / "candidate.json"
+    job_file.write_text(json.dumps(overrides, indent=2) + "\n")
+    cmd = [sys.executable, "-m", "distml.train.candidates", str(workspace.home), str(job_file), job.run_dir.name]
+    env = dict(os.environ)
+    if job.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, job.gpus))
+    with job.log.open("wb") as log:
+        job.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    job.state, job.started = "running", time.monotonic()
+
+
+def _finish(job: Candidate) -> None:
+    assert job.proc is not None
+    job.ended = time.monotonic()
+    result_file = job.run_dir / "result.json"
+    if job.proc.returncode == 0 and result_file.is_file():
+        job.state, job.result = "done", json.loads(result_file.read_text())
+        return
+    job.state = "failed"
+    lines = [ln for ln in job.log.read_text(errors="replace").splitlines() if ln.startswith("error:")]
+    job.error = lines[-1].removeprefix("error: ") if lines else f"exited with {job.proc.returncode}"
+
+
+def _live(job: Candidate) -> tuple[str, str, str]:
+    """(epoch, test accuracy, ETA) of a job from the files it writes."""
+    epochs = job.config.epochs
+    history: list[dict[str, Any]] = []
+    with contextlib.suppress(OSError, ValueError):  # not written yet, or being replaced
+        history = json.loads((job.run_dir / "history.json").read_text())
+    epoch = f"{len(history)}/{epochs}"
+    acc = f"{history[-1]['test_accuracy']:.2%}" if history else "-"
+    eta = "-"
+    if job.state == "running":
+        try:
+            tail = job.log.read_bytes()[-2000:].decode(errors="replace")
+            found = _ETA.findall(tail)
+            if found:
+                eta = f"{found[-1][0]}m{found[-1][1]}s"
+        except OSError:
+            pass
+    elif job.state in ("done", "failed"):
+        eta = f"took {job.ended - job.started:.0f}s"
+    return epoch, acc, eta
+
+
+class _Table:
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.lines_drawn = 0
+        self.last: dict[str, tuple[str, str]] = {}
+
+    def draw(self, jobs: list[Candidate], final: bool = False) -> None:
+        rows = [(j, *_live(j)) for j in jobs]
+        if self.tty or final:
+            text = [f"{'CANDIDATE':<22} {'STATE':<8} {'EPOCH':>7} {'TEST ACC':>9}  ETA"]
+            text += [f"{j.label:<22} {j.state:<8} {e:>7} {a:>9}  {t}" for j, e, a, t in rows]
+            if self.tty and self.lines_drawn:
+                self.stream.write(f"\x1b[{self.lines_drawn}F\x1b[J")  # back to the table's first line, clear
+            self.stream.write("\n".join(text) + "\n")
+            self.lines_drawn = len(text) if self.tty else 0
+        else:
+            for j, e, a, _ in rows:
+                if self.last.get(j.label) != (j.state, e):
+                    self.last[j.label] = (j.state, e)
+                    self.stream.write(f"{j.label}: {j.state}, epoch {e}, test accuracy {a}\n")
+        self.stream.flush()
+
+
+def _main(argv: list[str]) -> int:
+    """One candidate's job in its own process: ``python -m distml.train.candidates HOME CONFIG RUN_NAME``."""
+    from distml.errors import DistmlError
+    from distml.train.launch import train
+
+    home, config_file, run_name = Path(argv[0]), Path(argv[1]), argv[2]
+    try:
+        cfg = TrainConfig.model_validate(json.loads(config_file.read_text()))
+        result = train(cfg, Workspace(home), run_name)
+    except DistmlError as exc:
+        print(f"error: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), flush=True)
+        return exc.exit_code
+    print(f"run {run_name}: test accuracy {result.metrics.get('test_accuracy')}", flush=True)
+    return 0
+
+
+def summarise(jobs: list[Candidate]) -> None:
+    """Raise if no candidate succeeded; the caller prints the failures of a partial success."""
+    if not any(j.state == "done" for j in jobs):
+        details = "; ".join(f"{j.label}: {j.error} (log {j.log})" for j in jobs)
+        raise TrainingError(f"no candidate succeeded: {details}")
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
