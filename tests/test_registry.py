@@ -232,3 +232,72 @@ def test_predict_bad_input(home: Path, tmp_path: Path, args: list[str], needle: 
     result = run_cli("--home", home, "predict", f"models:/{NAME}@champion", *args)
     assert result.code == 2, result.err
     assert needle in result.err and "Traceback" not in result.err
+
+
+# -- evaluation and selection ------------------------------------------------------------------------------------
+
+
+def test_evaluate_a_run_writes_the_report_and_logs_to_mlflow(home: Path) -> None:
+    result = run_cli("--home", home, "evaluate", "run0")
+    assert result.code == 0, result.err
+    folder = home / "runs" / "run0" / "evaluation"
+    for name in ("evaluation.md", "evaluation.json", "confusion_matrix.png", "per_class.png"):
+        assert (folder / name).is_file(), name
+    assert (folder / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((folder / "evaluation.json").read_text())
+    # Recomputed independently from ONNX Runtime's answers on the stored test split.
+    arrays = open_dataset("tiny", home=home).split("test").arrays()
+    model = open_artifact(home / "runs" / "run0" / "model")
+    _, probs = model.session().run(None, {"images": np.ascontiguousarray(arrays.images)})
+    pred = probs.argmax(1)
+    assert report["metrics"]["test_accuracy"] == pytest.approx(float((pred == arrays.labels).mean()))
+    confusion = np.array(report["confusion"])
+    assert confusion.sum() == 1200 and np.trace(confusion) == int((pred == arrays.labels).sum())
+    c = 3
+    assert report["per_class"][c]["recall"] == pytest.approx(confusion[c, c] / max(1, confusion[c].sum()))
+    assert report["metrics"]["latency_b1_ms"] > 0 and report["metrics"]["latency_b64_ms"] > 0
+    assert f"accuracy {report['metrics']['test_accuracy']:.2%}" in result.out
+    registry = Registry(Workspace(home))
+    run_id = model.card["lineage"]["mlflow_run_id"]
+    logged = registry.client.get_run(run_id).data.metrics
+    assert logged["eval.test_accuracy"] == pytest.approx(report["metrics"]["test_accuracy"])
+    assert {a.path for a in registry.client.list_artifacts(run_id, "evaluation")} >= {
+        "evaluation/evaluation.md", "evaluation/confusion_matrix.png"}  # fmt: skip
+
+
+def test_select_picks_the_best_by_the_declared_metric_and_registers_it(home: Path) -> None:
+    result = run_cli("--home", home, "select", "run*", "--register")
+    assert result.code == 0, result.err
+    acc = {r: json.loads((home / "runs" / r / "evaluation" / "evaluation.json").read_text())["metrics"]
+           ["test_accuracy"] for r in ("run0", "run1")}  # fmt: skip
+    best = max(sorted(acc), key=lambda r: acc[r])  # ties: equal parameters and close latency; name order decides
+    winner_line = next(line for line in result.out.splitlines() if line.endswith("winner"))
+    if acc["run0"] != acc["run1"]:
+        assert winner_line.startswith(best)
+    winner = winner_line.split()[0]
+    assert f"selected {winner} by test_accuracy (max)" in result.out
+    registry = Registry(Workspace(home))
+    champion = registry.lookup(f"models:/{NAME}@champion")
+    assert champion.tags["distml.training_run"] == winner
+    run_id = open_artifact(home / "runs" / winner / "model").card["lineage"]["mlflow_run_id"]
+    assert registry.client.get_run(run_id).data.tags["distml.selection"].startswith("winner")
+    assert list((home / "selections").glob("selection-*.md"))
+    # The opposite direction on the same metric picks the other run (unless they tie).
+    worst = run_cli("--home", home, "select", "run0", "run1", "--direction", "min")
+    if acc["run0"] != acc["run1"]:
+        assert next(ln for ln in worst.out.splitlines() if ln.endswith("winner")).split()[0] != winner
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run0", "--max-params", "1"], "no candidate meets the constraints"),
+        (["run0", "--metric", "speed"], "unknown metric 'speed'"),
+        (["ghost"], "no training run 'ghost'"),
+        (["nomatch-*"], "no training run matches 'nomatch-*'"),
+    ],
+)
+def test_select_bad_input(home: Path, args: list[str], needle: str) -> None:
+    result = run_cli("--home", home, "select", *args)
+    assert result.code == 2, result.err
+    assert needle in result.err and "Traceback" not in result.err

@@ -70,13 +70,15 @@ def cli(ctx: click.Context, home: Path | None, config_path: Path | None) -> None
 
 def _register_commands() -> None:
     from distml.cli.data import data
-    from distml.cli.models import models, predict_cmd
+    from distml.cli.models import evaluate_cmd, models, predict_cmd, select_cmd
     from distml.cli.train import train_cmd
 
     cli.add_command(data)
     cli.add_command(train_cmd)
     cli.add_command(models)
     cli.add_command(predict_cmd)
+    cli.add_command(evaluate_cmd)
+    cli.add_command(select_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,208 @@
+"""Evaluate a model artifact on a dataset split, and select the best of several candidates.
+
+Evaluation runs the exported ONNX graph (what will be served, not the PyTorch weights) over the whole split and
+reports accuracy, loss, per-class precision / recall / F1, the confusion matrix (PNG), a per-class bar chart
+(PNG) and the graph's latency at batch 1 and batch 64. The report (``evaluation.md`` + ``evaluation.json`` and
+the two PNGs) lands in a folder, and everything is logged to the training run's MLflow run.
+
+Selection ranks candidates by a declared metric and direction, after optional constraints (latency, parameter
+count). Ties go to fewer parameters, then lower batch-1 latency, then the run name, so the choice is
+deterministic. The decision and the whole table are written as a report and as MLflow tags on every candidate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distml.data._files import write_atomic
+from distml.errors import UsageError
+from distml.registry.artifact import ModelArtifact
+
+EVAL_BATCH = 128
+LATENCY_REPEATS = 50
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]
+    per_class: list[dict[str, Any]]
+    confusion: np.ndarray
+    folder: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "per_class": self.per_class, "confusion": self.confusion.tolist()}
+
+
+def evaluate(artifact: ModelArtifact, images: np.ndarray, labels: np.ndarray, out: Path) -> Evaluation:
+    """Run the graph over ``images`` and write the report into ``out`` (created if missing)."""
+    if images.shape[1:] != artifact.image_shape:
+        raise UsageError(f"the images are {images.shape[1:]}, the model takes {artifact.image_shape}")
+    session = artifact.session()
+    k = len(artifact.class_names)
+    probs = np.concatenate(
+        [session.run(["probabilities"], {"images": np.ascontiguousarray(images[i : i + EVAL_BATCH])})[0]
+         for i in range(0, len(images), EVAL_BATCH)]
+    )  # fmt: skip
+    labels = np.asarray(labels, dtype=np.int64)
+    pred = probs.argmax(1)
+    confusion = np.bincount(labels * k + pred, minlength=k * k).reshape(k, k)  # rows: true, columns: predicted
+    per_class = []
+    for c, name in enumerate(artifact.class_names):
+        tp = int(confusion[c, c])
+        precision = tp / max(1, int(confusion[:, c].sum()))
+        recall = tp / max(1, int(confusion[c, :].sum()))
+        f1 = 2 * precision * recall / max(1e-12, precision + recall)
+        per_class.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
+                          "support": int(confusion[c, :].sum())})  # fmt: skip
+    metrics = {
+        "test_accuracy": float((pred == labels).mean()),
+        "test_loss": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()),
+        "macro_f1": float(np.mean([r["f1"] for r in per_class])),
+        "latency_b1_ms": _latency_ms(session, images, 1),
+        "latency_b64_ms": _latency_ms(session, images, 64),
+        "parameters": float(artifact.card["metrics"].get("parameters") or 0),
+        "images": float(len(labels)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation = Evaluation(metrics, per_class, confusion, out)
+    _plots(evaluation, artifact.class_names)
+    write_atomic(out / "evaluation.json", (json.dumps(evaluation.to_json(), indent=2) + "\n").encode())
+    write_atomic(out / "evaluation.md", _markdown(artifact, evaluation).encode())
+    return evaluation
+
+
+def _latency_ms(session: Any, images: np.ndarray, batch: int) -> float:
+    """Median wall time of one ``session.run`` at ``batch`` images, after a warm-up."""
+    x = np.ascontiguousarray(images[:batch])
+    for _ in range(5):
+        session.run(["probabilities"], {"images": x})
+    times = []
+    for _ in range(LATENCY_REPEATS):
+        start = time.perf_counter()
+        session.run(["probabilities"], {"images": x})
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def _plots(ev: Evaluation, classes: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 1.0 + 0.6 * k))
+    ax.imshow(ev.confusion, cmap="Blues")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max(1, int(ev.confusion.max()))
+    for i in range(k):
+        for j in range(k):
+            value = int(ev.confusion[i, j])
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                    color="white" if value > peak / 2 else "black")  # fmt: skip
+    ax.set_title(f"confusion matrix, accuracy {ev.metrics['test_accuracy']:.2%}")
+    fig.tight_layout()
+    fig.savefig(ev.folder / "confusion_matrix.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * k), 4))
+    x = np.arange(k)
+    for offset, key in ((-0.27, "precision"), (0.0, "recall"), (0.27, "f1")):
+        ax.bar(x + offset, [r[key] for r in ev.per_class], width=0.27, label=key)
+    ax.set_xticks(x, classes, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right")
+    ax.set_title("per-class precision, recall and F1")
+    fig.tight_layout()
+    fig.savefig(ev.folder / "per_class.png", dpi=100)
+    plt.close(fig)
+
+
+def _markdown(artifact: ModelArtifact, ev: Evaluation) -> str:
+    m = ev.metrics
+    lines = [
+        f"# Evaluation: {artifact.name} (run {artifact.card['lineage']['training_run']})",
+        "",
+        f"- images: {int(m['images'])}, accuracy **{m['test_accuracy']:.2%}**, loss {m['test_loss']:.4f}, "
+        f"macro F1 {m['macro_f1']:.4f}",
+        f"- ONNX Runtime latency (median of {LATENCY_REPEATS}): batch 1 {m['latency_b1_ms']:.3f} ms, "
+        f"batch 64 {m['latency_b64_ms']:.3f} ms",
+        f"- dataset {artifact.card['lineage']['dataset']}@{artifact.card['lineage']['dataset_digest'][:12]}, "
+        f"model {artifact.card['lineage']['config']['model']}",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |"
+          for r in ev.per_class),
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "![per class](per_class.png)",
+        "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def log_to_mlflow(home: Path, artifact: ModelArtifact, ev: Evaluation) -> str | None:
+    """Metrics (``eval.*``) and the report files to the training run's MLflow run, when it has one."""
+    run_id = artifact.card["lineage"].get("mlflow_run_id")
+    if not run_id:
+        return None
+    from mlflow.entities import Metric
+
+    from distml.train import tracking
+
+    client = tracking._client(tracking.tracking_uri(home))
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"eval.{k}", float(v), now, 0) for k, v in ev.metrics.items()])
+    for name in ("evaluation.md", "evaluation.json", "confusion_matrix.png", "per_class.png"):
+        client.log_artifact(run_id, str(ev.folder / name), artifact_path="evaluation")
+    return str(run_id)
+
+
+@dataclass(frozen=True)
+class Choice:
+    rows: list[dict[str, Any]]  # every candidate, ranked, with "eligible" and "reason"
+    winner: dict[str, Any]
+    metric: str
+    direction: str
+
+
+def select(
+    candidates: list[dict[str, Any]],
+    *,
+    metric: str = "test_accuracy",
+    direction: str = "max",
+    max_latency_ms: float | None = None,
+    max_params: int | None = None,
+) -> Choice:
+    """Rank ``candidates`` (dicts with ``run`` and the evaluation metrics) and pick the best eligible one."""
+    if direction not in ("max", "min"):
+        raise UsageError(f"direction {direction!r} is not max or min")
+    if not candidates:
+        raise UsageError("no candidates to select from")
+    if metric not in candidates[0]:
+        known = ", ".join(sorted(k for k, v in candidates[0].items() if isinstance(v, float)))
+        raise UsageError(f"unknown metric {metric!r}", hint=f"one of {known}")
+    rows = []
+    for c in candidates:
+        reasons = []
+        if max_latency_ms is not None and c["latency_b1_ms"] > max_latency_ms:
+            reasons.append(f"batch-1 latency {c['latency_b1_ms']:.3f} ms > {max_latency_ms} ms")
+        if max_params is not None and c["parameters"] > max_params:
+            reasons.append(f"{int(c['parameters']):,} parameters > {max_params:,}")
+        rows.append({**c, "eligible": not reasons, "reason": "; ".join(reasons)})
+    sign = -1.0 if direction == "max" else 1.0
+    rows.sort(key=lambda r: (not r["eligible"], sign * r[metric], r["parameters"], r["latency_b1_ms"], r["run"]))
+    if not rows[0]["eligible"]:
+        raise UsageError("no candidate meets the constraints: " + "; ".join(f"{r['run']}: {r['reason']}" for r in rows))
+    return Choice(rows, rows[0], metric, direction)
