@@ -56,6 +56,7 @@ def test_export_writes_a_verified_onnx_artifact_that_matches_pytorch(home: Path,
     assert card["lineage"]["dataset_digest"] == open_dataset("tiny", home=home).digest
     assert card["lineage"]["training_run"] == "run0" and card["lineage"]["mlflow_run_id"]
     assert card["lineage"]["config"]["model"] == "cnn-batchnorm"
+    assert card["lineage"]["code_version"].startswith("0.")  # the package version (+ the git commit in a checkout)
     assert len(card["class_names"]) == 10 and card["metrics"]["test_accuracy"] is not None
     assert (tmp_path / "model" / "checkpoint.pt").is_file()
     # Raw uint8 pixels in, any batch size: probabilities sum to one.

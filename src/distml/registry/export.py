@@ -197,8 +197,23 @@ def _card(
             "checkpoint": ckpt.name,
             "world_size": job.world_size,
             "config": job.config.model_dump(mode="json"),
-            "code_version": __version__,
+            "code_version": _code_version(),
         },
         "files": files,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _code_version() -> str:
+    """distml's version, and the git commit when running from a checkout (with ``+dirty`` for local edits)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{commit[:12]}{'.dirty' if dirty else ''}" if commit else __version__
