@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -204,46 +202,6 @@ def predict_cmd(
         click.echo(f"skipped: {line}", err=True)
 
 
-def _run_artifact(app: AppContext, run_dir: Path) -> object:
-    """The run's exported artifact in ``<run>/model`` (exported, with the parity check, on first use)."""
-    from distml.registry import export_run, open_artifact
-
-    folder = run_dir / "model"
-    if (folder / "model.json").is_file():
-        return open_artifact(folder)
-    artifact, parity = export_run(run_dir, folder)
-    click.echo(f"exported {run_dir.name}: {_parity_line(parity)}")
-    return artifact
-
-
-def _evaluate_run_or_model(app: AppContext, target: str, dataset: str | None, split: str) -> tuple[object, object]:
-    from distml.data import DatasetStore, open_path
-    from distml.errors import NotFoundError, UsageError
-    from distml.registry import ModelArtifact, find_run, resolve_model
-    from distml.registry.evaluate import evaluate, log_to_mlflow
-
-    try:
-        run_dir: Path | None = find_run(target, app.workspace)
-    except NotFoundError:
-        run_dir = None
-    if run_dir is not None:
-        artifact = _run_artifact(app, run_dir)
-        out = run_dir / "evaluation"
-    else:
-        artifact = resolve_model(target, app.workspace)
-        assert isinstance(artifact, ModelArtifact)
-        out = app.workspace.home / "evaluations" / f"{artifact.name}-{artifact.card.get('version') or 'local'}"
-    assert isinstance(artifact, ModelArtifact)
-    ref = dataset or artifact.card["lineage"]["dataset_digest"][:16]
-    ds = open_path(DatasetStore(app.workspace).resolve(ref))
-    if split not in ds.splits:
-        raise UsageError(f"dataset {ds.name} has no split {split!r}", hint=f"splits: {', '.join(ds.splits)}")
-    arrays = ds.split(split).arrays()
-    ev = evaluate(artifact, arrays.images, arrays.labels, out)
-    log_to_mlflow(app.workspace.home, artifact, ev)
-    return artifact, ev
-
-
 @click.command("evaluate")
 @click.argument("target")
 @click.option("--dataset", help="Dataset to evaluate on. [default: the one the model was trained on]")
@@ -255,10 +213,9 @@ def evaluate_cmd(app: AppContext, target: str, dataset: str | None, split: str) 
     Writes evaluation.md, evaluation.json, confusion_matrix.png and per_class.png (into <run>/evaluation for
     a run) and logs the metrics and files to the run's MLflow run.
     """
-    from distml.registry.evaluate import Evaluation
+    from distml.registry.evaluate import evaluate_target
 
-    _, ev = _evaluate_run_or_model(app, target, dataset, split)
-    assert isinstance(ev, Evaluation)
+    _, ev = evaluate_target(app.workspace, target, dataset, split, log=click.echo)
     m = ev.metrics
     click.echo(f"accuracy {m['test_accuracy']:.2%}, loss {m['test_loss']:.4f}, macro F1 {m['macro_f1']:.4f}, "
                f"latency b1 {m['latency_b1_ms']:.3f} ms / b64 {m['latency_b64_ms']:.3f} ms")  # fmt: skip
@@ -282,50 +239,13 @@ def select_cmd(
     Each run is exported and evaluated first if it has not been. Ties go to fewer parameters, then lower
     latency, then the run name. The table and the decision go to <home>/selections/ and to MLflow tags.
     """
-    from distml.errors import NotFoundError
-    from distml.registry import Registry, find_run
-    from distml.registry.evaluate import Evaluation, select
-    from distml.train import tracking
+    from distml.registry import Registry
+    from distml.registry.evaluate import select_runs
 
-    run_dirs: list[Path] = []
-    for pattern in runs:
-        matches = sorted(p for p in (app.workspace.home / "runs").glob(pattern) if (p / "job.json").is_file())
-        found = matches if any(ch in pattern for ch in "*?[") else [find_run(pattern, app.workspace)]
-        if not found:
-            raise NotFoundError(f"no training run matches {pattern!r}")
-        run_dirs += [d for d in found if d not in run_dirs]
-    candidates, artifacts = [], {}
-    for run_dir in run_dirs:
-        if not (run_dir / "result.json").is_file():
-            click.echo(f"skipping {run_dir.name}: not finished", err=True)
-            continue
-        artifact, ev = _evaluate_run_or_model(app, str(run_dir), None, "test")
-        assert isinstance(ev, Evaluation)
-        artifacts[run_dir.name] = artifact
-        candidates.append({"run": run_dir.name, **ev.metrics})
-    choice = select(candidates, metric=metric, direction=direction, max_latency_ms=max_latency_ms,
-                    max_params=max_params)  # fmt: skip
-    header = f"{'RUN':<32} {metric:>14} {'PARAMS':>10} {'B1 MS':>7}  DECISION"
-    lines = [header]
-    for r in choice.rows:
-        decision = "winner" if r is choice.winner else ("eligible" if r["eligible"] else f"excluded: {r['reason']}")
-        lines.append(f"{r['run']:<32} {r[metric]:>14.4f} {int(r['parameters']):>10,} {r['latency_b1_ms']:>7.3f}  "
-                     f"{decision}")  # fmt: skip
-    click.echo("\n".join(lines))
-    folder = app.workspace.home / "selections"
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {"metric": metric, "direction": direction, "max_latency_ms": max_latency_ms, "max_params": max_params,
-              "winner": choice.winner["run"], "rows": choice.rows}  # fmt: skip
-    (folder / f"selection-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / f"selection-{stamp}.md").write_text("```\n" + "\n".join(lines) + "\n```\n")
-    client = tracking._client(tracking.tracking_uri(app.workspace.home))
-    for r in choice.rows:
-        run_id = artifacts[r["run"]].card["lineage"].get("mlflow_run_id")  # type: ignore[attr-defined]
-        if run_id:
-            verdict = "winner" if r is choice.winner else ("runner-up" if r["eligible"] else "excluded")
-            client.set_tag(run_id, "distml.selection", f"{verdict} ({metric} {direction}, {stamp})")
-    click.echo(f"selected {choice.winner['run']} by {metric} ({direction}); report {folder / f'selection-{stamp}.md'}")
+    selection = select_runs(app.workspace, list(runs), metric=metric, direction=direction,
+                            max_latency_ms=max_latency_ms, max_params=max_params, log=click.echo)  # fmt: skip
+    click.echo("\n".join(selection.table))
+    click.echo(f"selected {selection.choice.winner['run']} by {metric} ({direction}); report {selection.report}")
     if register_:
-        version = Registry(app.workspace).register(artifacts[choice.winner["run"]])  # type: ignore[arg-type]
+        version = Registry(app.workspace).register(selection.winner)
         click.echo(f"registered {version.name} version {version.version} ({', '.join(version.aliases)})")

@@ -23,6 +23,7 @@ import numpy as np
 from distml.data._files import write_atomic
 from distml.errors import UsageError
 from distml.registry.artifact import ModelArtifact
+from distml.workspace import Workspace
 
 EVAL_BATCH = 128
 LATENCY_REPEATS = 50
@@ -206,3 +207,116 @@ def select(
     if not rows[0]["eligible"]:
         raise UsageError("no candidate meets the constraints: " + "; ".join(f"{r['run']}: {r['reason']}" for r in rows))
     return Choice(rows, rows[0], metric, direction)
+
+
+# -- orchestration: what `distml evaluate` and `distml select` (and later the pipeline) call ----------------------
+
+
+def run_artifact(run_dir: Path, log: Any = print) -> ModelArtifact:
+    """The run's exported artifact in ``<run>/model``, exported (with the parity check) on first use."""
+    from distml.registry.artifact import open_artifact
+    from distml.registry.export import export_run
+
+    folder = run_dir / "model"
+    if (folder / "model.json").is_file():
+        return open_artifact(folder)
+    artifact, parity = export_run(run_dir, folder)
+    log(f"exported {run_dir.name}: parity ok: {parity.images} images, max |p_onnx - p_torch| "
+        f"{parity.max_abs_diff_probabilities:.2e}, top-1 agreement {parity.top1_agreement:.2%}")  # fmt: skip
+    return artifact
+
+
+def evaluate_target(
+    workspace: Workspace, target: str, dataset: str | None = None, split: str = "test", log: Any = print
+) -> tuple[ModelArtifact, Evaluation]:
+    """Evaluate a training run (its exported graph) or a model (folder or ``models:/``), and log to MLflow."""
+    from distml.data import DatasetStore, open_path
+    from distml.errors import NotFoundError
+    from distml.registry.export import find_run
+    from distml.registry.registry import resolve_model
+
+    try:
+        run_dir: Path | None = find_run(target, workspace)
+    except NotFoundError:
+        run_dir = None
+    if run_dir is not None:
+        artifact = run_artifact(run_dir, log)
+        out = run_dir / "evaluation"
+    else:
+        artifact = resolve_model(target, workspace)
+        out = workspace.home / "evaluations" / f"{artifact.name}-{artifact.card.get('version') or 'local'}"
+    ds = open_path(DatasetStore(workspace).resolve(dataset or artifact.card["lineage"]["dataset_digest"][:16]))
+    if split not in ds.splits:
+        raise UsageError(f"dataset {ds.name} has no split {split!r}", hint=f"splits: {', '.join(ds.splits)}")
+    arrays = ds.split(split).arrays()
+    ev = evaluate(artifact, arrays.images, arrays.labels, out)
+    log_to_mlflow(workspace.home, artifact, ev)
+    return artifact, ev
+
+
+@dataclass(frozen=True)
+class Selection:
+    choice: Choice
+    artifacts: dict[str, ModelArtifact]  # by run name
+    table: list[str]  # the printed table, one line each
+    report: Path
+
+    @property
+    def winner(self) -> ModelArtifact:
+        return self.artifacts[self.choice.winner["run"]]
+
+
+def select_runs(
+    workspace: Workspace,
+    patterns: list[str],
+    *,
+    metric: str = "test_accuracy",
+    direction: str = "max",
+    max_latency_ms: float | None = None,
+    max_params: int | None = None,
+    log: Any = print,
+) -> Selection:
+    """Evaluate the finished runs named by ``patterns`` (names, folders or globs), choose, and record the choice."""
+    from distml.errors import NotFoundError
+    from distml.registry.export import find_run
+    from distml.train import tracking
+
+    run_dirs: list[Path] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            found = sorted(p for p in (workspace.home / "runs").glob(pattern) if (p / "job.json").is_file())
+            if not found:
+                raise NotFoundError(f"no training run matches {pattern!r}")
+        else:
+            found = [find_run(pattern, workspace)]
+        run_dirs += [d for d in found if d not in run_dirs]
+    candidates, artifacts = [], {}
+    for run_dir in run_dirs:
+        if not (run_dir / "result.json").is_file():
+            log(f"skipping {run_dir.name}: not finished")
+            continue
+        artifact, ev = evaluate_target(workspace, str(run_dir), log=log)
+        artifacts[run_dir.name] = artifact
+        candidates.append({"run": run_dir.name, **ev.metrics})
+    choice = select(candidates, metric=metric, direction=direction, max_latency_ms=max_latency_ms,
+                    max_params=max_params)  # fmt: skip
+    table = [f"{'RUN':<32} {metric:>14} {'PARAMS':>10} {'B1 MS':>7}  DECISION"]
+    for r in choice.rows:
+        decision = "winner" if r is choice.winner else ("eligible" if r["eligible"] else f"excluded: {r['reason']}")
+        table.append(f"{r['run']:<32} {r[metric]:>14.4f} {int(r['parameters']):>10,} {r['latency_b1_ms']:>7.3f}  "
+                     f"{decision}")  # fmt: skip
+    folder = workspace.home / "selections"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    doc = {"metric": metric, "direction": direction, "max_latency_ms": max_latency_ms, "max_params": max_params,
+           "winner": choice.winner["run"], "rows": choice.rows}  # fmt: skip
+    write_atomic(folder / f"selection-{stamp}.json", (json.dumps(doc, indent=2) + "\n").encode())
+    report = folder / f"selection-{stamp}.md"
+    write_atomic(report, ("```\n" + "\n".join(table) + "\n```\n").encode())
+    client = tracking._client(tracking.tracking_uri(workspace.home))
+    for r in choice.rows:
+        run_id = artifacts[r["run"]].card["lineage"].get("mlflow_run_id")
+        if run_id:
+            verdict = "winner" if r is choice.winner else ("runner-up" if r["eligible"] else "excluded")
+            client.set_tag(run_id, "distml.selection", f"{verdict} ({metric} {direction}, {stamp})")
+    return Selection(choice, artifacts, table, report)
