@@ -63,7 +63,12 @@ def pass_app(fn: Callable[..., None]) -> Callable[..., None]:
 def cli(ctx: click.Context, home: Path | None, config_path: Path | None) -> None:
     """distml: end-to-end distributed image classification.
 
-    Ingest a dataset into a verified, sharded store; later stages train, register and serve models from it.
+    \b
+    A typical flow:
+      distml data ingest fashion-mnist
+      distml train --candidates cnn,cnn-dropout,cnn-batchnorm --workers 1 --run-name cand
+      distml select 'cand-*' --register
+      distml predict models:/fashion-mnist-classifier@champion --dataset fashion-mnist --out preds.parquet
     """
     ctx.obj = AppContext(load_config(config_path, overrides={"workspace.home": home}))
 
