@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,15 +94,21 @@ class DistmlConfig(_Section):
         self.candidate_configs()  # every candidate must make a valid TrainConfig
         return self
 
-    def candidate_configs(self) -> list[TrainConfig]:
+    def candidate_configs(
+        self, tables: Sequence[Mapping[str, Any]] | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> list[TrainConfig]:
+        """One TrainConfig per candidate: ``[train]``, then the candidate's table, then ``overrides`` (the CLI).
+
+        ``tables`` defaults to the ``[[candidates]]`` of this config.
+        """
         configs = []
-        for i, overrides in enumerate(self.candidates):
-            unknown = sorted(set(overrides) - set(TrainConfig.model_fields))
+        for i, table in enumerate(self.candidates if tables is None else tables):
+            unknown = sorted(set(table) - set(TrainConfig.model_fields))
             if unknown:
                 near = difflib.get_close_matches(unknown[0], list(TrainConfig.model_fields), n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
                 raise ValueError(f"candidates[{i}] has an unknown key {unknown[0]!r}{hint}")
-            configs.append(TrainConfig.model_validate({**self.train.model_dump(), **overrides}))
+            configs.append(TrainConfig.model_validate({**self.train.model_dump(), **table, **(overrides or {})}))
         return configs
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 import click
 
 from distml.cli.main import AppContext, pass_app
+from distml.registry.export import Parity
 
 
 @click.group("models")
@@ -99,7 +100,7 @@ def show_cmd(app: AppContext, ref: str) -> None:
     click.echo(
         f"metrics    test accuracy {m['test_accuracy']:.2%}, test loss {m['test_loss']:.4f}, {m['epochs']} epochs"
     )
-    click.echo(f"parity     {_parity_text(card['parity'])}")
+    click.echo(f"parity     {Parity.from_card(card).describe()}")
     lineage = card["lineage"]
     click.echo(f"lineage    run {lineage['training_run']} (MLflow {lineage['mlflow_run_id']}), dataset "
                f"{lineage['dataset']}@{lineage['dataset_digest'][:12]}, {lineage['config']['model']}")  # fmt: skip
@@ -128,24 +129,8 @@ def rollback_cmd(app: AppContext, name: str) -> None:
     click.echo(f"{name}: champion rolled back to version {v.version}")
 
 
-def _parity_text(parity: dict[str, float]) -> str:
-    return (
-        f"{parity['images']} images, max |p_onnx - p_torch| {parity['max_abs_diff_probabilities']:.2e}, "
-        f"top-1 agreement {parity['top1_agreement']:.2%}"
-    )
-
-
-def _parity_line(parity: object) -> str:
-    from distml.registry import Parity
-
-    assert isinstance(parity, Parity)
-    return "parity ok: " + _parity_text(
-        {
-            "images": parity.images,
-            "max_abs_diff_probabilities": parity.max_abs_diff_probabilities,
-            "top1_agreement": parity.top1_agreement,
-        }
-    )
+def _parity_line(parity: Parity) -> str:
+    return f"parity ok: {parity.describe()}"
 
 
 @click.command("predict")

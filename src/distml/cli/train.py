@@ -89,16 +89,14 @@ def _train_candidates(app: AppContext, spec: str, overrides: dict[str, Any], pre
     if spec == "config":
         if not app.config.candidates:
             raise UsageError("--candidates config, but the config has no [[candidates]] tables")
-        per_candidate = [dict(c) for c in app.config.candidates]
+        tables: list[dict[str, Any]] = [dict(c) for c in app.config.candidates]
     else:
         models = [m.strip() for m in spec.split(",") if m.strip()]
         if not models:
             raise UsageError("--candidates needs at least one model", hint="e.g. --candidates cnn,cnn-dropout")
-        per_candidate = [{"model": m} for m in models]
+        tables = [{"model": m} for m in models]
     try:
-        configs = [
-            TrainConfig.model_validate({**app.config.train.model_dump(), **c, **overrides}) for c in per_candidate
-        ]
+        configs = app.config.candidate_configs(tables, overrides)
     except ValidationError as exc:
         raise _config_error(exc, source="candidates") from None
     prefix = prefix or f"candidates-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

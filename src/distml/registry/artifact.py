@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from distml.data._files import sha256_file
 from distml.errors import ModelError, NotFoundError
 
@@ -82,3 +84,11 @@ def open_artifact(path: Path) -> ModelArtifact:
             hint="re-export or re-download the model",
         )
     return ModelArtifact(path, card)
+
+
+def probabilities(session: Any, images: np.ndarray, batch: int) -> np.ndarray:
+    """The graph's ``probabilities`` for ``uint8`` N x H x W x C images, run ``batch`` images at a time."""
+    return np.concatenate(
+        [session.run(["probabilities"], {"images": np.ascontiguousarray(images[i : i + batch])})[0]
+         for i in range(0, len(images), batch)]
+    )  # fmt: skip

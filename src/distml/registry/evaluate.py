@@ -22,7 +22,7 @@ import numpy as np
 
 from distml.data._files import write_atomic
 from distml.errors import UsageError
-from distml.registry.artifact import ModelArtifact
+from distml.registry.artifact import ModelArtifact, probabilities
 from distml.workspace import Workspace
 
 EVAL_BATCH = 128
@@ -46,10 +46,7 @@ def evaluate(artifact: ModelArtifact, images: np.ndarray, labels: np.ndarray, ou
         raise UsageError(f"the images are {images.shape[1:]}, the model takes {artifact.image_shape}")
     session = artifact.session()
     k = len(artifact.class_names)
-    probs = np.concatenate(
-        [session.run(["probabilities"], {"images": np.ascontiguousarray(images[i : i + EVAL_BATCH])})[0]
-         for i in range(0, len(images), EVAL_BATCH)]
-    )  # fmt: skip
+    probs = probabilities(session, images, EVAL_BATCH)
     labels = np.asarray(labels, dtype=np.int64)
     pred = probs.argmax(1)
     confusion = np.bincount(labels * k + pred, minlength=k * k).reshape(k, k)  # rows: true, columns: predicted
@@ -162,7 +159,7 @@ def log_to_mlflow(home: Path, artifact: ModelArtifact, ev: Evaluation) -> str | 
 
     from distml.train import tracking
 
-    client = tracking._client(tracking.tracking_uri(home))
+    client = tracking.mlflow_client(tracking.tracking_uri(home))
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"eval.{k}", float(v), now, 0) for k, v in ev.metrics.items()])
     for name in ("evaluation.md", "evaluation.json", "confusion_matrix.png", "per_class.png"):
@@ -221,8 +218,7 @@ def run_artifact(run_dir: Path, log: Any = print) -> ModelArtifact:
     if (folder / "model.json").is_file():
         return open_artifact(folder)
     artifact, parity = export_run(run_dir, folder)
-    log(f"exported {run_dir.name}: parity ok: {parity.images} images, max |p_onnx - p_torch| "
-        f"{parity.max_abs_diff_probabilities:.2e}, top-1 agreement {parity.top1_agreement:.2%}")  # fmt: skip
+    log(f"exported {run_dir.name}: parity ok: {parity.describe()}")
     return artifact
 
 
@@ -313,7 +309,7 @@ def select_runs(
     write_atomic(folder / f"selection-{stamp}.json", (json.dumps(doc, indent=2) + "\n").encode())
     report = folder / f"selection-{stamp}.md"
     write_atomic(report, ("```\n" + "\n".join(table) + "\n```\n").encode())
-    client = tracking._client(tracking.tracking_uri(workspace.home))
+    client = tracking.mlflow_client(tracking.tracking_uri(workspace.home))
     for r in choice.rows:
         run_id = artifacts[r["run"]].card["lineage"].get("mlflow_run_id")
         if run_id:

@@ -45,6 +45,17 @@ class Parity:
     def ok(self) -> bool:
         return self.max_abs_diff_probabilities <= PARITY_MAX_ABS and self.top1_agreement == 1.0
 
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> Parity:
+        p = card["parity"]
+        return cls(int(p["images"]), float(p["max_abs_diff_probabilities"]), float(p["top1_agreement"]))
+
+    def describe(self) -> str:
+        return (
+            f"{self.images} images, max |p_onnx - p_torch| {self.max_abs_diff_probabilities:.2e}, "
+            f"top-1 agreement {self.top1_agreement:.2%}"
+        )
+
 
 def find_run(ref: str | Path, workspace: Workspace) -> Path:
     """A run folder from its name under ``<home>/runs`` or a path to it."""

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from distml.errors import BadImageError, UsageError
-from distml.registry.artifact import ModelArtifact
+from distml.registry.artifact import ModelArtifact, probabilities
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv"}
 # ONNX Runtime's batch. Small batches keep activations in cache: for the seed cnn on 2 cores, batch 128 ran at
@@ -121,10 +121,7 @@ def predict(
     start = last = time.perf_counter()
     try:
         for b in batches:
-            probs = np.concatenate(
-                [session.run(["probabilities"], {"images": b.images[i : i + batch]})[0]
-                 for i in range(0, len(b.images), batch)]
-            )  # fmt: skip
+            probs = probabilities(session, b.images, batch)
             pred = probs.argmax(1)
             writer.write(b.ids, pred, names[pred], probs[np.arange(len(pred)), pred], b.labels)
             done += len(pred)

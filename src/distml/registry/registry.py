@@ -52,7 +52,7 @@ class Registry:
     def __init__(self, workspace: Workspace) -> None:
         self.workspace = workspace
         self.uri = tracking.tracking_uri(workspace.home)
-        self.client = tracking._client(self.uri)
+        self.client = tracking.mlflow_client(self.uri)
 
     # -- writing -------------------------------------------------------------------------------------------
     def register(self, artifact: ModelArtifact, *, promote: bool = True) -> Version:
@@ -131,7 +131,9 @@ class Registry:
     def versions(self, name: str) -> list[Version]:
         self._require_model(name)
         found = self.client.search_model_versions(f"name='{name}'")
-        return sorted((self.version(name, str(mv.version)) for mv in found), key=lambda v: int(v.version))
+        # search_model_versions leaves the aliases out; get_model_version fills them in.
+        full = (self._to_version(self.client.get_model_version(name, str(mv.version))) for mv in found)
+        return sorted(full, key=lambda v: int(v.version))
 
     def version(self, name: str, version: str) -> Version:
         self._require_model(name)

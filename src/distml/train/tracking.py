@@ -23,7 +23,7 @@ def tracking_uri(home: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.resolve() / 'mlflow.db'}"
 
 
-def _client(uri: str) -> Any:
+def mlflow_client(uri: str) -> Any:
     import logging
 
     from mlflow.tracking import MlflowClient
@@ -39,7 +39,7 @@ def ensure_experiment(home: Path, experiment: str, client: Any = None) -> str:
     Call it once before starting jobs that log concurrently: two processes creating a new SQLite store's schema,
     or the same experiment, at the same moment fail (seen: "duplicate column name" from the schema migration).
     """
-    client = client or _client(tracking_uri(home))
+    client = client or mlflow_client(tracking_uri(home))
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         return str(exp.experiment_id)
@@ -52,7 +52,7 @@ def open_run(
 ) -> tuple[str, str]:
     """Create (or reopen) the job's MLflow run; returns (tracking URI, run id)."""
     uri = tracking_uri(home)
-    client = _client(uri)
+    client = mlflow_client(uri)
     if existing_id:
         try:
             client.update_run(existing_id, status="RUNNING")
@@ -68,7 +68,7 @@ def open_run(
 
 
 def close_run(uri: str, run_id: str, *, ok: bool, artifacts: list[Path]) -> None:
-    client = _client(uri)
+    client = mlflow_client(uri)
     for path in artifacts:
         if path.is_file():
             client.log_artifact(run_id, str(path))
@@ -92,7 +92,7 @@ class RankTracker:
 
     def __init__(self, ctx: DistContext, *, uri: str | None, run_id: str | None, tensorboard_dir: Path) -> None:
         self.enabled = ctx.is_main
-        self._client = _client(uri) if self.enabled and uri and run_id else None
+        self._client = mlflow_client(uri) if self.enabled and uri and run_id else None
         self._run_id = run_id
         self._tb: Any = None
         if self.enabled:
