@@ -79,12 +79,46 @@ class TrainConfig(_Section):
     log_every_steps: int = Field(default=50, ge=1)
 
 
+class ServeConfig(_Section):
+    """The model server (``distml serve``): where it listens, how it batches, its limits and request logging."""
+
+    model: str | None = Field(default=None, description="path or models:/NAME@ALIAS; None: the dataset's champion")
+    host: str = "127.0.0.1"  # loopback unless asked: a model server on all interfaces is a choice, not a default
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    threads: int = Field(default=1, ge=1, le=256, description="ONNX Runtime intra-op threads per worker")
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_batch_delay_ms: float = Field(default=2.0, ge=0, le=10_000)
+    max_queue: int = Field(default=256, ge=1, description="requests waiting for the model before 503")
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    max_body_bytes: int = Field(default=16 << 20, ge=1024)
+    max_instances: int = Field(default=256, ge=1, description="images per request")
+    max_image_side: int = Field(default=4096, ge=1, description="pixels, either side of an encoded image")
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="width x height of an encoded image")
+    log_url: str | None = Field(default=None, description="send CloudEvents of requests/responses here (HTTP)")
+    log_file: Path | None = Field(default=None, description="or append them to this JSON-lines file")
+    log_mode: Literal["all", "request", "response"] = "all"
+    log_buffer: int = Field(default=10_000, ge=1, description="events held for the sink before dropping")
+    drain_s: float = Field(default=0.0, ge=0, description="after SIGTERM: answer not-ready this long, then stop")
+    graceful_timeout_s: float = Field(default=10.0, ge=0, description="then wait this long for requests in flight")
+    access_log: bool = False
+
+    @model_validator(mode="after")
+    def _one_sink(self) -> ServeConfig:
+        if self.log_url and self.log_file:
+            raise ValueError("log_url and log_file are alternatives: set one")
+        if self.log_url and not self.log_url.startswith(("http://", "https://")):
+            raise ValueError(f"log_url must be an http:// or https:// URL, not {self.log_url!r}")
+        return self
+
+
 class DistmlConfig(_Section):
     """The root of the config tree; later stages add their sections here."""
 
     workspace: WorkspaceConfig = WorkspaceConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    serve: ServeConfig = ServeConfig()
     # [[candidates]] tables: each overrides some [train] settings for one candidate of ``distml train
     # --candidates`` (e.g. ``model = "resnet-small"`` with its own ``lr``).
     candidates: tuple[dict[str, Any], ...] = ()

@@ -88,3 +88,40 @@ class RegistryError(DistmlError):
     """The model registry refuses an operation (unknown model, alias or version; nothing to roll back to)."""
 
     exit_code = 2
+
+
+class RequestError(DistmlError):
+    """A model-server client sent something the server will not process; ``status`` is the HTTP status code.
+
+    The server turns every one of these into ``{"error": message}`` with ``status`` in one place; anything else
+    raised while serving is an internal error, logged with the request id and answered with a generic 500.
+    """
+
+    status = 400
+
+    def __init__(self, message: str, *, status: int | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+
+class ModelNotFoundError(RequestError):
+    """The request names a model or version this server does not serve (404)."""
+
+    status = 404
+
+
+class PayloadTooLargeError(RequestError):
+    """The body, an image, or the number of instances is over the server's limits (413)."""
+
+    status = 413
+
+
+class OverloadedError(RequestError):
+    """The queue is full or the request waited too long for the model (503 with ``Retry-After``)."""
+
+    status = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"retry-after": str(retry_after_s)})

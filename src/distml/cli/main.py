@@ -69,6 +69,7 @@ def cli(ctx: click.Context, home: Path | None, config_path: Path | None) -> None
       distml train --candidates cnn,cnn-dropout,cnn-batchnorm --workers 1 --run-name cand
       distml select 'cand-*' --register
       distml predict models:/fashion-mnist-classifier@champion --dataset fashion-mnist --out preds.parquet
+      distml serve    # KServe V1 + V2 on http://127.0.0.1:8080
     """
     ctx.obj = AppContext(load_config(config_path, overrides={"workspace.home": home}))
 
@@ -76,6 +77,7 @@ def cli(ctx: click.Context, home: Path | None, config_path: Path | None) -> None
 def _register_commands() -> None:
     from distml.cli.data import data
     from distml.cli.models import evaluate_cmd, models, predict_cmd, select_cmd
+    from distml.cli.serve import serve_cmd
     from distml.cli.train import train_cmd
 
     cli.add_command(data)
@@ -84,6 +86,7 @@ def _register_commands() -> None:
     cli.add_command(predict_cmd)
     cli.add_command(evaluate_cmd)
     cli.add_command(select_cmd)
+    cli.add_command(serve_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,317 @@
+"""The model server as one ASGI application: routing, body limits, the error handler, lifecycle.
+
+Layers, from the wire inwards (as in KServe's Python server): this module is the transport (HTTP routes for
+V1, V2, health and metrics); :mod:`~distml.serve.v1` and :mod:`~distml.serve.v2` are the protocols (parse a
+body, encode a result, no HTTP); :mod:`~distml.serve.batcher` is the data plane shared by both; and
+:mod:`~distml.serve.model` is the model. It is a plain ASGI callable rather than a web framework app because
+every request goes through a dozen lines here and nothing else: that is where the req/s come from.
+
+Errors: anything the client caused is a :class:`~distml.errors.RequestError`, answered in one place with its
+status and ``{"error": message}``; anything else is logged with the request id and answered with a generic 500
+that carries the id, never the exception text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+
+from distml import __version__
+from distml.config import ServeConfig
+from distml.errors import PayloadTooLargeError, RequestError
+from distml.serve import v1, v2
+from distml.serve.batcher import Batcher
+from distml.serve.inputs import Inputs
+from distml.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from distml.serve.metrics import Metrics
+from distml.serve.model import ServedModel
+from distml.serve.reqlog import RequestLogger
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("distml.serve")
+JSON = b"application/json"
+
+
+class _ClientGoneError(Exception):
+    """The client went away before its body arrived; there is no one to answer."""
+
+
+class ServeApp:
+    """ASGI app serving one model over KServe V1 and V2 with one dynamic batcher (see the package docstring)."""
+
+    def __init__(self, model: ServedModel, config: ServeConfig) -> None:
+        self.model = model
+        self.config = config
+        self.metrics = Metrics(model.name, model.version)
+        self.ready = False  # after startup; false again while draining
+        self.draining = False
+        self.batcher: Batcher | None = None
+        self.reqlog: RequestLogger | None = None
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self._static = {
+            "/v2": orjson.dumps({"name": "distml", "version": __version__, "extensions": ["binary_tensor_data"]}),
+            "/v1/models": orjson.dumps({"models": [model.name]}),
+        }
+        self._v1_model = orjson.dumps({"name": model.name, "ready": True})
+        self._v2_model = orjson.dumps(model.metadata_v2())
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.batcher = Batcher(
+            self.model.predict,
+            max_batch_size=self.config.max_batch_size,
+            max_batch_delay_s=self.config.max_batch_delay_ms / 1000,
+            max_queue=self.config.max_queue,
+            on_batch=self.metrics.batch,
+        )
+        self.batcher.start()
+        self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="distml-decode")
+        if self.config.log_url or self.config.log_file:
+            self.reqlog = RequestLogger(
+                url=self.config.log_url,
+                file=self.config.log_file,
+                mode=self.config.log_mode,
+                model=self.model.name,
+                version=self.model.version,
+                buffer=self.config.log_buffer,
+                on_outcome=lambda outcome, n: self.metrics.log_events.labels(outcome).inc(n),
+            )
+        self.ready = True
+
+    async def shutdown(self) -> None:
+        """Stop taking requests, finish the queued ones, flush the request log."""
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=True)
+        if self.reqlog is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.reqlog.close)
+
+    def drain(self) -> None:
+        """Readiness goes false (load balancers stop sending), requests in flight still complete."""
+        self.draining = True
+        self.ready = False
+
+    # -- ASGI ----------------------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path.startswith("/v2/models/"):
+            await self._v2_route(path[11:], method, scope, receive, send)
+        elif path.startswith("/v1/models/"):
+            await self._v1_route(path[11:], method, scope, receive, send)
+        elif path in ("/v2/health/live", "/v2/health/ready"):
+            if await self._allowed(method, "GET", send):
+                if path.endswith("live"):
+                    await _respond(send, 200, b'{"live":true}')
+                else:
+                    await _respond(
+                        send, 200 if self.ready else 503, b'{"ready":%s}' % (b"true" if self.ready else b"false")
+                    )
+        elif path in self._static:
+            if await self._allowed(method, "GET", send):
+                await _respond(send, 200, self._static[path])
+        elif path == "/metrics":
+            if await self._allowed(method, "GET", send):
+                await _respond(send, 200, self.metrics.render(), METRICS_CONTENT_TYPE.encode())
+        else:
+            await _respond(send, 404, _error(f"no route {method} {path}; the APIs are under /v1/models and /v2"))
+
+    # -- routes --------------------------------------------------------------------------------------------
+    async def _v1_route(self, rest: str, method: str, scope: Scope, receive: Receive, send: Send) -> None:
+        predict = rest.endswith(":predict")
+        name = rest[:-8] if predict else rest
+        if name != self.model.name:
+            await self._not_found(name, None, "v1", send)
+        elif predict:
+            if await self._allowed(method, "POST", send):
+                await self._infer("v1", scope, receive, send)
+        elif await self._allowed(method, "GET", send):
+            await _respond(send, 200, self._v1_model)
+
+    async def _v2_route(self, rest: str, method: str, scope: Scope, receive: Receive, send: Send) -> None:
+        parts = rest.split("/")
+        name, version, tail = parts[0], None, parts[1:]
+        if len(tail) >= 2 and tail[0] == "versions":
+            version, tail = tail[1], tail[2:]
+        if name != self.model.name or (version is not None and version != self.model.version):
+            await self._not_found(name, version, "v2", send)
+        elif not tail:
+            if await self._allowed(method, "GET", send):
+                await _respond(send, 200, self._v2_model)
+        elif tail == ["ready"]:
+            if await self._allowed(method, "GET", send):
+                body = orjson.dumps({"name": self.model.name, "ready": self.ready})
+                await _respond(send, 200 if self.ready else 503, body)
+        elif tail == ["infer"]:
+            if await self._allowed(method, "POST", send):
+                await self._infer("v2", scope, receive, send)
+        else:
+            await _respond(send, 404, _error(f"no route {method} /v2/models/{rest}"))
+
+    async def _not_found(self, name: str, version: str | None, protocol: str, send: Send) -> None:
+        what = f"model {name!r}" + (f" version {version!r}" if version is not None else "")
+        served = f"{self.model.name!r} version {self.model.version}"
+        await _respond(send, 404, _error(f"{what} is not served here; this server serves {served}"))
+        self.metrics.request(protocol, "unknown", 404)
+
+    async def _allowed(self, method: str, allowed: str, send: Send) -> bool:
+        if method == allowed:
+            return True
+        await _respond(
+            send, 405, _error(f"{method} is not allowed here; use {allowed}"), extra=[(b"allow", allowed.encode())]
+        )
+        return False
+
+    # -- inference -----------------------------------------------------------------------------------------
+    async def _infer(self, protocol: str, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        headers = _headers(scope)
+        request_id = _request_id(headers.get(b"x-request-id"))
+        extra = [(b"x-request-id", request_id.encode())]
+        body = b""
+        content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
+        assert self.batcher is not None, "requests arrive only after startup"
+        try:
+            try:
+                with self.batcher.admit():
+                    body = await _read_body(headers, receive, self.config.max_body_bytes)
+                    inputs, v2_request = self._parse(protocol, headers, body)
+                    images = await self._decode(inputs, protocol)
+                decoded = time.perf_counter()
+                result = await self.batcher.submit(images, self.config.request_timeout_s)
+                encode_started = time.perf_counter()
+                header_length = None
+                if v2_request is None:
+                    out = v1.encode_predictions(result.probabilities, self.model.labels)
+                else:
+                    out, header_length = v2.encode_infer(
+                        v2_request, result.probabilities, self.model.labels, self.model.name, self.model.version
+                    )
+                out_type = JSON
+                if header_length is not None:
+                    extra.append((b"inference-header-content-length", str(header_length).encode()))
+                    out_type = b"application/octet-stream"
+                status = 200
+                done = time.perf_counter()
+                m = self.metrics
+                m.stage(protocol, "decode", decoded - started)
+                m.stage(protocol, "queue", result.queue_s)
+                m.stage(protocol, "infer", result.infer_s)
+                m.stage(protocol, "encode", done - encode_started)
+                m.stage(protocol, "total", done - started)
+            except RequestError as exc:
+                status, out, out_type = exc.status, _error(exc.message), JSON
+                extra.extend((k.encode(), v.encode()) for k, v in exc.headers.items())
+        except _ClientGoneError:
+            status, out, out_type = 499, b"", JSON  # nginx's "client closed request": counted, not answered
+        except Exception:
+            log.exception("internal error in request %s", request_id)
+            status, out, out_type = 500, _error(f"internal error (request id {request_id})"), JSON
+        if status != 499:
+            await _respond(send, status, out, out_type, extra)
+        self.metrics.request(protocol, self.model.name, status)
+        if self.reqlog is not None:
+            endpoint = scope["path"]
+            self.reqlog.log("request", request_id, endpoint, protocol, body, content_type)
+            self.reqlog.log("response", request_id, endpoint, protocol, out, out_type.decode(), status)
+
+    def _parse(self, protocol: str, headers: dict[bytes, bytes], body: bytes) -> tuple[Inputs, v2.InferRequest | None]:
+        if headers.get(b"content-encoding", b"identity") != b"identity":
+            raise RequestError(f"Content-Encoding {headers[b'content-encoding'].decode('latin-1')!r} is not supported; "
+                               "send the body uncompressed", status=415)  # fmt: skip
+        binary = headers.get(v2.HEADER_LENGTH.encode())
+        kind = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+        if kind != JSON and not (binary is not None and kind == b"application/octet-stream"):
+            raise RequestError(
+                f"Content-Type {kind.decode('latin-1')!r} is not accepted; send application/json"
+                + (" (or application/octet-stream with Inference-Header-Content-Length)" if protocol == "v2" else ""),
+                status=415,
+            )
+        spec, limit = self.model.spec, self.config.max_instances
+        if protocol == "v1":
+            if binary is not None:
+                raise RequestError("Inference-Header-Content-Length is a V2 extension; V1 takes JSON only")
+            return v1.parse_predict(body, spec, limit), None
+        request = v2.parse_infer(body, None if binary is None else binary.decode("latin-1"), spec, limit)
+        return request.inputs, request
+
+    async def _decode(self, inputs: Inputs, protocol: str) -> Any:
+        where = "instances" if protocol == "v1" else "inputs[0].data"
+        if inputs.worth_offloading and self._decode_pool is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._decode_pool, inputs.decode, self.model.spec, where)
+        return inputs.decode(self.model.spec, where)
+
+
+# -- HTTP helpers ------------------------------------------------------------------------------------------
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    return dict(scope["headers"])
+
+
+def _request_id(given: bytes | None) -> str:
+    """The client's ``X-Request-Id`` when it is a sane token, else a fresh one."""
+    if given and len(given) <= 128 and given.isascii() and all(33 <= c < 127 for c in given):
+        return given.decode()
+    return uuid.uuid4().hex
+
+
+async def _read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) -> bytes:
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"the body is {int(declared):,} bytes; the limit is {limit:,}")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGoneError
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"the body is more than {limit:,} bytes; the limit is {limit:,}")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _error(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, content_type: bytes = JSON, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

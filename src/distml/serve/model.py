@@ -1,0 +1,86 @@
+"""The served model: an ONNX Runtime session over a verified model artifact, and what the protocols say about it.
+
+Only ONNX Runtime, NumPy and the artifact's JSON card are needed here: the serving path never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distml.errors import ModelError
+from distml.registry.artifact import ModelArtifact, open_artifact
+from distml.serve.codec import InputSpec
+
+INPUT_NAME = "images"
+OUTPUTS = ("probabilities", "class_id", "label")  # what V2 can return; V1 returns all three per instance
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded model: name, version, classes, input spec and the session that runs it."""
+
+    name: str
+    version: str
+    class_names: tuple[str, ...]
+    spec: InputSpec
+    session: Any
+    path: Path
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.class_names, dtype=object)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """``uint8`` N x H x W x C -> float32 N x classes probabilities."""
+        probabilities: np.ndarray = self.session.run(["probabilities"], {INPUT_NAME: images})[0]
+        return probabilities
+
+    def metadata_v2(self) -> dict[str, Any]:
+        """The V2 model metadata document (``GET /v2/models/{name}``)."""
+        h, w, c = self.spec.shape
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, h, w, c]}],
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.class_names)]},
+                {"name": "class_id", "datatype": "INT64", "shape": [-1]},
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            ],
+            "parameters": {"class_names": list(self.class_names)},
+        }
+
+
+def load_model(
+    path: Path, *, threads: int = 1, max_image_side: int = 4096, max_image_pixels: int = 4096**2
+) -> ServedModel:
+    """Open and verify the artifact at ``path`` and start an ONNX Runtime session with ``threads`` intra-op threads.
+
+    Spinning is off: an idle server's pool threads would otherwise burn the cores the HTTP side needs.
+    """
+    import onnxruntime as ort
+
+    artifact: ModelArtifact = open_artifact(path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(artifact.onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; any failure means unusable
+        raise ModelError(f"{artifact.onnx_path} cannot be loaded by ONNX Runtime: {exc}") from None
+    h, w, c = artifact.image_shape
+    version = str(artifact.card.get("version") or "1")  # the registry's version; an unregistered export is "1"
+    return ServedModel(
+        name=artifact.name,
+        version=version,
+        class_names=tuple(artifact.class_names),
+        spec=InputSpec(h, w, c, max_image_side=max_image_side, max_image_pixels=max_image_pixels),
+        session=session,
+        path=artifact.path,
+    )

@@ -1,0 +1,193 @@
+"""Running the app: uvicorn (uvloop + httptools), N worker processes on one port, and a graceful SIGTERM.
+
+Shutdown, as Kubernetes expects it: on SIGTERM readiness turns 503 at once while the server keeps answering for
+``drain_s`` (time for endpoints to stop routing here), then it stops accepting, lets requests in flight finish
+(at most ``graceful_timeout_s``), drains the batch queue, flushes the request log and exits. Ctrl-C (SIGINT)
+skips the drain period.
+
+With ``workers`` > 1 the parent binds the socket and starts the workers (spawned processes sharing it, each
+loading the model and running its own event loop); it passes SIGTERM/SIGINT on to them and replaces any worker
+that dies. uvicorn's own supervisor is not used because its workers cannot have the drain period.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from distml.config import ServeConfig
+from distml.serve.app import ServeApp
+from distml.serve.model import ServedModel, load_model
+
+
+def build_app(config: ServeConfig, model_path: Path) -> ServeApp:
+    """Load the model at ``model_path`` and build the ASGI app for it (startup runs in the app's lifespan)."""
+    return ServeApp(_load(config, model_path), config)
+
+
+def _load(config: ServeConfig, model_path: Path) -> ServedModel:
+    return load_model(
+        model_path,
+        threads=config.threads,
+        max_image_side=config.max_image_side,
+        max_image_pixels=config.max_image_pixels,
+    )
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain period after SIGTERM (readiness 503, still serving) before it stops."""
+
+    def __init__(self, config: uvicorn.Config, drain_s: float) -> None:
+        super().__init__(config)
+        self._drain_s = drain_s
+        self._stop_at: float | None = None
+
+    def _app(self) -> ServeApp | None:
+        app = getattr(self.config, "loaded_app", None)
+        return app if isinstance(app, ServeApp) else None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Unlike uvicorn's own handler this does not re-raise the signal after shutdown: a clean, drained stop
+        # exits 0. A second SIGINT still forces the exit.
+        app = self._app()
+        if app is not None:
+            app.drain()
+        if sig == signal.SIGTERM and self._drain_s > 0 and self._stop_at is None:
+            self._stop_at = time.monotonic() + self._drain_s  # on_tick stops the server when this passes
+        elif self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._stop_at is not None and time.monotonic() >= self._stop_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve(config: ServeConfig, model_path: Path, *, announce: Callable[[str], None] = print) -> None:
+    """Serve the model at ``model_path`` until SIGTERM/SIGINT. Loads it once here first, so a bad model fails fast."""
+    model = _load(config, model_path)
+    sock = _bind(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    base = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+    try:
+        if config.workers == 1:
+            _announce(announce, model, base, config)
+            _run_worker(sock, ServeApp(model, config), config)
+        else:
+            _announce(announce, model, base, config)
+            del model  # each worker loads its own
+            _supervise(sock, config, model_path)
+    finally:
+        sock.close()
+
+
+def _uvicorn_config(app: ServeApp, config: ServeConfig) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        ws="none",
+        lifespan="on",
+        interface="asgi3",
+        proxy_headers=False,
+        server_header=False,
+        access_log=config.access_log,
+        log_level="info" if config.access_log else "warning",
+        timeout_graceful_shutdown=math.ceil(config.graceful_timeout_s),
+        timeout_keep_alive=15,
+    )
+
+
+def _run_worker(sock: socket.socket, app: ServeApp, config: ServeConfig) -> None:
+    _DrainingServer(_uvicorn_config(app, config), config.drain_s).run(sockets=[sock])
+
+
+def _worker_main(sock: socket.socket, settings: dict[str, Any]) -> None:
+    """A worker process (``--workers`` > 1): its own model, app and event loop on the shared socket."""
+    config = ServeConfig.model_validate(settings["config"])
+    _run_worker(sock, build_app(config, Path(settings["model"])), config)
+
+
+def _supervise(sock: socket.socket, config: ServeConfig, model_path: Path) -> None:
+    """Start ``config.workers`` processes on ``sock``; pass SIGTERM/SIGINT on to them; replace any that dies."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    settings = {"config": config.model_dump(mode="json"), "model": str(model_path)}
+    metrics_dir = tempfile.mkdtemp(prefix="distml-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the workers: metrics summed across them
+    stopping: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda sig, _frame: stopping.append(sig)) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+
+    def start() -> Any:
+        process = ctx.Process(target=_worker_main, args=(sock, settings), name="distml-serve-worker", daemon=False)
+        process.start()
+        return process
+
+    workers = [start() for _ in range(config.workers)]
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for i, process in enumerate(workers):
+                if not process.is_alive() and not stopping:
+                    from prometheus_client import multiprocess
+
+                    multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+                    workers[i] = start()
+        for process in workers:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, stopping[0])
+        limit = time.monotonic() + config.drain_s + config.graceful_timeout_s + 10
+        for process in workers:
+            process.join(max(0.0, limit - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        from distml.errors import UsageError
+
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}", hint="pick another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _announce(announce: Callable[[str], None], model: ServedModel, base: str, config: ServeConfig) -> None:
+    workers = f"{config.workers} worker(s)"
+    batching = f"batches of up to {config.max_batch_size} within {config.max_batch_delay_ms:g} ms"
+    announce(f"serving {model.name} version {model.version} from {model.path} ({workers}, {batching})")
+    announce(f"  V1: POST {base}/v1/models/{model.name}:predict")
+    announce(f"  V2: POST {base}/v2/models/{model.name}/infer")
+    announce(f"  health: {base}/v2/health/ready  metrics: {base}/metrics")
+    if config.log_url or config.log_file:
+        announce(f"  request log ({config.log_mode}): {config.log_url or config.log_file}")
+    announce(f"listening on {base}")

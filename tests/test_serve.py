@@ -1,0 +1,548 @@
+"""The model server end to end: a real ``distml serve`` process on 127.0.0.1 serving a real trained champion.
+
+Predictions are checked against ONNX Runtime run directly on the same pixels; every bad input gets its exact
+status and a message naming the problem, and the server is still healthy and correct afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serve_support import (
+    MODEL,
+    ServerProcess,
+    b64,
+    gif,
+    png,
+    post_json,
+    raw_png,
+    reference_probabilities,
+    request,
+    sample_images,
+)
+
+V1 = f"/v1/models/{MODEL}:predict"
+V2 = f"/v2/models/{MODEL}/infer"
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from serve_support import make_champion
+
+    return make_champion(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def server(champion: tuple[Path, Path]) -> Iterator[ServerProcess]:
+    home, _ = champion
+    proc = ServerProcess(["--home", str(home), "serve", "--port", "0", "--max-instances", "64",
+                          "--max-body-bytes", "2000000"])  # fmt: skip
+    try:
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def _v2_pixels(images: np.ndarray, datatype: str = "UINT8", **extra: Any) -> dict[str, Any]:
+    data = images.ravel().tolist() if datatype == "UINT8" else (images.astype(np.float32) / 255).ravel().tolist()
+    return {"inputs": [{"name": "images", "datatype": datatype, "shape": list(images.shape), "data": data}], **extra}
+
+
+# -- correct answers -------------------------------------------------------------------------------------------
+def test_v1_b64_png_and_pixel_arrays_match_onnx_runtime(server: ServerProcess, champion: tuple[Path, Path]) -> None:
+    images = sample_images(5)
+    expected = reference_probabilities(champion[1], images)
+    for instances in (
+        [{"b64": b64(png(im))} for im in images],
+        [{"image_bytes": {"b64": b64(png(im))}} for im in images],
+        [im[..., 0].tolist() for im in images],  # H x W integers
+        [(im / 255.0).tolist() for im in images],  # H x W x 1 floats in [0, 1]
+    ):
+        reply = post_json(server.base, V1, {"instances": instances})
+        assert reply.status == 200, reply.body
+        predictions = reply.json()["predictions"]
+        got = np.array([p["probabilities"] for p in predictions])
+        np.testing.assert_allclose(got, expected, atol=2e-6)
+        assert [p["class_id"] for p in predictions] == expected.argmax(1).tolist()
+        assert predictions[0]["label"] == f"class{expected[0].argmax()}"
+        assert reply.headers["x-request-id"]
+
+
+def test_v2_uint8_fp32_and_bytes_tensors_match_onnx_runtime(server: ServerProcess, champion: tuple[Path, Path]) -> None:
+    images = sample_images(3, seed=1)
+    expected = reference_probabilities(champion[1], images)
+    bytes_input = {
+        "inputs": [{"name": "images", "datatype": "BYTES", "shape": [3], "data": [b64(png(im)) for im in images]}]
+    }
+    for doc in (_v2_pixels(images, id="req-7"), _v2_pixels(images[..., 0], "FP32"), bytes_input):
+        reply = post_json(server.base, V2, doc)
+        assert reply.status == 200, reply.body
+        body = reply.json()
+        assert body["model_name"] == MODEL and body["model_version"] == "1"
+        assert body.get("id") == doc.get("id")  # echoed when sent, absent (not a 500) when not
+        outputs = {o["name"]: o for o in body["outputs"]}
+        assert outputs["probabilities"]["shape"] == [3, 10] and outputs["probabilities"]["datatype"] == "FP32"
+        np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], (3, 10)), expected, atol=2e-6)
+        assert outputs["class_id"]["data"] == expected.argmax(1).tolist()
+        assert outputs["label"]["data"] == [f"class{k}" for k in expected.argmax(1)]
+
+
+def test_v2_requested_outputs_only(server: ServerProcess) -> None:
+    reply = post_json(server.base, V2, _v2_pixels(sample_images(2), outputs=[{"name": "class_id"}]))
+    assert reply.status == 200
+    assert [o["name"] for o in reply.json()["outputs"]] == ["class_id"]
+
+
+def test_triton_client_binary_and_json_tensors(server: ServerProcess, champion: tuple[Path, Path]) -> None:
+    """The standard Python client (tritonclient.http), binary tensor extension both ways, then plain JSON."""
+    import tritonclient.http as httpclient
+
+    images = sample_images(4, seed=2)
+    expected = reference_probabilities(champion[1], images)
+    client = httpclient.InferenceServerClient(server.base.removeprefix("http://"))
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+        assert client.get_model_metadata(MODEL)["inputs"][0]["shape"] == [-1, 28, 28, 1]
+        for binary in (True, False):
+            tensor = httpclient.InferInput("images", list(images.shape), "UINT8")
+            tensor.set_data_from_numpy(images, binary_data=binary)
+            outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "label")]
+            result = client.infer(MODEL, [tensor], outputs=outputs, request_id="tc-1")
+            np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=2e-6)
+            labels = [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("label")]
+            assert labels == [f"class{k}" for k in expected.argmax(1)]
+            assert result.get_response()["id"] == "tc-1"
+        encoded = np.array([png(im) for im in images], dtype=np.object_)
+        tensor = httpclient.InferInput("images", [4], "BYTES")
+        tensor.set_data_from_numpy(encoded, binary_data=True)
+        result = client.infer(MODEL, [tensor])
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=2e-6)
+    finally:
+        client.close()
+
+
+def test_metadata_and_health_routes(server: ServerProcess) -> None:
+    assert request(server.base, "GET", "/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert request(server.base, "GET", "/v2/health/live").json() == {"live": True}
+    assert request(server.base, "GET", "/v2/health/ready").json() == {"ready": True}
+    assert request(server.base, "GET", f"/v2/models/{MODEL}/versions/1").json()["versions"] == ["1"]
+    assert request(server.base, "GET", f"/v2/models/{MODEL}/ready").status == 200
+    assert request(server.base, "GET", "/v1/models").json() == {"models": [MODEL]}
+    assert request(server.base, "GET", f"/v1/models/{MODEL}").json() == {"name": MODEL, "ready": True}
+
+
+def test_metrics_count_requests_stages_batches_and_model(server: ServerProcess) -> None:
+    post_json(server.base, V1, {"instances": [sample_images(1)[0, ..., 0].tolist()]})
+    text = request(server.base, "GET", "/metrics").body.decode()
+    assert f'distml_requests_total{{model="{MODEL}",protocol="v1",status="200"}}' in text
+    for stage in ("decode", "queue", "infer", "encode", "total"):
+        assert f'distml_request_seconds_count{{protocol="v1",stage="{stage}"}}' in text
+    assert "distml_batch_size_count" in text and "distml_queue_depth" in text
+    assert f'distml_model_info{{model="{MODEL}",platform="onnxruntime",version="1"}} 1.0' in text
+    assert 'distml_log_events_total{outcome="dropped"} 0.0' in text
+
+
+# -- bad input: (case, method, path, headers, body, status, words the error must contain) -----------------------
+_IMG = sample_images(1)[0]
+_OK_PIXELS = _IMG[..., 0].tolist()
+_PNG = png(_IMG)
+_GIF = gif(_IMG)
+_JSON = {"content-type": "application/json"}
+
+
+def _j(doc: Any) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def _v2(**tensor: Any) -> bytes:
+    base = {"name": "images", "datatype": "UINT8", "shape": [1, 28, 28, 1], "data": _IMG.ravel().tolist()}
+    return _j({"inputs": [{**base, **tensor}]})
+
+
+def _binary(header: dict[str, Any], payload: bytes, length: int | None = None) -> tuple[dict[str, str], bytes]:
+    head = json.dumps(header).encode()
+    return {"inference-header-content-length": str(len(head) if length is None else length),
+            "content-type": "application/octet-stream"}, head + payload  # fmt: skip
+
+
+def _bin_images(size: int, datatype: str = "UINT8", shape: list[int] | None = None, **more: Any) -> dict[str, Any]:
+    return {"inputs": [{"name": "images", "datatype": datatype, "shape": shape or [1, 28, 28, 1],
+                        "parameters": {"binary_data_size": size}, **more}]}  # fmt: skip
+
+
+BAD: list[tuple[str, str, str, dict[str, str], bytes, int, str]] = [
+    ("v1 invalid json", "POST", V1, _JSON, b"{bad", 400, "not valid JSON"),
+    ("v2 invalid json", "POST", V2, _JSON, b'{"inputs": [', 400, "not valid JSON"),
+    ("v1 empty body", "POST", V1, _JSON, b"", 400, "body is empty"),
+    ("v1 body is a list", "POST", V1, _JSON, b"[1, 2]", 400, "JSON object"),
+    ("v1 no instances", "POST", V1, _JSON, _j({"inputs": []}), 400, 'no "instances"'),
+    ("v1 instances not a list", "POST", V1, _JSON, _j({"instances": {"b64": "x"}}), 400, "must be a list"),
+    ("v1 empty batch", "POST", V1, _JSON, _j({"instances": []}), 400, "empty"),
+    ("v1 10,000 instances", "POST", V1, _JSON, _j({"instances": [{"b64": "AAAA"}] * 10_000}), 413, "10,000 instances"),
+    (
+        "text/plain",
+        "POST",
+        V1,
+        {"content-type": "text/plain"},
+        _j({"instances": [_OK_PIXELS]}),
+        415,
+        "application/json",
+    ),
+    (
+        "curl's default form type",
+        "POST",
+        V2,
+        {"content-type": "application/x-www-form-urlencoded"},
+        _v2(),
+        415,
+        "Content-Type",
+    ),
+    ("gzip body", "POST", V1, {**_JSON, "content-encoding": "gzip"}, b"\x1f\x8b", 415, "Content-Encoding"),
+    (
+        "bad base64",
+        "POST",
+        V1,
+        _JSON,
+        _j({"instances": [{"b64": "not base64!"}]}),
+        400,
+        "instances[0].b64: is not valid base64",
+    ),
+    ("b64 not a string", "POST", V1, _JSON, _j({"instances": [{"b64": 12}]}), 400, "expected a base64 string"),
+    ("instance is a string", "POST", V1, _JSON, _j({"instances": ["abc"]}), 400, 'expected {"b64"'),
+    ("image_bytes without b64", "POST", V1, _JSON, _j({"instances": [{"image_bytes": "x"}]}), 400, "instances[0]"),
+    (
+        "truncated png",
+        "POST",
+        V1,
+        _JSON,
+        _j({"instances": [{"b64": b64(_PNG[: len(_PNG) // 2])}]}),
+        400,
+        "cannot be decoded",
+    ),
+    (
+        "not an image",
+        "POST",
+        V1,
+        _JSON,
+        _j({"instances": [{"b64": b64(b"hello, this is text")}]}),
+        400,
+        "not a PNG or JPEG",
+    ),
+    ("gif", "POST", V1, _JSON, _j({"instances": [{"b64": b64(_GIF)}]}), 400, "is a GIF image"),
+    (
+        "10,000 x 10,000 png",
+        "POST",
+        V1,
+        _JSON,
+        _j({"instances": [{"b64": b64(raw_png(10_000, 10_000))}]}),
+        413,
+        "10000x10000 pixels",
+    ),
+    (
+        "decompression bomb",
+        "POST",
+        V1,
+        _JSON,
+        _j({"instances": [{"b64": b64(raw_png(60_000, 60_000, rows=2))}]}),
+        413,
+        "decompression bomb",
+    ),
+    (
+        "bomb within pillow's limit",
+        "POST",
+        V1,
+        _JSON,
+        _j({"instances": [{"b64": b64(raw_png(5_000, 9_000, rows=2))}]}),
+        413,
+        "5000x9000 pixels",
+    ),
+    (
+        "pixels wrong shape",
+        "POST",
+        V1,
+        _JSON,
+        _j({"instances": [np.zeros((27, 28), int).tolist()]}),
+        400,
+        "must be 28x28 or 28x28x1, got 27x28",
+    ),
+    ("pixels ragged", "POST", V1, _JSON, _j({"instances": [[[1, 2], [3]]]}), 400, "rectangular"),
+    ("pixels over 255", "POST", V1, _JSON, _j({"instances": [np.full((28, 28), 300).tolist()]}), 400, "0..255"),
+    ("float pixels over 1", "POST", V1, _JSON, _j({"instances": [np.full((28, 28), 2.5).tolist()]}), 400, "[0, 1]"),
+    ("pixels are strings", "POST", V1, _JSON, _j({"instances": [np.full((28, 28), "a").tolist()]}), 400, "strings"),
+    ("pixels and b64 mixed", "POST", V1, _JSON, _j({"instances": [{"b64": b64(_PNG)}, _OK_PIXELS]}), 400, "mix"),
+    ("v2 no inputs", "POST", V2, _JSON, _j({"id": "x"}), 400, '"inputs"'),
+    ("v2 inputs empty", "POST", V2, _JSON, _j({"inputs": []}), 400, '"inputs"'),
+    ("v2 two inputs", "POST", V2, _JSON, _j({"inputs": [{}, {}]}), 400, "one input"),
+    ("v2 wrong input name", "POST", V2, _JSON, _v2(name="pixels"), 400, "'pixels'"),
+    ("v2 unknown datatype", "POST", V2, _JSON, _v2(datatype="UINT9"), 400, "not a V2 datatype"),
+    ("v2 wrong datatype", "POST", V2, _JSON, _v2(datatype="INT32"), 400, "INT32 is not accepted"),
+    ("v2 wrong rank", "POST", V2, _JSON, _v2(shape=[1, 28, 28, 1, 1]), 400, "[N, 28, 28, 1]"),
+    ("v2 wrong dims", "POST", V2, _JSON, _v2(shape=[1, 32, 32, 1]), 400, "shape is [1, 32, 32, 1]"),
+    ("v2 negative shape", "POST", V2, _JSON, _v2(shape=[-1, 28, 28, 1]), 400, "negative"),
+    ("v2 huge shape", "POST", V2, _JSON, _v2(shape=[2**40, 28, 28, 1]), 400, "impossibly large"),
+    ("v2 shape not ints", "POST", V2, _JSON, _v2(shape=["1", 28, 28, 1]), 400, "list of integers"),
+    ("v2 shape vs data length", "POST", V2, _JSON, _v2(shape=[2, 28, 28, 1]), 400, "1,568 elements) but 784"),
+    ("v2 empty batch", "POST", V2, _JSON, _v2(shape=[0, 28, 28, 1], data=[]), 400, "empty batch"),
+    ("v2 10,000 images", "POST", V2, _JSON, _v2(shape=[10_000, 28, 28, 1]), 413, "10,000 images"),
+    ("v2 uint8 with floats", "POST", V2, _JSON, _v2(data=[0.5] * 784), 400, "non-integers"),
+    ("v2 fp32 out of range", "POST", V2, _JSON, _v2(datatype="FP32", data=[3.0] * 784), 400, "[0, 1]"),
+    ("v2 bytes bad base64", "POST", V2, _JSON, _v2(datatype="BYTES", shape=[1], data=["%%%"]), 400, "base64"),
+    ("v2 bytes wrong shape", "POST", V2, _JSON, _v2(datatype="BYTES", shape=[1, 28], data=["x"]), 400, "[N] or [N, 1]"),
+    (
+        "v2 unknown output",
+        "POST",
+        V2,
+        _JSON,
+        _j({**json.loads(_v2()), "outputs": [{"name": "embeddings"}]}),
+        400,
+        "'embeddings'",
+    ),
+    ("v2 id not a string", "POST", V2, _JSON, _j({**json.loads(_v2()), "id": 5}), 400, '"id" must be a string'),
+    (
+        "v2 parameters not an object",
+        "POST",
+        V2,
+        _JSON,
+        _j({**json.loads(_v2()), "parameters": [1]}),
+        400,
+        '"parameters" must be a JSON object',
+    ),
+    (
+        "binary header not a number",
+        "POST",
+        V2,
+        {"inference-header-content-length": "ten"},
+        _v2(),
+        400,
+        "must be an integer",
+    ),
+    (
+        "binary header longer than body",
+        "POST",
+        V2,
+        *_binary(_bin_images(784), bytes(784), length=10**6),
+        400,
+        "the body has",
+    ),
+    ("binary size vs bytes sent", "POST", V2, *_binary(_bin_images(900), bytes(784)), 400, "binary_data_size is 900"),
+    ("binary bytes vs shape", "POST", V2, *_binary(_bin_images(700), bytes(700)), 400, "784 bytes of UINT8"),
+    ("binary and data both", "POST", V2, *_binary(_bin_images(784, data=[1]), bytes(784)), 400, "both"),
+    (
+        "binary BYTES truncated",
+        "POST",
+        V2,
+        *_binary(_bin_images(8, "BYTES", [1]), b"\x64\x00\x00\x00abcd"),
+        400,
+        "fewer remain",
+    ),
+    ("binary extension on v1", "POST", V1, {"inference-header-content-length": "2"}, b"{}", 400, "V2 extension"),
+    (
+        "unknown model v1",
+        "POST",
+        "/v1/models/nope:predict",
+        _JSON,
+        _j({"instances": [_OK_PIXELS]}),
+        404,
+        "'nope' is not served here",
+    ),
+    ("unknown model v2", "POST", "/v2/models/nope/infer", _JSON, _v2(), 404, "'nope' is not served"),
+    ("unknown version", "GET", f"/v2/models/{MODEL}/versions/9", {}, b"", 404, "version '9'"),
+    ("GET on infer", "GET", V2, {}, b"", 405, "use POST"),
+    ("unknown route", "GET", "/predict", {}, b"", 404, "no route"),
+    ("body over the limit", "POST", V1, _JSON, b" " * 2_100_000, 413, "the limit is 2,000,000"),
+]
+
+
+def test_at_least_forty_bad_inputs_are_covered() -> None:
+    assert len(BAD) >= 40 and len({case[0] for case in BAD}) == len(BAD)
+
+
+@pytest.mark.parametrize(("case", "method", "path", "headers", "body", "status", "words"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_error(
+    server: ServerProcess, case: str, method: str, path: str, headers: dict[str, str], body: bytes, status: int,
+    words: str,
+) -> None:  # fmt: skip
+    reply = request(server.base, method, path, body or None, headers)
+    assert reply.status == status, (case, reply.body)
+    assert reply.headers["content-type"] == "application/json"
+    assert words in reply.json()["error"], reply.json()
+
+
+def test_still_healthy_and_correct_after_every_bad_input(server: ServerProcess, champion: tuple[Path, Path]) -> None:
+    for case in BAD:  # all of them again, back to back, then a real request
+        request(server.base, case[1], case[2], case[4] or None, case[3])
+    assert request(server.base, "GET", "/v2/health/ready").status == 200
+    images = sample_images(2, seed=9)
+    reply = post_json(server.base, V2, _v2_pixels(images))
+    got = np.reshape(reply.json()["outputs"][0]["data"], (2, 10))
+    np.testing.assert_allclose(got, reference_probabilities(champion[1], images), atol=2e-6)
+    assert "500" not in request(server.base, "GET", "/metrics").body.decode().split("distml_request_seconds")[0]
+
+
+# -- batching across protocols, request logging, shutdown, workers --------------------------------------------
+class _Sink(http.server.ThreadingHTTPServer):
+    """A CloudEvents sink (what KServe's message-dumper is): records every event's headers and body."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, str]] = []
+        self.connections: list[socket.socket] = []
+        self.lock = threading.Lock()
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                sink.connections.append(self.connection)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                with sink.lock:
+                    sink.events.append(
+                        {**{k.lower(): v for k, v in self.headers.items()}, "body": body.decode("latin-1")}
+                    )
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+    def kill(self) -> None:
+        """Gone, as a crashed pod is: no listener and every open connection cut."""
+        self.shutdown()
+        self.server_close()
+        for conn in self.connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+def _log_counts(base: str) -> dict[str, float]:
+    counts = {}
+    for line in request(base, "GET", "/metrics").body.decode().splitlines():
+        if line.startswith("distml_log_events_total"):
+            counts[line.split('"')[1]] = float(line.split()[-1])
+    return counts
+
+
+def test_request_log_reconciles_even_when_the_sink_dies_mid_run(champion: tuple[Path, Path]) -> None:
+    sink = _Sink()
+    proc = ServerProcess(["--home", str(champion[0]), "serve", "--port", "0", "--log-url", sink.url])
+    n, killed_after = 300, 150
+    try:
+        statuses: list[int] = []
+        pixels = {"instances": [_OK_PIXELS]}
+
+        def one(i: int) -> int:
+            if i == killed_after:
+                sink.kill()
+            return post_json(proc.base, V1, pixels, {"x-request-id": f"req-{i}"}).status
+
+        with ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(one, range(n)))
+        assert statuses == [200] * n  # the sink's death costs clients nothing
+        deadline = time.monotonic() + 30
+        while (counts := _log_counts(proc.base)) and counts["sent"] + counts["dropped"] < 2 * n:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.2)
+    finally:
+        assert proc.stop() == 0, proc.output
+    events = sink.events
+    ids = {e["ce-inferenceid"] for e in events}
+    assert ids <= {f"req-{i}" for i in range(n)}
+    assert len({e["ce-id"] for e in events}) == len(events)  # every event its own id
+    assert counts["sent"] == len(events) and counts["sent"] + counts["dropped"] == 2 * n
+    missing = 2 * n - len(events)
+    assert missing > 0 and counts["dropped"] == missing, (counts, len(events))
+    first = [e for e in events if e["ce-inferenceid"] == "req-0"]
+    assert sorted(e["ce-type"] for e in first) == ["org.kubeflow.serving.inference.request",
+                                                    "org.kubeflow.serving.inference.response"]  # fmt: skip
+    response = next(e for e in first if e["ce-type"].endswith("response"))
+    assert response["ce-statuscode"] == "200" and json.loads(response["body"])["predictions"]
+    assert json.loads(next(e for e in first if e["ce-type"].endswith("request"))["body"]) == pixels
+
+
+def test_sigterm_drains_readiness_first_then_flushes_the_log_and_exits(
+    champion: tuple[Path, Path], tmp_path: Path
+) -> None:
+    log_file = tmp_path / "requests.jsonl"
+    proc = ServerProcess(["--home", str(champion[0]), "serve", "--port", "0", "--drain-s", "2",
+                          "--log-file", str(log_file)])  # fmt: skip
+    n = 40
+    for i in range(n):
+        assert post_json(proc.base, V1, {"instances": [_OK_PIXELS]}, {"x-request-id": f"r{i}"}).status == 200
+    proc.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert request(proc.base, "GET", "/v2/health/ready").status == 503  # load balancers stop sending...
+    assert request(proc.base, "GET", "/v2/health/live").status == 200
+    assert post_json(proc.base, V2, _v2_pixels(sample_images(1))).status == 200  # ...but requests still work
+    started = time.monotonic()
+    assert proc.stop(timeout=30) == 0, proc.output
+    assert time.monotonic() - started < 15
+    assert proc.lines[-1] == "stopped"
+    events = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert len(events) == 2 * (n + 1)
+    by_id: dict[str, list[str]] = {}
+    for event in events:
+        assert event["specversion"] == "1.0" and event["source"] == f"/distml/serve/{MODEL}"
+        by_id.setdefault(event["inferenceid"], []).append(event["type"].rsplit(".", 1)[1])
+    assert all(sorted(kinds) == ["request", "response"] for kinds in by_id.values())
+    assert {f"r{i}" for i in range(n)} <= set(by_id)
+
+
+def test_two_workers_share_one_port_and_sum_their_metrics(champion: tuple[Path, Path]) -> None:
+    proc = ServerProcess(["--home", str(champion[0]), "serve", "--port", "0", "--workers", "2"])
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: post_json(proc.base, V1, {"instances": [_OK_PIXELS]}).status, range(64)))
+        assert statuses == [200] * 64
+        text = request(proc.base, "GET", "/metrics").body.decode()
+        line = next(x for x in text.splitlines() if x.startswith("distml_requests_total{") and 'status="200"' in x)
+        assert float(line.split()[-1]) == 64.0
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_serving_process_never_loads_torch(champion: tuple[Path, Path]) -> None:
+    proc = ServerProcess(["--home", str(champion[0]), "serve", str(champion[1]), "--port", "0"])
+    try:
+        assert post_json(proc.base, V1, {"instances": [_OK_PIXELS]}).status == 200
+        maps = Path(f"/proc/{proc.proc.pid}/maps").read_text()
+        assert "onnxruntime" in maps and "libtorch" not in maps
+    finally:
+        proc.stop()
+
+
+def test_serve_cli_errors_are_one_line(champion: tuple[Path, Path], tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    result = run_cli("--home", champion[0], "serve", str(tmp_path / "nowhere"))
+    assert result.code == 2 and "is not a model artifact" in result.err and "Traceback" not in result.err
+    result = run_cli("--home", tmp_path / "empty", "serve")
+    assert result.code != 0 and "fashion-mnist-classifier" in result.err
+    result = run_cli("--home", champion[0], "serve", "--max-batch-size", "0")
+    assert result.code == 2 and "max_batch_size" in result.err
+    result = run_cli("--home", champion[0], "serve", "--log-url", "ftp://x", "--port", "0")
+    assert result.code == 2 and "log_url" in result.err
