@@ -546,3 +546,56 @@ def test_serve_cli_errors_are_one_line(champion: tuple[Path, Path], tmp_path: Pa
     assert result.code == 2 and "max_batch_size" in result.err
     result = run_cli("--home", champion[0], "serve", "--log-url", "ftp://x", "--port", "0")
     assert result.code == 2 and "log_url" in result.err
+
+
+# -- the app in-process (the real ASGI app and model, called without a socket) ------------------------------------
+def _asgi_calls(model_dir: Path, calls: list[tuple[str, bytes]], **settings: Any) -> tuple[list[Any], Any]:
+    import asyncio
+
+    from distml.config import ServeConfig
+    from distml.serve import build_app
+
+    app = build_app(ServeConfig(**settings), model_dir)
+
+    async def call(path: str, body: bytes) -> tuple[int, dict[str, str], Any]:
+        sent: list[Any] = []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> Any:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-type", b"application/json")]}
+        await app(scope, receive, send)
+        headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+        return sent[0]["status"], headers, json.loads(sent[1]["body"])
+
+    async def main() -> list[Any]:
+        await app.startup()
+        try:
+            return list(await asyncio.gather(*(call(path, body) for path, body in calls)))
+        finally:
+            await app.shutdown()
+
+    return asyncio.run(main()), app
+
+
+def test_v1_and_v2_requests_share_one_batch(champion: tuple[Path, Path]) -> None:
+    images = sample_images(2, seed=4)
+    calls = [(V1, _j({"instances": [images[0, ..., 0].tolist()]})), (V2, _j(_v2_pixels(images[1:])))]
+    results, app = _asgi_calls(champion[1], calls, max_batch_delay_ms=200)
+    assert [status for status, _, _ in results] == [200, 200]
+    assert app.metrics.registry.get_sample_value("distml_batch_size_count") == 1.0
+    assert app.metrics.registry.get_sample_value("distml_batch_size_sum") == 2.0
+    expected = reference_probabilities(champion[1], images)
+    np.testing.assert_allclose(results[0][2]["predictions"][0]["probabilities"], expected[0], atol=2e-6)
+    np.testing.assert_allclose(results[1][2]["outputs"][0]["data"], expected[1], atol=2e-6)
+
+
+def test_a_full_queue_answers_503_with_retry_after(champion: tuple[Path, Path]) -> None:
+    body = _j({"instances": [_OK_PIXELS]})
+    results, _ = _asgi_calls(champion[1], [(V1, body), (V1, body)], max_queue=1)
+    assert [status for status, _, _ in results] == [200, 503]
+    assert results[1][1]["retry-after"] == "1" and "queue is full" in results[1][2]["error"]
