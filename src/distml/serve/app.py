@@ -194,7 +194,7 @@ class ServeApp:
 
     # -- inference -----------------------------------------------------------------------------------------
     async def _infer(self, protocol: str, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
+        started, arrived = time.perf_counter(), time.time()
         headers = _headers(scope)
         request_id = _request_id(headers.get(b"x-request-id"))
         extra = [(b"x-request-id", request_id.encode())]
@@ -242,7 +242,7 @@ class ServeApp:
         self.metrics.request(protocol, self.model.name, status)
         if self.reqlog is not None:
             endpoint = scope["path"]
-            self.reqlog.log("request", request_id, endpoint, protocol, body, content_type)
+            self.reqlog.log("request", request_id, endpoint, protocol, body, content_type, at=arrived)
             self.reqlog.log("response", request_id, endpoint, protocol, out, out_type.decode(), status)
 
     def _parse(self, protocol: str, headers: dict[bytes, bytes], body: bytes) -> tuple[Inputs, v2.InferRequest | None]:
@@ -253,7 +253,8 @@ class ServeApp:
         kind = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
         if kind != JSON and not (binary is not None and kind == b"application/octet-stream"):
             raise RequestError(
-                f"Content-Type {kind.decode('latin-1')!r} is not accepted; send application/json"
+                f"Content-Type {kind.decode('latin-1')!r} is not accepted; send application/json "
+                "(curl: -H 'Content-Type: application/json')"
                 + (" (or application/octet-stream with Inference-Header-Content-Length)" if protocol == "v2" else ""),
                 status=415,
             )

@@ -98,11 +98,13 @@ class RequestLogger:
         body: bytes,
         content_type: str,
         status: int | None = None,
+        at: float | None = None,
     ) -> None:
-        """Queue one event; if the buffer is full it is dropped (and counted) rather than slowing the request."""
+        """Queue one event (``at``: when it happened, default now); if the buffer is full it is dropped (and
+        counted) rather than slowing the request."""
         if kind not in self._kinds:
             return
-        record = _Record(kind, inference_id, endpoint, protocol, body, content_type, status, time.time())
+        record = _Record(kind, inference_id, endpoint, protocol, body, content_type, status, at or time.time())
         try:
             self._buffer.put_nowait(record)
         except queue.Full:
