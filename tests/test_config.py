@@ -29,7 +29,7 @@ def test_defaults_file_env_and_overrides_in_order(tmp_path: Path) -> None:
     ("text", "needle"),
     [
         ("[data]\nshard_bytes = 3\n", "data.shard_bytes=3"),
-        ("[data]\nshard_size = 3\n", "data.shard_size=3"),
+        ("[data]\nshard_size = 3\n", r"unknown config key data.shard_size in .* \(did you mean 'shard_bytes'\?\)"),
         ("[data\n", "is not valid TOML"),
     ],
 )

@@ -112,6 +112,34 @@ class ServeConfig(_Section):
         return self
 
 
+class PipelineConfig(_Section):
+    """``distml run``: the dataset it ingests, the candidates it trains (with ``[train]``) and how it chooses."""
+
+    dataset: Literal["fashion-mnist", "cifar10", "folder"] = "fashion-mnist"
+    source: str | None = Field(
+        default=None, description="a local folder or mirror URL of the dataset's files; for 'folder' the images"
+    )
+    name: str | None = Field(default=None, description="the dataset's name in the store (default: its kind)")
+    image_size: tuple[int, int] = Field(default=(32, 32), description="folder datasets: height, width")
+    mode: Literal["L", "RGB"] = "RGB"
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    candidates: tuple[str, ...] = Field(
+        default=("cnn", "cnn-dropout", "cnn-batchnorm"),
+        min_length=1,
+        description="models to train, each with [train]; [[candidates]] tables replace this list when present",
+    )
+    metric: str = "test_accuracy"
+    direction: Literal["max", "min"] = "max"
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    max_params: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _source_for_folder(self) -> PipelineConfig:
+        if self.dataset == "folder" and not self.source:
+            raise ValueError("dataset 'folder' needs source = the image folder (ROOT/<class>/<image>)")
+        return self
+
+
 class DistmlConfig(_Section):
     """The root of the config tree; later stages add their sections here."""
 
@@ -119,6 +147,7 @@ class DistmlConfig(_Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     serve: ServeConfig = ServeConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     # [[candidates]] tables: each overrides some [train] settings for one candidate of ``distml train
     # --candidates`` (e.g. ``model = "resnet-small"`` with its own ``lr``).
     candidates: tuple[dict[str, Any], ...] = ()
@@ -198,5 +227,22 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def _config_error(exc: ValidationError, *, source: str) -> ConfigError:
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return ConfigError(f"unknown config key {field} in {source}" + _nearest_key(first["loc"]))
+    if first["type"] == "value_error":  # a cross-field rule of a section: its message says it all
+        return ConfigError(f"invalid config [{field}] in {source}: {first['msg'].removeprefix('Value error, ')}")
     given = first.get("input")
     return ConfigError(f"invalid config value {field}={given!r} in {source}: {first['msg']}")
+
+
+def _nearest_key(loc: tuple[int | str, ...]) -> str:
+    """`` (did you mean 'epochs'?)`` for an unknown key at ``loc``, when a valid key of that table is close."""
+    model: Any = DistmlConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    valid = list(getattr(model, "model_fields", {}))
+    near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else f" (valid keys: {', '.join(valid)})"

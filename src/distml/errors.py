@@ -84,6 +84,10 @@ class ModelError(DistmlError):
     """A model artifact cannot be exported, verified or loaded (parity failed, corrupt ``model.onnx``)."""
 
 
+class PipelineError(DistmlError):
+    """``distml run`` cannot start or finish: the workspace is locked by another run, or a step failed."""
+
+
 class RegistryError(DistmlError):
     """The model registry refuses an operation (unknown model, alias or version; nothing to roll back to)."""
 

@@ -77,6 +77,7 @@ def cli(ctx: click.Context, home: Path | None, config_path: Path | None) -> None
 def _register_commands() -> None:
     from distml.cli.data import data
     from distml.cli.models import evaluate_cmd, models, predict_cmd, select_cmd
+    from distml.cli.run import run_cmd, runs
     from distml.cli.serve import serve_cmd
     from distml.cli.train import train_cmd
 
@@ -87,6 +88,8 @@ def _register_commands() -> None:
     cli.add_command(evaluate_cmd)
     cli.add_command(select_cmd)
     cli.add_command(serve_cmd)
+    cli.add_command(run_cmd)
+    cli.add_command(runs)
 
 
 def main(argv: list[str] | None = None) -> None:

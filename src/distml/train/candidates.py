@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from distml._proc import die_with_parent
 from distml.config import TrainConfig
 from distml.errors import TrainingError, UsageError
 from distml.train.dist import usable_cores
-from distml.train.models import check_model_name
+from distml.train.model_names import check_model_name
 from distml.workspace import Workspace
 
 _ETA = re.compile(r"ETA (\d+)m(\d+)s")
@@ -145,7 +147,9 @@ def _start(job: Candidate, workspace: Workspace) -> None:
     if job.gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, job.gpus))
     with job.log.open("wb") as log:
-        job.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        job.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent()
+        )
     job.state, job.started = "running", time.monotonic()
 
 
@@ -207,18 +211,26 @@ class _Table:
         self.stream.flush()
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _main(argv: list[str]) -> int:
     """One candidate's job in its own process: ``python -m distml.train.candidates HOME CONFIG RUN_NAME``."""
     from distml.errors import DistmlError
     from distml.train.launch import train
 
     home, config_file, run_name = Path(argv[0]), Path(argv[1]), argv[2]
+    signal.signal(signal.SIGTERM, _interrupt)  # so torchrun and its workers are stopped too, not orphaned
     try:
         cfg = TrainConfig.model_validate(json.loads(config_file.read_text()))
         result = train(cfg, Workspace(home), run_name)
     except DistmlError as exc:
         print(f"error: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), flush=True)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; run again to resume from the last checkpoint", flush=True)
+        return 130
     print(f"run {run_name}: test accuracy {result.metrics.get('test_accuracy')}", flush=True)
     return 0
 

@@ -94,6 +94,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def gpu_count() -> int:
+    """CUDA devices visible to this process. Without an NVIDIA driver it is 0 at once, without importing torch."""
+    if not os.path.isdir("/proc/driver/nvidia/gpus"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 class RankLogger:
     """Prints on rank 0; on other ranks every method does nothing, so call sites never branch on rank."""
 

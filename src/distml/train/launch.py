@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from distml._proc import die_with_parent
 from distml.config import TrainConfig
 from distml.data import DatasetStore, open_path
 from distml.data._files import write_atomic
@@ -21,7 +22,7 @@ from distml.errors import TrainingError, UsageError, WorkspaceError
 from distml.train import tracking
 from distml.train.dist import usable_cores
 from distml.train.job import Job, check_resume
-from distml.train.models import check_model_name
+from distml.train.model_names import check_model_name
 from distml.workspace import Workspace
 
 # glibc serves each step's multi-MB activation tensors with fresh mmap()s and returns them on free, so every
@@ -119,7 +120,7 @@ def run_job(job: Job, rdzv: Rendezvous = Rendezvous()) -> TrainResult:
     ]  # fmt: skip
     env = {**_MALLOC_DEFAULTS, **os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     env.pop("RANK", None)  # a launcher inside a worker must not inherit its parent's identity
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent())
     try:
         code = proc.wait()
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from distml.errors import UsageError
+from distml.train.model_names import MODEL_NAMES, check_model_name
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,7 @@ class UInt8Classifier(nn.Module):
         return logits, torch.softmax(logits, dim=1)
 
 
-def check_model_name(name: str) -> str:
-    if name not in MODELS:
-        raise UsageError(f"unknown model {name!r}", hint=f"choose one of {', '.join(MODELS)}")
-    return name
+assert tuple(MODELS) == MODEL_NAMES, "distml.train.model_names.MODEL_NAMES must list the builders of MODELS"
 
 
 def build_model(name: str, spec: ModelSpec) -> nn.Module:

@@ -1,0 +1,24 @@
+"""Child processes that do not outlive the process that started them."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+from collections.abc import Callable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _set_pdeathsig() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets SIGTERM when its parent dies (Linux; else None).
+
+    Without it a SIGKILLed ``distml run`` or ``distml train`` would leave torchrun and its workers training on,
+    writing into a run folder that the next invocation resumes.
+    """
+    return _set_pdeathsig if sys.platform.startswith("linux") else None

@@ -1,0 +1,1 @@
+"""The pipeline: a content-addressed step cache, a local DAG runner and the run records (``distml run``)."""

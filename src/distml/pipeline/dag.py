@@ -1,0 +1,156 @@
+"""The pipeline's DAG for a config: ingest -> train[candidate] x N -> select -> register.
+
+This module only wires :mod:`distml.pipeline.steps` together: each step's parameters (what its key hashes),
+how its input digests come from the steps before it, how it runs and how a hit is checked. ``distml k8s``
+renders the same steps (the same subcommands) as an Argo Workflow.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from distml.config import DistmlConfig, TrainConfig
+from distml.errors import TrainingError
+from distml.pipeline import steps as S  # noqa: N812 (the steps, read as S.ingest_step, S.TRAIN_CODE)
+from distml.pipeline.cache import verify_files
+from distml.pipeline.runner import Step, StepContext
+from distml.workspace import Workspace
+
+_TRACKING_SETUP = threading.Lock()
+
+
+def candidate_configs(config: DistmlConfig, models: list[str] | None, overrides: dict[str, Any]) -> list[TrainConfig]:
+    """``[[candidates]]`` tables when the config has them (else one per model name), each over ``[train]``."""
+    if models is None and config.candidates:
+        tables: list[dict[str, Any]] = [dict(t) for t in config.candidates]
+    else:
+        tables = [{"model": m} for m in (models or config.pipeline.candidates)]
+    return config.candidate_configs(tables, overrides)
+
+
+def build(
+    workspace: Workspace,
+    config: DistmlConfig,
+    *,
+    models: list[str] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    cores: int = 1,
+    gpus: int = 0,
+    log: Any = print,
+) -> list[Step]:
+    from distml.train.candidates import plan
+
+    source = S.make_source(workspace, config)
+    p = config.pipeline
+    ingest_params: dict[str, Any] = {"dataset": p.dataset, "name": p.name, "shard_bytes": config.data.shard_bytes}
+    if p.dataset == "folder":
+        ingest_params.update(image_size=list(p.image_size), mode=p.mode, test_fraction=p.test_fraction,
+                             on_bad_file=config.data.on_bad_file)  # fmt: skip
+    steps = [
+        Step(
+            "ingest", (), S.INGEST_CODE, S.INGEST_LIBS, ingest_params,
+            inputs=lambda outputs, files: {"source": S.source_digest(source, log)},
+            run=lambda ctx: S.ingest_step(workspace, config, source, ctx.log),
+            verify=S.verify_dataset,
+        )
+    ]  # fmt: skip
+
+    configs = candidate_configs(config, models, {**(train_overrides or {}), "dataset": "pending"})
+    jobs = plan(configs, cores, gpus, "pl", workspace.home)  # labels, and each job's threads and cores
+    train_names = []
+    for job in jobs:
+        name = f"train[{job.label}]"
+        train_names.append(name)
+        steps.append(_train_step(workspace, name, job.label, job.config, job.threads, job.slots, bool(gpus)))
+
+    select_params = {"metric": p.metric, "direction": p.direction, "max_latency_ms": p.max_latency_ms,
+                     "max_params": p.max_params}  # fmt: skip
+    steps.append(
+        Step(
+            "select", tuple(train_names), S.SELECT_CODE, S.SELECT_LIBS, select_params,
+            inputs=lambda outputs, files: {n: files[n]["checkpoint"]["sha256"] for n in train_names},
+            run=lambda ctx: S.select_step(workspace, config, [ctx.upstream[n]["run_dir"] for n in train_names],
+                                          ctx.log),
+        )
+    )  # fmt: skip
+    steps.append(
+        Step(
+            "register", ("select",), S.REGISTER_CODE, S.REGISTER_LIBS, {},
+            inputs=lambda outputs, files: {"model.onnx": files["select"]["model.onnx"]["sha256"]},
+            run=lambda ctx: S.register_step(workspace, Path(ctx.upstream["select"]["artifact"])),
+            verify=lambda outputs: S.verify_registered(workspace, outputs),
+        )
+    )  # fmt: skip
+    return steps
+
+
+def _train_step(
+    workspace: Workspace, name: str, label: str, cfg: TrainConfig, threads: int, cores: int, on_gpu: bool
+) -> Step:
+    def run_dir(key: str) -> Path:
+        return workspace.home / "runs" / f"pl-{label}-{key[:10]}"
+
+    def run(ctx: StepContext) -> S.StepResult:
+        job_cfg = cfg.model_copy(update={"dataset": ctx.upstream["ingest"]["digest"][:16]})
+        folder = run_dir(ctx.key)
+        note = ""
+        if any((folder / "checkpoints").glob("*.pt")):
+            note = "resumed the interrupted run from its last checkpoint"
+        else:
+            shorter = _shorter_run(ctx, cfg.epochs)
+            if shorter is not None:
+                S.extend_from(Path(shorter.outputs["run_dir"]), folder)
+                note = f"resumed from the {shorter.parts['params']['epochs']}-epoch run {shorter.outputs['run']}"
+                ctx.log(f"{note} instead of starting over")
+        with _TRACKING_SETUP:  # concurrent jobs must not race to create the MLflow store and experiment
+            from distml.train import tracking
+
+            tracking.ensure_experiment(workspace.home, f"distml-{ctx.upstream['ingest']['dataset']}")
+        proc = S.start_training(job_cfg, workspace, folder, ctx.threads, ctx.gpus)
+        ctx.started(proc)
+        code = proc.wait()
+        if code != 0 or not (folder / "result.json").is_file():
+            log = folder / "train.log"
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("error:")]
+            reason = lines[-1].removeprefix("error: ") if lines else f"the training process exited with {code}"
+            raise TrainingError(reason)
+        result = S.run_outputs(folder)
+        result.note = note
+        return result
+
+    def progress(key: str) -> str:
+        """The candidate's epoch and test accuracy, from the files its job writes."""
+        try:
+            history = json.loads((run_dir(key) / "history.json").read_text())
+        except (OSError, ValueError):
+            return ""
+        if not history:
+            return ""
+        return f"epoch {len(history)}/{cfg.epochs}: test accuracy {history[-1].get('test_accuracy', 0):.2%}"
+
+    return Step(
+        name, ("ingest",), S.TRAIN_CODE, S.TRAIN_LIBS, S.train_params(cfg),
+        inputs=lambda outputs, files: {"dataset": outputs["ingest"]["digest"]},
+        run=run, cores=0 if on_gpu else cores, gpus=cfg.workers if on_gpu else 0, threads=threads,
+        progress=progress, log_path=lambda key: run_dir(key) / "train.log",
+    )  # fmt: skip
+
+
+def _shorter_run(ctx: StepContext, epochs: int) -> Any:
+    """The longest verified cache entry of this step that differs from this one only by fewer epochs."""
+    want = ctx.parts.to_json()
+    best = None
+    for entry in ctx.runner.cache.entries(ctx.name):
+        old = entry.parts
+        params = dict(old.get("params", {}))
+        shorter = params.pop("epochs", None)
+        same = {k: v for k, v in want["params"].items() if k != "epochs"} == params
+        same = same and all(old.get(k) == want[k] for k in ("code", "inputs", "libs"))
+        longer_than_best = best is None or (isinstance(shorter, int) and shorter > best.parts["params"]["epochs"])
+        usable = same and isinstance(shorter, int) and shorter < epochs and longer_than_best
+        if usable and verify_files(entry.files) is None:
+            best = entry
+    return best

@@ -1,0 +1,365 @@
+"""A small local DAG runner: cached steps, run concurrently as the cores allow, with a record of every run.
+
+For each step, once the steps it needs have finished, the runner computes its key (:class:`KeyParts`) and
+either takes the cache entry (after verifying it: ``hit``) or runs it (``ran``, with the reason). Steps whose
+needs are met run at the same time while their core budget fits (a training job takes ``workers x threads``
+cores, or its GPUs); the others take none. A failed step stops the steps after it; independent steps finish
+and keep their results. Ctrl-C (or SIGTERM) stops the running steps, records them as interrupted and exits;
+the next run finds the finished steps in the cache and the interrupted training resumes from its checkpoint.
+
+The run record, ``<home>/pipeline/runs/<id>/run.json``, is rewritten (atomically) at every change: the resolved
+config, the DAG, each step's status, cache decision and reason, timings, outputs and key metric, and at the
+end the lineage from dataset to champion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from distml.data._files import write_atomic
+from distml.errors import DistmlError, PipelineError
+from distml.pipeline.cache import Entry, KeyParts, StepCache, explain_miss, file_record, verify_files
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class StepContext:
+    """What a step's function gets: its key, the outputs of the steps it needs, a log, and a process slot."""
+
+    name: str
+    parts: KeyParts
+    upstream: dict[str, dict[str, Any]]
+    log: Log
+    runner: Runner
+    threads: int = 1
+    gpus: list[int] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return self.parts.key
+
+    def started(self, proc: Any) -> None:
+        """Register a child process, so that an interrupted run stops it."""
+        self.runner.track(proc)
+
+
+@dataclass
+class Step:
+    name: str
+    needs: tuple[str, ...]
+    code: tuple[str, ...]  # root modules of the step's code (their import closure is hashed)
+    libs: tuple[str, ...]
+    params: dict[str, Any]
+    inputs: Callable[[dict[str, dict[str, Any]], dict[str, dict[str, Any]]], dict[str, str]]  # (outputs, files)
+    run: Callable[[StepContext], Any]  # -> steps.StepResult
+    verify: Callable[[dict[str, Any]], str | None] | None = None  # more checks of a hit's outputs
+    cores: int = 0  # cores it holds while it runs (CPU training jobs)
+    gpus: int = 0
+    threads: int = 1
+    progress: Callable[[str], str] | None = None  # a live line while it runs (given its key)
+    log_path: Callable[[str], Path] | None = None  # where its output goes (by key), when not the run's log
+
+
+@dataclass
+class Outcome:
+    status: str = "waiting"  # waiting | running | done | failed | skipped | interrupted
+    cache: str = ""  # hit | ran
+    why: str = ""
+    key: str = ""
+    seconds: float = 0.0
+    outputs: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metric: str = ""
+    error: str = ""
+    log: str = ""
+    started: float = 0.0
+
+
+class Runner:
+    def __init__(
+        self,
+        steps: list[Step],
+        *,
+        home: Path,
+        config: dict[str, Any],
+        force: set[str] = frozenset(),  # type: ignore[assignment]
+        no_cache: bool = False,
+        cores: int = 1,
+        gpus: int = 0,
+        stream: TextIO | None = None,
+        argv: list[str] | None = None,
+    ) -> None:
+        self.steps = {s.name: s for s in steps}
+        self.order = [s.name for s in steps]
+        self.cache = StepCache(home / "pipeline" / "cache")
+        self.force, self.no_cache = force, no_cache
+        self.cores, self.gpus = cores, gpus
+        self.stream = stream or sys.stdout  # looked up now, so a redirected stdout is honoured
+        self.id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+        self.dir = home / "pipeline" / "runs" / self.id
+        self.outcomes = {name: Outcome() for name in self.order}
+        self._procs: list[Any] = []
+        self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
+        self.record: dict[str, Any] = {
+            "id": self.id, "argv": argv or sys.argv, "started": time.time(), "ended": None, "status": "running",
+            "config": config, "dag": {s.name: list(s.needs) for s in steps}, "steps": {}, "lineage": {},
+        }  # fmt: skip
+
+    # -- output ----------------------------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        with self._lock:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def track(self, proc: Any) -> None:
+        with self._lock:
+            self._procs.append(proc)
+
+    def save(self) -> None:
+        with self._save_lock:  # steps finish on their own threads; one writer at a time
+            self.record["steps"] = {n: dict(vars(o)) for n, o in self.outcomes.items()}
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.dir / "run.json", (json.dumps(self.record, indent=2, default=str) + "\n").encode())
+
+    # -- execution -------------------------------------------------------------------------------------------
+    def execute(self) -> dict[str, Outcome]:
+        """Run the DAG to the end (or the first failure's dependents); returns every step's outcome."""
+        self.save()
+        threads: dict[str, threading.Thread] = {}
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            while True:
+                progressed = self._schedule(threads)
+                for name, thread in list(threads.items()):
+                    if not thread.is_alive():
+                        thread.join()
+                        del threads[name]
+                        progressed = True
+                if not threads and not progressed:
+                    break
+                if threads and not progressed:
+                    self._show_progress()
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            self._interrupt(threads)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        failed = [n for n, o in self.outcomes.items() if o.status == "failed"]
+        self.record["status"] = "failed" if failed else "done"
+        self.record["ended"] = time.time()
+        self.save()
+        from distml.pipeline.record import lineage
+
+        self.record["lineage"] = lineage(self.record["steps"])
+        self.save()
+        return self.outcomes
+
+    def _schedule(self, threads: dict[str, threading.Thread]) -> bool:
+        """Decide every step that can be decided now; start those that run and fit. True if anything changed."""
+        changed = False
+        for name in self.order:
+            out, step = self.outcomes[name], self.steps[name]
+            if out.status != "waiting":
+                continue
+            needs = [self.outcomes[n] for n in step.needs]
+            blocked = [n for n in step.needs if self.outcomes[n].status in ("failed", "skipped", "interrupted")]
+            if blocked:
+                out.status, out.why = "skipped", f"{blocked[0]} did not finish"
+                self.say(f"{name:<18} skipped: {out.why}")
+                changed = True
+                continue
+            if any(o.status != "done" for o in needs):
+                continue
+            if not out.key and not self._decide(name, step, out):
+                changed = True
+                continue
+            if not self._fits(step):
+                continue
+            out.status, out.started = "running", time.time()
+            ctx = StepContext(name, self._parts[name], self._upstream(step), self._step_log(name), self,
+                              threads=step.threads)  # fmt: skip
+            if step.gpus:
+                ctx.gpus = self._take_gpus(step.gpus)
+            thread = threading.Thread(target=self._run_step, args=(step, ctx), name=f"step-{name}", daemon=True)
+            threads[name] = thread
+            thread.start()
+            self.save()
+            changed = True
+        return changed
+
+    _parts: dict[str, KeyParts]
+
+    def _decide(self, name: str, step: Step, out: Outcome) -> bool:
+        """Compute the key and take a verified hit (-> False: decided) or note why it must run (-> True)."""
+        from distml.pipeline.cache import library_versions
+        from distml.pipeline.codever import code_version
+
+        if not hasattr(self, "_parts"):
+            self._parts = {}
+        upstream = self._upstream(step)
+        files = {n: self.outcomes[n].files for n in step.needs}
+        try:
+            parts = KeyParts(name, code_version(step.code), step.params, step.inputs(upstream, files),
+                             library_versions(step.libs))  # fmt: skip
+        except DistmlError as exc:
+            self._fail(name, out, exc.message + (f" ({exc.hint})" if exc.hint else ""))
+            return False
+        self._parts[name] = parts
+        out.key = parts.key
+        forced = self.no_cache or name in self.force or name.split("[")[0] in self.force
+        entry = None if forced else self.cache.get(name, parts.key)
+        if entry is not None:
+            problem = verify_files(entry.files) or (step.verify(entry.outputs) if step.verify else None)
+            if problem is None:
+                out.status, out.cache, out.outputs, out.files = "done", "hit", entry.outputs, entry.files
+                out.why = f"same inputs as run {entry.run_id}"
+                out.metric = entry.outputs.get("_metric", "")
+                self.say(f"{name:<18} hit: {out.why}" + (f"  [{out.metric}]" if out.metric else ""))
+                self.save()
+                return False
+            self.cache.drop(name, parts.key)
+            out.why = f"the cached result failed verification: {problem}"
+        elif forced:
+            out.why = "--no-cache" if self.no_cache else "--force"
+        else:
+            earlier = [e for e in self.cache.entries(name)]
+            out.why = explain_miss(parts, earlier[0] if earlier else None)
+        out.cache = "ran"
+        return True
+
+    def _fits(self, step: Step) -> bool:
+        running = [self.steps[n] for n, o in self.outcomes.items() if o.status == "running"]
+        if step.gpus:
+            return sum(s.gpus for s in running) + step.gpus <= self.gpus or not any(s.gpus for s in running)
+        used = sum(s.cores for s in running)
+        return used + step.cores <= self.cores or used == 0
+
+    def _take_gpus(self, n: int) -> list[int]:
+        busy = {g for name, o in self.outcomes.items() if o.status == "running" for g in o.outputs.get("_gpus", [])}
+        return [g for g in range(self.gpus) if g not in busy][:n]
+
+    def _upstream(self, step: Step) -> dict[str, dict[str, Any]]:
+        return {n: self.outcomes[n].outputs for n in step.needs}
+
+    def _step_log(self, name: str) -> Log:
+        def log(text: str) -> None:
+            self.say(f"  {name}: {text.strip()}")
+
+        return log
+
+    def _run_step(self, step: Step, ctx: StepContext) -> None:
+        out = self.outcomes[step.name]
+        self.say(f"{step.name:<18} ran: {out.why}")
+        started = time.perf_counter()
+        log_file = step.log_path(ctx.key) if step.log_path else self.dir / "logs" / f"{_safe(step.name)}.log"
+        out.log = str(log_file)
+        try:
+            result = step.run(ctx)
+            files = {label: file_record(path) for label, path in result.files.items()}
+        except DistmlError as exc:
+            self._fail(step.name, out, exc.message + (f" ({exc.hint})" if exc.hint else ""))
+            return
+        except KeyboardInterrupt:
+            return
+        except Exception as exc:  # a bug: keep the traceback in the step's log, say where it is
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            with log_file.open("a") as fh:
+                fh.write(traceback.format_exc())
+            self._fail(step.name, out, f"{type(exc).__name__}: {exc}")
+            return
+        seconds = time.perf_counter() - started
+        if out.status == "interrupted":
+            return
+        outputs = {**result.outputs, "_metric": result.metric}
+        why = out.why + (f"; {result.note}" if result.note else "")
+        self.cache.put(Entry(step.name, ctx.key, ctx.parts.to_json(), outputs, files, self.id, seconds, note=why))
+        out.status, out.outputs, out.files, out.seconds, out.metric, out.why = (
+            "done", outputs, files, seconds, result.metric, why
+        )  # fmt: skip
+        self.say(f"{step.name:<18} done in {seconds:.1f} s" + (f": {result.metric}" if result.metric else "")
+                 + (f" ({result.note})" if result.note else ""))  # fmt: skip
+        self.save()
+
+    def _fail(self, name: str, out: Outcome, error: str) -> None:
+        out.status, out.error = "failed", error
+        if out.started:
+            out.seconds = time.time() - out.started
+        self.say(f"{name:<18} FAILED: {error}" + (f"\n{'':<18} log: {out.log}" if out.log else ""))
+        self.save()
+
+    def _show_progress(self) -> None:
+        for name, out in self.outcomes.items():
+            step = self.steps[name]
+            if out.status == "running" and step.progress is not None:
+                line = step.progress(out.key)
+                if line and line != getattr(out, "_shown", None):
+                    out._shown = line  # type: ignore[attr-defined]
+                    self.say(f"  {name}: {line}")
+
+    def _interrupt(self, threads: dict[str, threading.Thread]) -> None:
+        for out in self.outcomes.values():
+            if out.status == "running":
+                out.status, out.error = "interrupted", "interrupted"
+                out.seconds = time.time() - out.started
+        with self._lock:
+            procs = list(self._procs)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 30
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            if proc.poll() is None:
+                proc.kill()
+        self.record["status"] = "interrupted"
+        self.record["ended"] = time.time()
+        self.save()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+# -- the workspace lock ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def workspace_lock(home: Path) -> Iterator[None]:
+    """One ``distml run`` per workspace at a time; a second one gets a clear error naming the first."""
+    folder = home / "pipeline"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise PipelineError(
+                f"another distml run is using the workspace {home} ({holder})",
+                hint="wait for it to finish, or use another --home",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock (also when the process dies)

@@ -1,0 +1,240 @@
+"""The pipeline's steps: plain functions over the workspace, the same work as the ``distml`` subcommands.
+
+=================  ===========================================  =========================================
+step               what it does                                 the subcommand that does the same
+=================  ===========================================  =========================================
+``ingest``         verify the source files, write the store     ``distml data ingest KIND [--source]``
+``train[LABEL]``   one candidate: W workers under torchrun      ``distml train --model M --run-name N``
+``select``         export + evaluate every run, choose one      ``distml select RUN... --metric M``
+``register``       register the winner, make it champion        ``distml models register`` / ``promote``
+=================  ===========================================  =========================================
+
+Each step also says what goes into its cache key: the root modules of its code, the libraries that change its
+output, and (computed by :mod:`distml.pipeline.dag`) its parameters and input digests. A step returns a
+:class:`StepResult`: the JSON outputs later steps read, and the files whose sha256 the cache records and checks
+before trusting a hit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distml.config import DistmlConfig, TrainConfig
+from distml.workspace import Workspace
+
+INGEST_CODE = ("distml.data.ingest", "distml.data.sources.fashion_mnist", "distml.data.sources.cifar10",
+               "distml.data.sources.folder")  # fmt: skip
+INGEST_LIBS = ("numpy", "pillow")
+TRAIN_CODE = ("distml.train.launch", "distml.train.worker", "distml.train.candidates")
+TRAIN_LIBS = ("torch", "numpy")
+SELECT_CODE = ("distml.registry.evaluate",)
+SELECT_LIBS = ("torch", "onnx", "onnxruntime", "numpy")
+REGISTER_CODE = ("distml.registry.registry",)
+REGISTER_LIBS = ("mlflow", "onnx")
+
+
+@dataclass
+class StepResult:
+    outputs: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+    metric: str = ""  # the key figure for the summary table
+    note: str = ""  # said after "ran:" (e.g. "resumed from a checkpoint")
+
+
+# -- ingest -------------------------------------------------------------------------------------------------
+def make_source(workspace: Workspace, config: DistmlConfig) -> Any:
+    """The data source the ``[pipeline]`` section names (nothing read yet)."""
+    from distml.data.sources import Cifar10Source, FashionMnistSource, FolderOptions, FolderSource
+
+    p, d = config.pipeline, config.data
+    if p.dataset == "folder":
+        assert p.source is not None  # the config refuses a folder dataset without one
+        options = FolderOptions(image_size=p.image_size, mode=p.mode, test_fraction=p.test_fraction,
+                                on_bad_file=d.on_bad_file, max_pixels=d.max_image_pixels,
+                                max_file_bytes=d.max_image_file_bytes)  # fmt: skip
+        return FolderSource(Path(p.source), options)
+    downloads = workspace.downloads / p.dataset
+    kind = FashionMnistSource if p.dataset == "fashion-mnist" else Cifar10Source
+    return kind(downloads, location=p.source, timeout_s=d.download_timeout_s)
+
+
+def source_digest(source: Any, log: Any) -> str:
+    """Fetch/locate and verify the source's files, then digest their raw bytes (the ingest step's input)."""
+    import hashlib
+
+    source.prepare(log)
+    doc = {"kind": source.kind, "fingerprint": source.fingerprint()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def ingest_step(workspace: Workspace, config: DistmlConfig, source: Any, log: Any = print) -> StepResult:
+    from distml.data import DatasetStore
+    from distml.data.ingest import ingest
+
+    store = DatasetStore(workspace, shard_bytes=config.data.shard_bytes)
+    result = ingest(source, store=store, name=config.pipeline.name, log=log)
+    ds = result.dataset
+    splits = ", ".join(f"{name} {len(s):,}" for name, s in ds.splits.items())
+    return StepResult(
+        outputs={"dataset": ds.name, "digest": ds.digest, "path": str(ds.path)},
+        files={"manifest": ds.path / "manifest.json"},
+        metric=f"{ds.name}@{ds.digest[:8]}: {splits}",
+        note="the store already held this version" if result.reused else "",
+    )
+
+
+def verify_dataset(outputs: dict[str, Any]) -> str | None:
+    """A cached ingest is good only while every shard still matches the manifest."""
+    from distml.data import open_path
+    from distml.errors import DistmlError
+
+    try:
+        ds = open_path(Path(outputs["path"]))
+    except DistmlError as exc:
+        return exc.message
+    if ds.digest != outputs["digest"]:
+        return f"{outputs['path']} now holds {ds.digest[:12]}"
+    bad = ds.verify()
+    return f"dataset files changed: {', '.join(bad[:3])}" if bad else None
+
+
+# -- train --------------------------------------------------------------------------------------------------
+def train_params(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings that change a training run's weights (the dataset is an input, not a parameter)."""
+    from distml.train.job import RESUMABLE_CHANGES
+
+    ignored = (RESUMABLE_CHANGES - {"epochs"}) | {"dataset"}
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ignored}
+
+
+def extend_from(earlier_run: Path, run_dir: Path) -> None:
+    """Seed ``run_dir`` with the newest checkpoint (and history) of a shorter run of the same candidate.
+
+    Training then resumes there (the epoch count may grow on resume) instead of starting over. A new MLflow run
+    is opened for the longer job: the shorter run's stays as it was.
+    """
+    from distml.train.checkpoint import list_checkpoints
+
+    newest = list_checkpoints(earlier_run / "checkpoints")[-1:]
+    tmp = run_dir.with_name(f".{run_dir.name}.seeding")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "checkpoints").mkdir(parents=True)
+    for path in newest:
+        shutil.copy2(path, tmp / "checkpoints" / path.name)
+    if (earlier_run / "history.json").is_file():
+        shutil.copy2(earlier_run / "history.json", tmp / "history.json")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    tmp.rename(run_dir)
+
+
+def run_outputs(run_dir: Path) -> StepResult:
+    """A finished training run as a step result: its metrics, and its final checkpoint as the output file."""
+    from distml.train.checkpoint import list_checkpoints
+
+    result = json.loads((run_dir / "result.json").read_text())
+    final = list_checkpoints(run_dir / "checkpoints")[-1]
+    acc = result.get("test_accuracy")
+    return StepResult(
+        outputs={
+            "run": run_dir.name,
+            "run_dir": str(run_dir),
+            "test_accuracy": acc,
+            "epochs": result.get("epochs"),
+            "mlflow_run_id": result.get("mlflow_run_id"),
+        },
+        files={"checkpoint": final, "result": run_dir / "result.json"},
+        metric=f"test acc {acc:.2%}" if isinstance(acc, float) else "",
+    )
+
+
+# -- select and register ------------------------------------------------------------------------------------
+def select_step(workspace: Workspace, config: DistmlConfig, runs: list[str], log: Any = print) -> StepResult:
+    from distml.registry.evaluate import select_runs
+
+    p = config.pipeline
+    selection = select_runs(workspace, runs, metric=p.metric, direction=p.direction,
+                            max_latency_ms=p.max_latency_ms, max_params=p.max_params, log=log)  # fmt: skip
+    winner = selection.winner
+    value = selection.choice.winner[p.metric]
+    return StepResult(
+        outputs={
+            "winner": selection.choice.winner["run"],
+            "artifact": str(winner.path),
+            "metric": p.metric,
+            "value": value,
+            "table": selection.table,
+            "report": str(selection.report),
+        },
+        files={"model.onnx": winner.onnx_path, "model.json": winner.path / "model.json"},
+        metric=f"{selection.choice.winner['run']}: {p.metric} {value:.4f}",
+    )
+
+
+def register_step(workspace: Workspace, artifact_dir: Path) -> StepResult:
+    """Make the artifact the champion: promote the version that already holds it, else register a new one."""
+    from distml.registry import Registry
+    from distml.registry.artifact import ONNX_FILE, open_artifact
+
+    artifact = open_artifact(artifact_dir)
+    registry = Registry(workspace)
+    sha = artifact.card["files"][ONNX_FILE]["sha256"]
+    existing = None
+    if any(m["name"] == artifact.name for m in registry.models()):
+        existing = next((v for v in registry.versions(artifact.name) if v.tags.get("distml.onnx_sha256") == sha), None)
+    if existing is not None:
+        version = registry.promote(existing.name, existing.version)
+        note = f"version {version.version} already held this model; made it champion"
+    else:
+        version = registry.register(artifact)
+        note = ""
+    return StepResult(
+        outputs={
+            "name": version.name,
+            "version": version.version,
+            "onnx_sha256": sha,
+            "ref": f"models:/{version.name}@champion",
+        },
+        metric=f"{version.name} v{version.version} @champion",
+        note=note,
+    )
+
+
+def verify_registered(workspace: Workspace, outputs: dict[str, Any]) -> str | None:
+    """A cached registration is good only while the champion is still that version."""
+    from distml.errors import DistmlError
+    from distml.registry import Registry
+
+    try:
+        current = Registry(workspace).lookup(outputs["ref"])
+    except DistmlError as exc:
+        return exc.message
+    if current.version != outputs["version"]:
+        return f"the champion of {outputs['name']} is now version {current.version}, not {outputs['version']}"
+    return None
+
+
+# -- a candidate's job in its own process -------------------------------------------------------------------
+def start_training(cfg: TrainConfig, workspace: Workspace, run_dir: Path, threads: int, gpus: list[int]) -> Any:
+    """Start ``python -m distml.train.candidates`` for one candidate; its output goes to ``<run>/train.log``."""
+    import os
+
+    from distml._proc import die_with_parent
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job_file = run_dir / "candidate.json"
+    job_file.write_text(json.dumps({**cfg.model_dump(mode="json"), "threads_per_worker": threads}, indent=2) + "\n")
+    cmd = [sys.executable, "-m", "distml.train.candidates", str(workspace.home), str(job_file), run_dir.name]
+    env = dict(os.environ)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    with (run_dir / "train.log").open("ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        log.flush()
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())

@@ -1,0 +1,234 @@
+"""``distml run``: the real pipeline (torchrun training, ONNX export, MLflow on SQLite) on a small image folder.
+
+The cache must explain itself: cold every step ran, warm every step hit, a longer --epochs resumes training
+from the shorter run, a changed candidate re-runs only itself and what follows, deleted outputs re-run with the
+reason, a failure stops only the steps after it, a kill mid-training resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image_folder, run_cli
+from distml.pipeline.cache import Entry, KeyParts, StepCache, explain_miss, file_record, verify_files
+from distml.pipeline.codever import closure, code_version
+from distml.pipeline.runner import workspace_lock
+
+FAST = ["--epochs", "1", "--workers", "1"]
+
+
+def _config(tmp_path: Path, images: Path, extra: str = "") -> Path:
+    path = tmp_path / "distml.toml"
+    path.write_text(
+        f"""
+[pipeline]
+dataset = "folder"
+source = "{images}"
+image_size = [16, 16]
+mode = "L"
+test_fraction = 0.25
+
+[train]
+batch_size = 16
+log_every_steps = 1000
+{extra}
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images", per_class=16)
+
+
+def _run(home: Path, config: Path, *args: str) -> tuple[int, str, str]:
+    result = run_cli("--home", home, "run", "--config", config, *args)
+    return result.code, result.out, result.err
+
+
+def _decisions(out: str) -> dict[str, str]:
+    """step -> 'hit: why' / 'ran: why' / 'FAILED: why' / 'skipped: why', from the runner's own lines."""
+    found = {}
+    for line in out.splitlines():
+        parts = line.split(maxsplit=1)
+        if len(parts) == 2 and parts[1].split(":")[0] in ("hit", "ran", "FAILED", "skipped"):
+            found[parts[0]] = parts[1]
+    return found
+
+
+def test_cold_warm_longer_and_changed_candidate(home: Path, tmp_path: Path, images: Path) -> None:
+    config = _config(tmp_path, images)
+    code, out, err = _run(home, config, "--candidates", "cnn,cnn-dropout", *FAST)
+    assert code == 0, out + err
+    cold = _decisions(out)
+    assert set(cold) == {"ingest", "train[cnn]", "train[cnn-dropout]", "select", "register"}
+    assert all(d.startswith("ran: no earlier run") for d in cold.values()), cold
+    assert "is champion" in out and "distml serve models:/images-classifier@champion" in out
+
+    started = time.perf_counter()
+    code, out, err = _run(home, config, "--candidates", "cnn,cnn-dropout", *FAST)
+    warm_s = time.perf_counter() - started
+    assert code == 0, out + err
+    warm = _decisions(out)
+    assert all(d.startswith("hit: same inputs as run ") for d in warm.values()), warm
+    assert warm_s < 15, warm_s  # the README's figure (≤ 5 s) comes from bench/pipeline.py on a quiet machine
+
+    code, out, err = _run(home, config, "--candidates", "cnn,cnn-dropout", "--epochs", "2", "--workers", "1")
+    assert code == 0, out + err
+    longer = _decisions(out)
+    assert longer["ingest"].startswith("hit")
+    for name in ("train[cnn]", "train[cnn-dropout]"):
+        assert longer[name] == "ran: param epochs 1 → 2", longer
+    assert "resumed from the 1-epoch run pl-cnn-" in out
+    runs = sorted((home / "runs").glob("pl-cnn-??????????"))
+    history = json.loads((runs[-1] / "history.json").read_text()) if runs else []
+    assert len(runs) == 2 and len(history) == 2  # the longer run carries the shorter one's first epoch
+
+    # One candidate's hyperparameter changes: only it, and the steps after it, run.
+    config2 = _config(tmp_path, images, '\n[[candidates]]\nmodel = "cnn"\n\n[[candidates]]\nmodel = "cnn-dropout"\n'
+                      "lr = 0.001\n")  # fmt: skip
+    code, out, err = _run(home, config2, "--epochs", "2", "--workers", "1")
+    assert code == 0, out + err
+    changed = _decisions(out)
+    assert changed["ingest"].startswith("hit") and changed["train[cnn]"].startswith("hit")
+    assert changed["train[cnn-dropout]"] == "ran: param lr 0.002 → 0.001", changed
+    assert changed["select"].startswith("ran: input train[cnn-dropout]")
+
+    listing = run_cli("--home", home, "runs", "list")
+    assert listing.code == 0 and len(listing.out.strip().splitlines()) == 1 + 4
+    shown = run_cli("--home", home, "runs", "show", "latest")
+    assert shown.code == 0
+    assert "lineage:" in shown.out and "-> alias champion (models:/images-classifier@champion)" in shown.out
+    assert "train[cnn-dropout] ran: param lr 0.002 → 0.001" in shown.out
+
+
+def test_deleted_outputs_rerun_and_say_why(home: Path, tmp_path: Path, images: Path) -> None:
+    config = _config(tmp_path, images)
+    assert _run(home, config, "--candidates", "cnn", *FAST)[0] == 0
+    for ckpt in (home / "runs").glob("pl-cnn-*/checkpoints/*.pt"):
+        ckpt.unlink()
+    code, out, err = _run(home, config, "--candidates", "cnn", *FAST)
+    assert code == 0, out + err
+    d = _decisions(out)
+    assert d["ingest"].startswith("hit")
+    assert d["train[cnn]"].startswith("ran: the cached result failed verification: checkpoint "), d
+    assert "is missing" in d["train[cnn]"]
+
+
+def test_a_failing_step_stops_its_dependents_only(home: Path, tmp_path: Path, images: Path) -> None:
+    bad = '\n[[candidates]]\nmodel = "cnn"\n\n[[candidates]]\nmodel = "cnn-dropout"\noptimizer = "sgd"\nlr = 1e30\n'
+    config = _config(tmp_path, images, bad + 'schedule = "constant"\n')
+    code, out, err = _run(home, config, *FAST)
+    assert code == 1
+    d = _decisions(out)
+    assert d["train[cnn]"].startswith("ran") and d["train[cnn-dropout]"].startswith("FAILED: ")
+    assert "loss is" in d["train[cnn-dropout]"]
+    assert d["select"] == "skipped: train[cnn-dropout] did not finish" and d["register"].startswith("skipped")
+    assert "step train[cnn-dropout] failed" in err and "log: " in err and "train.log" in err
+    # The independent candidate's result was kept: the next run (with the bad one fixed) hits it.
+    code, out, err = _run(home, _config(tmp_path, images, '\n[[candidates]]\nmodel = "cnn"\n'), *FAST)
+    assert code == 0, out + err
+    assert _decisions(out)["train[cnn]"].startswith("hit")
+
+
+def test_killed_mid_training_resumes_from_the_checkpoint(home: Path, tmp_path: Path, images: Path) -> None:
+    config = _config(tmp_path, images, "checkpoint_every_steps = 1\n")
+    cmd = [sys.executable, "-m", "distml", "--home", str(home), "run", "--config", str(config),
+           "--candidates", "cnn", "--epochs", "6", "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((home / "runs").glob("pl-cnn-*/checkpoints/ckpt-*.pt")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.05)
+        assert list((home / "runs").glob("pl-cnn-*/checkpoints/ckpt-*.pt")), "no checkpoint appeared in time"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The training job under it stops too (it dies with its parent), so nothing keeps writing the run folder.
+    time.sleep(1.0)
+    code, out, err = _run(home, config, "--candidates", "cnn", "--epochs", "6", "--workers", "1")
+    assert code == 0, out + err
+    d = _decisions(out)
+    assert d["ingest"].startswith("hit")
+    assert "resumed the interrupted run from its last checkpoint" in out
+    assert d["train[cnn]"].startswith("ran: no earlier run")  # nothing was cached for the killed attempt
+
+
+def test_a_second_run_on_the_same_workspace_is_refused(home: Path, tmp_path: Path, images: Path) -> None:
+    config = _config(tmp_path, images)
+    with workspace_lock(home):
+        code, _, err = _run(home, config, *FAST)
+    assert code == 1
+    assert f"another distml run is using the workspace {home} (pid {os.getpid()}" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("toml", "args", "message"),
+    [
+        (
+            "[pipeline]\ncandidate = ['cnn']\n",
+            [],
+            "unknown config key pipeline.candidate in {cfg} (did you mean 'candidates'?)",
+        ),
+        ("[train]\nepochs = 'many'\n", [], "invalid config value train.epochs='many'"),
+        ("[pipeline]\ndataset = 'folder'\n", [], "dataset 'folder' needs source = the image folder"),
+        ("", ["--dataset", "fashion-mnist", "--source", "{tmp}/nowhere"], "nowhere"),
+        ("", ["--epochs", "0"], "invalid config value epochs=0"),
+        ("", ["--force", "trian"], "--force trian: no such step"),
+    ],
+)
+def test_bad_input_is_one_clear_line(home: Path, tmp_path: Path, toml: str, args: list[str], message: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    result = run_cli("--home", home, "run", "--config", cfg, *[a.format(tmp=tmp_path) for a in args])
+    assert result.code in (1, 2), result.out + result.err
+    assert message.format(cfg=cfg, tmp=tmp_path) in result.err + result.out, result.err + result.out
+    assert "Traceback" not in result.err
+
+
+# -- the cache's parts -------------------------------------------------------------------------------------------
+def test_code_version_follows_imports_not_names() -> None:
+    mods = closure(("distml.train.worker",))
+    assert {"distml.train.loop", "distml.train.batches", "distml.data.reader"} <= set(mods)
+    assert "distml.serve.app" not in mods and "distml.cli.main" not in mods
+    assert set(code_version(("distml.train.worker",))) == set(mods)
+
+
+def test_explain_miss_names_each_change(tmp_path: Path) -> None:
+    old = KeyParts("train[cnn]", {"distml.train.loop": "a", "distml.x": "b"}, {"epochs": 5, "lr": 0.1},
+                   {"dataset": "1234567890"}, {"torch": "2.13.0"})  # fmt: skip
+    cache = StepCache(tmp_path / "cache")
+    cache.put(Entry("train[cnn]", old.key, old.to_json(), {}, {}, "run-1", 1.0))
+    new = KeyParts("train[cnn]", {"distml.train.loop": "c", "distml.x": "b"}, {"epochs": 10, "lr": 0.1},
+                   {"dataset": "abcdef0123"}, {"torch": "2.14.0"})  # fmt: skip
+    assert explain_miss(new, cache.entries("train[cnn]")[0]) == (
+        "param epochs 5 → 10; input dataset 12345678… → abcdef01…; code of distml.train.loop changed; "
+        "torch 2.13.0 → 2.14.0"
+    )
+    assert old.key != new.key and old.key == KeyParts(**{**vars(old)}).key
+    assert explain_miss(new, None) == "no earlier run of this step"
+
+
+def test_verify_files_catches_missing_and_changed(tmp_path: Path) -> None:
+    f = tmp_path / "weights.pt"
+    f.write_bytes(b"abc")
+    files = {"checkpoint": file_record(f)}
+    assert verify_files(files) is None
+    f.write_bytes(b"abd")
+    assert verify_files(files) == f"checkpoint {f} changed since it was cached"
+    f.unlink()
+    assert verify_files(files) == f"checkpoint {f} is missing"
