@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job. Until the pipeline lands (issue 7) it ingests Fashion-MNIST into the workspace
-# (DISTML_HOME, default ./.distml) and prints the dataset summary.
+# The main job: the whole pipeline on Fashion-MNIST (distml run): ingest -> train the seed's three candidates
+# (2 DDP workers each) -> select -> register the champion. Extra arguments go to `distml run` (e.g. --serve,
+# --epochs 8). The workspace is $DISTML_HOME, default ./.distml; a second run with nothing changed is all hits.
 # Uses the local copy in ../shared/datasets/fashion-mnist when present, else downloads from the mirrors.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
@@ -12,5 +13,4 @@ if [ -d "$local_copy" ]; then
     source_args=(--source "$local_copy")
 fi
 
-distml data ingest fashion-mnist "${source_args[@]}" "$@"
-distml data show fashion-mnist
+exec distml run "${source_args[@]}" "$@"

@@ -123,6 +123,28 @@ def test_deleted_outputs_rerun_and_say_why(home: Path, tmp_path: Path, images: P
     assert d["train[cnn]"].startswith("ran: the cached result failed verification: checkpoint "), d
     assert "is missing" in d["train[cnn]"]
 
+    # --serve: every step hits, then the champion is served and answers a real request before we stop it.
+    cmd = [sys.executable, "-m", "distml", "--home", str(home), "run", "--config", str(config), "--candidates", "cnn",
+           *FAST, "--serve", "--port", "0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("smoke prediction"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text
+    assert "smoke prediction: test image 0 -> " in text and "Ctrl-C stops the server" in text
+    assert text.rstrip().endswith("stopped")
+
 
 def test_a_failing_step_stops_its_dependents_only(home: Path, tmp_path: Path, images: Path) -> None:
     bad = '\n[[candidates]]\nmodel = "cnn"\n\n[[candidates]]\nmodel = "cnn-dropout"\noptimizer = "sgd"\nlr = 1e30\n'
@@ -165,6 +187,8 @@ def test_killed_mid_training_resumes_from_the_checkpoint(home: Path, tmp_path: P
     assert d["ingest"].startswith("hit")
     assert "resumed the interrupted run from its last checkpoint" in out
     assert d["train[cnn]"].startswith("ran: no earlier run")  # nothing was cached for the killed attempt
+    listing = run_cli("--home", home, "runs", "list").out.splitlines()
+    assert listing[1].split()[1] == "killed" and listing[2].split()[1] == "done", listing
 
 
 def test_a_second_run_on_the_same_workspace_is_refused(home: Path, tmp_path: Path, images: Path) -> None:

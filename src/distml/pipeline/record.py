@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,29 @@ def load(home: Path, ref: str) -> dict[str, Any]:
     if len(found) != 1:
         what = "no pipeline run" if not found else f"{len(found)} pipeline runs"
         raise NotFoundError(f"{what} matches {ref!r}", hint="see 'distml runs list'")
-    doc: dict[str, Any] = json.loads((folder / found[0] / "run.json").read_text())
+    return _status(json.loads((folder / found[0] / "run.json").read_text()))
+
+
+def _status(doc: dict[str, Any]) -> dict[str, Any]:
+    """A record still 'running' whose process is gone was killed (SIGKILL, power loss): say so."""
+    if doc.get("status") == "running" and not _alive(doc.get("pid")):
+        doc["status"] = "killed"
+        for step in doc.get("steps", {}).values():
+            if step.get("status") == "running":
+                step["status"] = "killed"
     return doc
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def list_records(home: Path) -> list[dict[str, Any]]:
@@ -31,7 +53,7 @@ def list_records(home: Path) -> list[dict[str, Any]]:
     out = []
     for path in sorted(folder.glob("*/run.json")) if folder.is_dir() else []:
         try:
-            out.append(json.loads(path.read_text()))
+            out.append(_status(json.loads(path.read_text())))
         except (OSError, ValueError):
             continue
     return out

@@ -116,7 +116,8 @@ class Runner:
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
         self.record: dict[str, Any] = {
-            "id": self.id, "argv": argv or sys.argv, "started": time.time(), "ended": None, "status": "running",
+            "id": self.id, "argv": argv or sys.argv, "pid": os.getpid(), "started": time.time(), "ended": None,
+            "status": "running",
             "config": config, "dag": {s.name: list(s.needs) for s in steps}, "steps": {}, "lineage": {},
         }  # fmt: skip
 
