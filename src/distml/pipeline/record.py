@@ -61,12 +61,15 @@ def list_records(home: Path) -> list[dict[str, Any]]:
 
 def summary_table(steps: dict[str, dict[str, Any]]) -> list[str]:
     """STEP / STATUS / TIME / CACHE / KEY METRIC, one line per step."""
-    lines = [f"{'STEP':<20} {'STATUS':<12} {'TIME':>8}  {'CACHE':<5}  KEY METRIC"]
+    width = max([len(n) for n in steps] + [4])
+    lines = [f"{'STEP':<{width}}  {'STATUS':<12} {'TIME':>8}  {'CACHE':<5}  KEY METRIC"]
     for name, s in steps.items():
         seconds = s.get("seconds") or 0.0
         time_text = "-" if s.get("cache") == "hit" or not seconds else _duration(seconds)
         metric = s.get("metric") or s.get("error") or s.get("why", "")
-        lines.append(f"{name:<20} {s.get('status', '?'):<12} {time_text:>8}  {s.get('cache') or '-':<5}  {metric}")
+        lines.append(
+            f"{name:<{width}}  {s.get('status', '?'):<12} {time_text:>8}  {s.get('cache') or '-':<5}  {metric}"
+        )
     return lines
 
 
@@ -97,10 +100,11 @@ def describe(doc: dict[str, Any]) -> list[str]:
              f"command: {' '.join(doc.get('argv', []))}", ""]  # fmt: skip
     lines += summary_table(doc["steps"])
     lines += ["", "cache decisions:"]
+    width = max([len(n) for n in doc["steps"]] + [4])
     for name, s in doc["steps"].items():
-        lines.append(f"  {name:<18} {s.get('cache') or s.get('status')}: {s.get('why') or s.get('error') or '-'}")
+        lines.append(f"  {name:<{width}} {s.get('cache') or s.get('status')}: {s.get('why') or s.get('error') or '-'}")
         if s.get("log"):
-            lines.append(f"  {'':<18} log: {s['log']}")
+            lines.append(f"  {'':<{width}} log: {s['log']}")
     lin = doc.get("lineage") or lineage(doc["steps"])
     if lin:
         lines += ["", "lineage:"]

@@ -105,6 +105,7 @@ class Runner:
     ) -> None:
         self.steps = {s.name: s for s in steps}
         self.order = [s.name for s in steps]
+        self.width = max(len(n) for n in self.order)
         self.cache = StepCache(home / "pipeline" / "cache")
         self.force, self.no_cache = force, no_cache
         self.cores, self.gpus = cores, gpus
@@ -182,7 +183,7 @@ class Runner:
             blocked = [n for n in step.needs if self.outcomes[n].status in ("failed", "skipped", "interrupted")]
             if blocked:
                 out.status, out.why = "skipped", f"{blocked[0]} did not finish"
-                self.say(f"{name:<18} skipped: {out.why}")
+                self.say(f"{name:<{self.width}} skipped: {out.why}")
                 changed = True
                 continue
             if any(o.status != "done" for o in needs):
@@ -231,7 +232,7 @@ class Runner:
                 out.status, out.cache, out.outputs, out.files = "done", "hit", entry.outputs, entry.files
                 out.why = f"same inputs as run {entry.run_id}"
                 out.metric = entry.outputs.get("_metric", "")
-                self.say(f"{name:<18} hit: {out.why}" + (f"  [{out.metric}]" if out.metric else ""))
+                self.say(f"{name:<{self.width}} hit: {out.why}" + (f"  [{out.metric}]" if out.metric else ""))
                 self.save()
                 return False
             self.cache.drop(name, parts.key)
@@ -266,7 +267,7 @@ class Runner:
 
     def _run_step(self, step: Step, ctx: StepContext) -> None:
         out = self.outcomes[step.name]
-        self.say(f"{step.name:<18} ran: {out.why}")
+        self.say(f"{step.name:<{self.width}} ran: {out.why}")
         started = time.perf_counter()
         log_file = step.log_path(ctx.key) if step.log_path else self.dir / "logs" / f"{_safe(step.name)}.log"
         out.log = str(log_file)
@@ -293,7 +294,7 @@ class Runner:
         out.status, out.outputs, out.files, out.seconds, out.metric, out.why = (
             "done", outputs, files, seconds, result.metric, why
         )  # fmt: skip
-        self.say(f"{step.name:<18} done in {seconds:.1f} s" + (f": {result.metric}" if result.metric else "")
+        self.say(f"{step.name:<{self.width}} done in {seconds:.1f} s" + (f": {result.metric}" if result.metric else "")
                  + (f" ({result.note})" if result.note else ""))  # fmt: skip
         self.save()
 
@@ -301,7 +302,7 @@ class Runner:
         out.status, out.error = "failed", error
         if out.started:
             out.seconds = time.time() - out.started
-        self.say(f"{name:<18} FAILED: {error}" + (f"\n{'':<18} log: {out.log}" if out.log else ""))
+        self.say(f"{name:<{self.width}} FAILED: {error}" + (f"\n{'':<{self.width}} log: {out.log}" if out.log else ""))
         self.save()
 
     def _show_progress(self) -> None:
