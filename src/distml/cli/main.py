@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{exc.format_message()}{where}", 2)
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
-    except click.Abort:
-        _fail("aborted", 130)
+    except click.Abort:  # click's form of Ctrl-C
+        _fail("interrupted", 130)
     except DistmlError as exc:
         if debug:
             raise

@@ -299,6 +299,8 @@ class Runner:
         self.save()
 
     def _fail(self, name: str, out: Outcome, error: str) -> None:
+        if out.status == "interrupted":  # its process was stopped by us: not a failure of the step
+            return
         out.status, out.error = "failed", error
         if out.started:
             out.seconds = time.time() - out.started
