@@ -260,8 +260,15 @@ class Runner:
         return {n: self.outcomes[n].outputs for n in step.needs}
 
     def _step_log(self, name: str) -> Log:
+        """Print a step's progress line, and keep it in the step's log file (steps that run in this process)."""
+        path = self.dir / "logs" / f"{_safe(name)}.log"
+
         def log(text: str) -> None:
             self.say(f"  {name}: {text.strip()}")
+            if self.steps[name].log_path is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("a") as fh:
+                    fh.write(f"{time.strftime('%H:%M:%S')} {text.strip()}\n")
 
         return log
 
@@ -275,7 +282,12 @@ class Runner:
             result = step.run(ctx)
             files = {label: file_record(path) for label, path in result.files.items()}
         except DistmlError as exc:
-            self._fail(step.name, out, exc.message + (f" ({exc.hint})" if exc.hint else ""))
+            message = exc.message + (f" ({exc.hint})" if exc.hint else "")
+            if step.log_path is None:
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                with log_file.open("a") as fh:
+                    fh.write(f"{time.strftime('%H:%M:%S')} error: {message}\n")
+            self._fail(step.name, out, message)
             return
         except KeyboardInterrupt:
             return
