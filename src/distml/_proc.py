@@ -1,8 +1,9 @@
-"""Child processes that do not outlive the process that started them."""
+"""Processes: children that do not outlive the process that started them, and whether a pid is alive."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -22,3 +23,14 @@ def die_with_parent() -> Callable[[], None] | None:
     writing into a run folder that the next invocation resumes.
     """
     return _set_pdeathsig if sys.platform.startswith("linux") else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from distml._proc import pid_alive
 from distml.data._files import HashingWriter, write_atomic
 from distml.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, build_manifest
 from distml.errors import NotFoundError, UsageError, WorkspaceError
@@ -145,7 +146,7 @@ class DatasetStore:
             else:
                 # No lock file: a temp folder from elsewhere; fall back to whether its pid lives on this host.
                 pid_text = path.name[len(_TMP_PREFIX) :].split("-", 1)[0]
-                if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+                if not pid_text.isdigit() or pid_alive(int(pid_text)):
                     continue
                 shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -278,16 +279,6 @@ def _unlock(path: Path, fd: int | None) -> None:
         return
     path.unlink(missing_ok=True)  # while still holding the lock, so nobody locks a file about to vanish
     os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_dataset_name(name: str) -> str:

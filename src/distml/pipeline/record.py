@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from distml._proc import pid_alive
 from distml.errors import NotFoundError
 
 
@@ -37,15 +37,7 @@ def _status(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return isinstance(pid, int) and pid_alive(pid)
 
 
 def list_records(home: Path) -> list[dict[str, Any]]:
