@@ -191,6 +191,33 @@ def test_killed_mid_training_resumes_from_the_checkpoint(home: Path, tmp_path: P
     assert listing[1].split()[1] == "killed" and listing[2].split()[1] == "done", listing
 
 
+def test_ctrl_c_stops_training_records_it_and_the_next_run_resumes(home: Path, tmp_path: Path, images: Path) -> None:
+    config = _config(tmp_path, images, "checkpoint_every_steps = 1\n")
+    cmd = [sys.executable, "-m", "distml", "--home", str(home), "run", "--config", str(config),
+           "--candidates", "cnn", "--epochs", "6", "--workers", "1"]  # fmt: skip
+    # Its own process group, signalled as a whole: what a terminal does on Ctrl-C.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((home / "runs").glob("pl-cnn-*/checkpoints/ckpt-*.pt")) and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert "interrupted; run the same command again to resume" in out and "FAILED" not in out, out
+    record = json.loads(next((home / "pipeline" / "runs").glob("*/run.json")).read_text())
+    assert record["status"] == "interrupted" and record["steps"]["train[cnn]"]["status"] == "interrupted"
+    assert record["steps"]["ingest"]["status"] == "done"
+    code, out, err = _run(home, config, "--candidates", "cnn", "--epochs", "6", "--workers", "1")
+    assert code == 0, out + err
+    assert _decisions(out)["ingest"].startswith("hit") and "resumed the interrupted run" in out
+
+
 def test_a_second_run_on_the_same_workspace_is_refused(home: Path, tmp_path: Path, images: Path) -> None:
     config = _config(tmp_path, images)
     with workspace_lock(home):
