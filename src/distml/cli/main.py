@@ -64,7 +64,10 @@ def cli(ctx: click.Context, home: Path | None, config_path: Path | None) -> None
     """distml: end-to-end distributed image classification.
 
     \b
-    A typical flow:
+    All of it in one cached command:
+      distml run [--serve]     # ingest -> train candidates -> select -> register the champion
+    \b
+    Or step by step:
       distml data ingest fashion-mnist
       distml train --candidates cnn,cnn-dropout,cnn-batchnorm --workers 1 --run-name cand
       distml select 'cand-*' --register
