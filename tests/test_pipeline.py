@@ -7,6 +7,7 @@ reason, a failure stops only the steps after it, a kill mid-training resumes fro
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -283,3 +285,31 @@ def test_verify_files_catches_missing_and_changed(tmp_path: Path) -> None:
     assert verify_files(files) == f"checkpoint {f} changed since it was cached"
     f.unlink()
     assert verify_files(files) == f"checkpoint {f} is missing"
+
+
+def test_runner_gives_concurrent_gpu_steps_distinct_gpus(tmp_path: Path) -> None:
+    """The runner alone, with steps that only record what they were given (no training; CI has no GPU)."""
+    import threading
+
+    from distml.pipeline.runner import Runner, Step
+    from distml.pipeline.steps import StepResult
+
+    seen: dict[str, list[int]] = {}
+    both_running = threading.Barrier(2, timeout=10)
+
+    def gpu_step(ctx: Any) -> StepResult:
+        seen[ctx.name] = ctx.gpus
+        both_running.wait()  # fails (BrokenBarrierError -> the step fails) unless the two run at once
+        return StepResult({"gpus": ctx.gpus})
+
+    def step(name: str, needs: tuple[str, ...], gpus: int, run: Any) -> Step:
+        return Step(name, needs, ("distml.pipeline.cache",), (), {"n": name}, inputs=lambda o, f: {}, run=run,
+                    gpus=gpus)  # fmt: skip
+
+    steps = [step("a", (), 1, gpu_step), step("b", (), 1, gpu_step),
+             step("c", ("a", "b"), 0, lambda ctx: StepResult({"after": sorted(ctx.upstream)}))]  # fmt: skip
+    out = io.StringIO()
+    outcomes = Runner(steps, home=tmp_path, config={}, cores=2, gpus=2, stream=out).execute()
+    assert [o.status for o in outcomes.values()] == ["done"] * 3, out.getvalue()
+    assert sorted(seen["a"] + seen["b"]) == [0, 1]
+    assert outcomes["c"].outputs["after"] == ["a", "b"]

@@ -116,6 +116,7 @@ class Runner:
         self._procs: list[Any] = []
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
+        self._gpus_of: dict[str, list[int]] = {}  # step -> the GPUs it was given
         self.record: dict[str, Any] = {
             "id": self.id, "argv": argv or sys.argv, "pid": os.getpid(), "started": time.time(), "ended": None,
             "status": "running",
@@ -197,7 +198,7 @@ class Runner:
             ctx = StepContext(name, self._parts[name], self._upstream(step), self._step_log(name), self,
                               threads=step.threads)  # fmt: skip
             if step.gpus:
-                ctx.gpus = self._take_gpus(step.gpus)
+                ctx.gpus = self._gpus_of[name] = self._take_gpus(step.gpus)
             thread = threading.Thread(target=self._run_step, args=(step, ctx), name=f"step-{name}", daemon=True)
             threads[name] = thread
             thread.start()
@@ -253,7 +254,8 @@ class Runner:
         return used + step.cores <= self.cores or used == 0
 
     def _take_gpus(self, n: int) -> list[int]:
-        busy = {g for name, o in self.outcomes.items() if o.status == "running" for g in o.outputs.get("_gpus", [])}
+        """GPUs no running step holds (a step's GPUs are free again once it is no longer running)."""
+        busy = {g for name, gs in self._gpus_of.items() if self.outcomes[name].status == "running" for g in gs}
         return [g for g in range(self.gpus) if g not in busy][:n]
 
     def _upstream(self, step: Step) -> dict[str, dict[str, Any]]:
