@@ -135,7 +135,8 @@ class Runner:
 
     def save(self) -> None:
         with self._save_lock:  # steps finish on their own threads; one writer at a time
-            self.record["steps"] = {n: dict(vars(o)) for n, o in self.outcomes.items()}
+            self.record["steps"] = {n: {k: v for k, v in vars(o).items() if not k.startswith("_")}
+                                    for n, o in self.outcomes.items()}  # fmt: skip
             self.dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.dir / "run.json", (json.dumps(self.record, indent=2, default=str) + "\n").encode())
 
