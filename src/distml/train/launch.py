@@ -105,21 +105,26 @@ def _check_existing(job: Job) -> None:
 
 
 def run_job(job: Job, rdzv: Rendezvous = Rendezvous()) -> TrainResult:
-    """Run torchrun for ``job`` and wait; rank 0's progress goes straight to our stdout."""
+    """Run ``job``'s workers (under torchrun; one worker directly) and wait; rank 0 prints the progress."""
     status = job.run_dir / "status"
     shutil.rmtree(status, ignore_errors=True)
     (job.run_dir / "result.json").unlink(missing_ok=True)
     cfg = job.config
     threads = cfg.threads_per_worker or max(1, usable_cores() // cfg.workers)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        *rdzv.torchrun_args(job.run_dir.name),
-        f"--nproc-per-node={cfg.workers}",
-        f"--max-restarts={cfg.max_restarts}",
-        "-m", "distml.train.worker", str(job.run_dir),
-    ]  # fmt: skip
+    worker = ["-m", "distml.train.worker", str(job.run_dir)]
+    if direct_launch(cfg, rdzv):
+        cmd = [sys.executable, *worker]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            *rdzv.torchrun_args(job.run_dir.name),
+            f"--nproc-per-node={cfg.workers}",
+            f"--max-restarts={cfg.max_restarts}",
+            *worker,
+        ]  # fmt: skip
     env = {**_MALLOC_DEFAULTS, **os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    env.pop("RANK", None)  # a launcher inside a worker must not inherit its parent's identity
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # a launcher inside a worker must not inherit its parent's identity
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent())
     try:
         code = proc.wait()
@@ -133,6 +138,20 @@ def run_job(job: Job, rdzv: Rendezvous = Rendezvous()) -> TrainResult:
     return _interpret(job, code, rdzv)
 
 
+def direct_launch(cfg: TrainConfig, rdzv: Rendezvous) -> bool:
+    """One worker on one host with no restarts: the worker runs as a plain child process, without torchrun.
+
+    There is nothing to rendezvous or restart; it starts sooner, and part of W=1's gap to a plain loop came with
+    torchrun's agent (docs/performance.md, item 6). The worker sees no torchrun variables and runs as rank 0 of
+    1, as it would under torchrun.
+    """
+    return cfg.workers == 1 and rdzv.nnodes == 1 and rdzv.endpoint is None and cfg.max_restarts == 0
+
+
+def _launcher(job: Job, rdzv: Rendezvous) -> str:
+    return "the worker" if direct_launch(job.config, rdzv) else "torchrun"
+
+
 def _interpret(job: Job, code: int, rdzv: Rendezvous) -> TrainResult:
     status = job.run_dir / "status"
     local_ranks = range(rdzv.node_rank * job.config.workers, (rdzv.node_rank + 1) * job.config.workers)
@@ -143,14 +162,15 @@ def _interpret(job: Job, code: int, rdzv: Rendezvous) -> TrainResult:
         raise TrainingError(f"training run {job.run_dir.name} failed on {failed[0].stem}: {reason}")
     if not done:
         raise TrainingError(
-            f"training run {job.run_dir.name} failed: torchrun exited with {code} before every worker finished",
+            f"training run {job.run_dir.name} failed: {_launcher(job, rdzv)} exited with {code} before every "
+            "worker finished",
             hint="see the output above; re-running the same --run-name resumes from the last checkpoint",
         )
     if code != 0:
         # Every rank finished and wrote its results, then something aborted in shutdown (seen with gloo):
         # the work is complete, so this is not a failure, but it is said.
         print(
-            f"note: torchrun exited with {code} after every worker had finished and written its results "
+            f"note: {_launcher(job, rdzv)} exited with {code} after every worker had finished and written its results "
             "(an abort during process-group shutdown); the run is complete",
             file=sys.stderr,
         )
