@@ -125,6 +125,16 @@ def test_deleted_outputs_rerun_and_say_why(home: Path, tmp_path: Path, images: P
     assert d["train[cnn]"].startswith("ran: the cached result failed verification: checkpoint "), d
     assert "is missing" in d["train[cnn]"]
 
+    # --force select: only select runs (and says so); register's input, the winner's ONNX file, is unchanged.
+    code, out, err = _run(home, config, "--candidates", "cnn", *FAST, "--force", "select")
+    assert code == 0, out + err
+    d = _decisions(out)
+    assert d["select"] == "ran: --force" and d["train[cnn]"].startswith("hit") and d["register"].startswith("hit")
+    code, out, err = _run(home, config, "--candidates", "cnn", *FAST, "--no-cache")
+    assert code == 0, out + err
+    assert set(_decisions(out).values()) == {"ran: --no-cache"}
+    assert "train[cnn]" in out and "(trained from scratch)" in out  # not "resumed" from its own finished run
+
     # --serve: every step hits, then the champion is served and answers a real request before we stop it.
     cmd = [sys.executable, "-m", "distml", "--home", str(home), "run", "--config", str(config), "--candidates", "cnn",
            *FAST, "--serve", "--port", "0"]  # fmt: skip

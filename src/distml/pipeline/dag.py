@@ -8,6 +8,7 @@ renders the same steps (the same subcommands) as an Argo Workflow.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,12 @@ def _train_step(
         job_cfg = cfg.model_copy(update={"dataset": ctx.upstream["ingest"]["digest"][:16]})
         folder = run_dir(ctx.key)
         note = ""
-        if any((folder / "checkpoints").glob("*.pt")):
+        if ctx.forced and folder.exists():
+            shutil.rmtree(folder)  # forced: train from scratch, not on from this key's earlier checkpoints
+            note = "trained from scratch"
+        elif any((folder / "checkpoints").glob("*.pt")):
             note = "resumed the interrupted run from its last checkpoint"
-        else:
+        elif not ctx.forced:
             shorter = _shorter_run(ctx, cfg.epochs)
             if shorter is not None:
                 S.extend_from(Path(shorter.outputs["run_dir"]), folder)

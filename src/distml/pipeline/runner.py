@@ -47,6 +47,7 @@ class StepContext:
     runner: Runner
     threads: int = 1
     gpus: list[int] = field(default_factory=list)
+    forced: bool = False  # --force / --no-cache: start over, do not build on an earlier attempt
 
     @property
     def key(self) -> str:
@@ -197,7 +198,7 @@ class Runner:
                 continue
             out.status, out.started = "running", time.time()
             ctx = StepContext(name, self._parts[name], self._upstream(step), self._step_log(name), self,
-                              threads=step.threads)  # fmt: skip
+                              threads=step.threads, forced=self._forced(name))  # fmt: skip
             if step.gpus:
                 ctx.gpus = self._gpus_of[name] = self._take_gpus(step.gpus)
             thread = threading.Thread(target=self._run_step, args=(step, ctx), name=f"step-{name}", daemon=True)
@@ -226,7 +227,7 @@ class Runner:
             return False
         self._parts[name] = parts
         out.key = parts.key
-        forced = self.no_cache or name in self.force or name.split("[")[0] in self.force
+        forced = self._forced(name)
         entry = None if forced else self.cache.get(name, parts.key)
         if entry is not None:
             problem = verify_files(entry.files) or (step.verify(entry.outputs) if step.verify else None)
@@ -246,6 +247,9 @@ class Runner:
             out.why = explain_miss(parts, earlier[0] if earlier else None)
         out.cache = "ran"
         return True
+
+    def _forced(self, name: str) -> bool:
+        return self.no_cache or name in self.force or name.split("[")[0] in self.force
 
     def _fits(self, step: Step) -> bool:
         running = [self.steps[n] for n, o in self.outcomes.items() if o.status == "running"]
