@@ -91,9 +91,9 @@ def test_cold_warm_longer_and_changed_candidate(home: Path, tmp_path: Path, imag
     for name in ("train[cnn]", "train[cnn-dropout]"):
         assert longer[name] == "ran: param epochs 1 → 2", longer
     assert "resumed from the 1-epoch run pl-cnn-" in out
-    runs = sorted((home / "runs").glob("pl-cnn-??????????"))
-    history = json.loads((runs[-1] / "history.json").read_text()) if runs else []
-    assert len(runs) == 2 and len(history) == 2  # the longer run carries the shorter one's first epoch
+    runs = list((home / "runs").glob("pl-cnn-??????????"))  # the 1-epoch run and the 2-epoch one, names by key
+    epochs = sorted(len(json.loads((r / "history.json").read_text())) for r in runs)
+    assert epochs == [1, 2]  # the longer run carries the shorter one's first epoch
 
     # One candidate's hyperparameter changes: only it, and the steps after it, run.
     config2 = _config(tmp_path, images, '\n[[candidates]]\nmodel = "cnn"\n\n[[candidates]]\nmodel = "cnn-dropout"\n'
