@@ -18,6 +18,7 @@ from distml.errors import TrainingError
 from distml.pipeline import steps as S  # noqa: N812 (the steps, read as S.ingest_step, S.TRAIN_CODE)
 from distml.pipeline.cache import verify_files
 from distml.pipeline.runner import Step, StepContext
+from distml.train.candidates import plan, start_job
 from distml.workspace import Workspace
 
 _TRACKING_SETUP = threading.Lock()
@@ -42,8 +43,6 @@ def build(
     gpus: int = 0,
     log: Any = print,
 ) -> list[Step]:
-    from distml.train.candidates import plan
-
     source = S.make_source(workspace, config)
     p = config.pipeline
     ingest_params: dict[str, Any] = {"dataset": p.dataset, "name": p.name, "shard_bytes": config.data.shard_bytes}
@@ -113,7 +112,7 @@ def _train_step(
             from distml.train import tracking
 
             tracking.ensure_experiment(workspace.home, f"distml-{ctx.upstream['ingest']['dataset']}")
-        proc = S.start_training(job_cfg, workspace, folder, ctx.threads, ctx.gpus)
+        proc = start_job(job_cfg, workspace, folder, ctx.threads, ctx.gpus)
         ctx.started(proc)
         code = proc.wait()
         if code != 0 or not (folder / "result.json").is_file():

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,23 +215,3 @@ def verify_registered(workspace: Workspace, outputs: dict[str, Any]) -> str | No
     if current.version != outputs["version"]:
         return f"the champion of {outputs['name']} is now version {current.version}, not {outputs['version']}"
     return None
-
-
-# -- a candidate's job in its own process -------------------------------------------------------------------
-def start_training(cfg: TrainConfig, workspace: Workspace, run_dir: Path, threads: int, gpus: list[int]) -> Any:
-    """Start ``python -m distml.train.candidates`` for one candidate; its output goes to ``<run>/train.log``."""
-    import os
-
-    from distml._proc import die_with_parent
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    job_file = run_dir / "candidate.json"
-    job_file.write_text(json.dumps({**cfg.model_dump(mode="json"), "threads_per_worker": threads}, indent=2) + "\n")
-    cmd = [sys.executable, "-m", "distml.train.candidates", str(workspace.home), str(job_file), run_dir.name]
-    env = dict(os.environ)
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-    with (run_dir / "train.log").open("ab") as log:
-        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
-        log.flush()
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())

@@ -137,20 +137,31 @@ def run_candidates(
 
 
 def _start(job: Candidate, workspace: Workspace) -> None:
-    cfg = job.config
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    overrides = {**cfg.model_dump(mode="json"), "threads_per_worker": job.threads}
-    job_file = job.run_dir / "candidate.json"
-    job_file.write_text(json.dumps(overrides, indent=2) + "\n")
-    cmd = [sys.executable, "-m", "distml.train.candidates", str(workspace.home), str(job_file), job.run_dir.name]
+    job.proc = start_job(job.config, workspace, job.run_dir, job.threads, job.gpus)
+    job.state, job.started = "running", time.monotonic()
+
+
+def start_job(
+    cfg: TrainConfig, workspace: Workspace, run_dir: Path, threads: int, gpus: list[int]
+) -> subprocess.Popen[bytes]:
+    """Start one candidate's job, ``python -m distml.train.candidates``, its output appended to ``<run>/train.log``.
+
+    The process dies with its caller (and stops its workers then), so a killed scheduler or pipeline leaves no
+    training running on into a run folder that the next invocation resumes.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job_file = run_dir / "candidate.json"
+    job_file.write_text(json.dumps({**cfg.model_dump(mode="json"), "threads_per_worker": threads}, indent=2) + "\n")
+    cmd = [sys.executable, "-m", "distml.train.candidates", str(workspace.home), str(job_file), run_dir.name]
     env = dict(os.environ)
-    if job.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, job.gpus))
-    with job.log.open("wb") as log:
-        job.proc = subprocess.Popen(
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    with (run_dir / "train.log").open("ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        log.flush()
+        return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent()
         )
-    job.state, job.started = "running", time.monotonic()
 
 
 def _finish(job: Candidate) -> None:
