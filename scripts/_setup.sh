@@ -7,24 +7,8 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$repo_root/.venv"
 stamp="$venv/.distml-install-stamp"
 
-find_python() {
-    for candidate in "${PYTHON:-}" python3.11 python3; do
-        [ -n "$candidate" ] || continue
-        if command -v "$candidate" >/dev/null 2>&1 &&
-            "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
-            echo "$candidate"
-            return 0
-        fi
-    done
-    echo "error: distml needs Python 3.11; set PYTHON=/path/to/python3.11" >&2
-    return 1
-}
-
-if [ ! -x "$venv/bin/python" ]; then
-    py="$(find_python)"
-    echo "setup: creating $venv with $py" >&2
-    "$py" -m venv "$venv"
-fi
+source "$repo_root/scripts/_venv.sh"
+ensure_venv "$venv" setup
 
 want="$(cat "$repo_root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 have="$(cat "$stamp" 2>/dev/null || true)"
