@@ -118,6 +118,7 @@ class Runner:
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
         self._gpus_of: dict[str, list[int]] = {}  # step -> the GPUs it was given
+        self._parts: dict[str, KeyParts] = {}  # step -> its key, once decided
         self.record: dict[str, Any] = {
             "id": self.id, "argv": argv or sys.argv, "pid": os.getpid(), "started": time.time(), "ended": None,
             "status": "running",
@@ -208,15 +209,11 @@ class Runner:
             changed = True
         return changed
 
-    _parts: dict[str, KeyParts]
-
     def _decide(self, name: str, step: Step, out: Outcome) -> bool:
         """Compute the key and take a verified hit (-> False: decided) or note why it must run (-> True)."""
         from distml.pipeline.cache import library_versions
         from distml.pipeline.codever import code_version
 
-        if not hasattr(self, "_parts"):
-            self._parts = {}
         upstream = self._upstream(step)
         files = {n: self.outcomes[n].files for n in step.needs}
         try:
