@@ -140,6 +140,45 @@ class PipelineConfig(_Section):
         return self
 
 
+class K8sConfig(_Section):
+    """``distml k8s render``: how the pipeline runs on Kubernetes (Argo Workflows, Kubeflow Trainer, KServe)."""
+
+    image: str = Field(default="distml:0.1.0", description="the image built from the repo's Dockerfile")
+    namespace: str = Field(default="distml", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    training: Literal["trainjob", "pytorchjob"] = Field(
+        default="trainjob", description="Kubeflow Trainer v2 TrainJob, or the v1 training operator's PyTorchJob"
+    )
+    runtime: str = Field(default="torch-distributed", description="the TrainJob's ClusterTrainingRuntime")
+    procs_per_node: int = Field(default=1, ge=1, le=64, description="DDP workers per pod; workers / this = pods")
+    cpu_per_worker: int = Field(default=2, ge=1, le=256, description="cores requested per DDP worker")
+    memory_per_worker: str = Field(default="4Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")
+    gpus_per_node: int = Field(default=0, ge=0, le=16, description="> 0: NCCL on nvidia.com/gpu (Dockerfile.cuda)")
+    storage_size: str = Field(default="20Gi", pattern=r"^[0-9]+(Mi|Gi|Ti)$")
+    storage_class: str | None = Field(default=None, description="None: the cluster's default StorageClass")
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        default="ReadWriteOnce", description="ReadWriteMany when training pods may land on several nodes"
+    )
+    source: str | None = Field(
+        default=None, description="the dataset source inside the cluster (a mirror URL or a path on the volume)"
+    )
+    mlflow_uri: str | None = Field(default=None, description="an existing MLflow server; None: render one")
+    serve_min_replicas: int = Field(default=1, ge=0, le=1000)
+    serve_max_replicas: int = Field(default=4, ge=1, le=1000)
+    serve_scale_metric: Literal["concurrency", "rps", "cpu"] = "concurrency"
+    serve_scale_target: int = Field(default=16, ge=1, description="per replica, of serve_scale_metric")
+    serve_cpu: str = Field(default="2", pattern=r"^[0-9]+(\.[0-9]+|m)?$")
+    serve_memory: str = Field(default="2Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")
+    logger_url: str | None = Field(
+        default=None, description="KServe's request logger sink; None: render an event-display sink"
+    )
+
+    @model_validator(mode="after")
+    def _replicas(self) -> K8sConfig:
+        if self.serve_max_replicas < self.serve_min_replicas:
+            raise ValueError("serve_max_replicas must be at least serve_min_replicas")
+        return self
+
+
 class DistmlConfig(_Section):
     """The root of the config tree; later stages add their sections here."""
 
@@ -148,6 +187,7 @@ class DistmlConfig(_Section):
     train: TrainConfig = TrainConfig()
     serve: ServeConfig = ServeConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    k8s: K8sConfig = K8sConfig()
     # [[candidates]] tables: each overrides some [train] settings for one candidate of ``distml train
     # --candidates`` (e.g. ``model = "resnet-small"`` with its own ``lr``).
     candidates: tuple[dict[str, Any], ...] = ()

@@ -79,9 +79,11 @@ def cli(ctx: click.Context, home: Path | None, config_path: Path | None) -> None
 
 def _register_commands() -> None:
     from distml.cli.data import data
+    from distml.cli.k8s import k8s
     from distml.cli.models import evaluate_cmd, models, predict_cmd, select_cmd
     from distml.cli.run import run_cmd, runs
     from distml.cli.serve import serve_cmd
+    from distml.cli.step import step
     from distml.cli.train import train_cmd
 
     cli.add_command(data)
@@ -93,6 +95,8 @@ def _register_commands() -> None:
     cli.add_command(serve_cmd)
     cli.add_command(run_cmd)
     cli.add_command(runs)
+    cli.add_command(step)
+    cli.add_command(k8s)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,21 +43,8 @@ def build(
     gpus: int = 0,
     log: Any = print,
 ) -> list[Step]:
-    source = S.make_source(workspace, config)
     p = config.pipeline
-    ingest_params: dict[str, Any] = {"dataset": p.dataset, "name": p.name, "shard_bytes": config.data.shard_bytes}
-    if p.dataset == "folder":
-        ingest_params.update(image_size=list(p.image_size), mode=p.mode, test_fraction=p.test_fraction,
-                             on_bad_file=config.data.on_bad_file)  # fmt: skip
-    steps = [
-        Step(
-            "ingest", (), S.INGEST_CODE, S.INGEST_LIBS, ingest_params,
-            inputs=lambda outputs, files: {"source": S.source_digest(source, log)},
-            run=lambda ctx: S.ingest_step(workspace, config, source, ctx.log),
-            verify=S.verify_dataset,
-        )
-    ]  # fmt: skip
-
+    steps = [ingest(workspace, config, log)]
     configs = candidate_configs(config, models, {**(train_overrides or {}), "dataset": "pending"})
     jobs = plan(configs, cores, gpus, "pl", workspace.home)  # labels, and each job's threads and cores
     train_names = []
@@ -85,6 +72,22 @@ def build(
         )
     )  # fmt: skip
     return steps
+
+
+def ingest(workspace: Workspace, config: DistmlConfig, log: Any = print) -> Step:
+    """The ingest step of the config's ``[pipeline]`` dataset (its key needs only the source)."""
+    source = S.make_source(workspace, config)
+    p = config.pipeline
+    params: dict[str, Any] = {"dataset": p.dataset, "name": p.name, "shard_bytes": config.data.shard_bytes}
+    if p.dataset == "folder":
+        params.update(image_size=list(p.image_size), mode=p.mode, test_fraction=p.test_fraction,
+                      on_bad_file=config.data.on_bad_file)  # fmt: skip
+    return Step(
+        "ingest", (), S.INGEST_CODE, S.INGEST_LIBS, params,
+        inputs=lambda outputs, files: {"source": S.source_digest(source, log)},
+        run=lambda ctx: S.ingest_step(workspace, config, source, ctx.log),
+        verify=S.verify_dataset,
+    )  # fmt: skip
 
 
 def _train_step(

@@ -75,6 +75,18 @@ class Step:
     log_path: Callable[[str], Path] | None = None  # where its output goes (by key), when not the run's log
 
 
+def key_parts(step: Step, upstream: dict[str, dict[str, Any]], files: dict[str, dict[str, Any]]) -> KeyParts:
+    """What a step's cache key hashes: its code, parameters, input digests (from ``upstream``) and libraries.
+
+    The runner decides hits with it; ``distml step key`` prints it for Argo's ``memoize`` (the same key).
+    """
+    from distml.pipeline.cache import library_versions
+    from distml.pipeline.codever import code_version
+
+    return KeyParts(step.name, code_version(step.code), step.params, step.inputs(upstream, files),
+                    library_versions(step.libs))  # fmt: skip
+
+
 @dataclass
 class Outcome:
     status: str = "waiting"  # waiting | running | done | failed | skipped | interrupted
@@ -211,14 +223,10 @@ class Runner:
 
     def _decide(self, name: str, step: Step, out: Outcome) -> bool:
         """Compute the key and take a verified hit (-> False: decided) or note why it must run (-> True)."""
-        from distml.pipeline.cache import library_versions
-        from distml.pipeline.codever import code_version
-
         upstream = self._upstream(step)
         files = {n: self.outcomes[n].files for n in step.needs}
         try:
-            parts = KeyParts(name, code_version(step.code), step.params, step.inputs(upstream, files),
-                             library_versions(step.libs))  # fmt: skip
+            parts = key_parts(step, upstream, files)
         except DistmlError as exc:
             self._fail(name, out, exc.message + (f" ({exc.hint})" if exc.hint else ""))
             return False

@@ -55,8 +55,8 @@ class Candidate:
         return self.run_dir / "train.log"
 
 
-def plan(configs: list[TrainConfig], cores: int, gpus: int, prefix: str, home: Path) -> list[Candidate]:
-    """Name the candidates and size each job: threads per worker on CPU (jobs share the cores), GPUs on GPU."""
+def candidate_labels(configs: list[TrainConfig]) -> list[str]:
+    """A unique label per candidate: its model name, with -2, -3... for repeats (``cnn``, ``cnn-2``)."""
     if not configs:
         raise UsageError("no candidates given", hint="--candidates cnn,cnn-dropout or [[candidates]] in the config")
     labels: list[str] = []
@@ -67,6 +67,12 @@ def plan(configs: list[TrainConfig], cores: int, gpus: int, prefix: str, home: P
         while label in labels:
             label, n = f"{cfg.model}-{n}", n + 1
         labels.append(label)
+    return labels
+
+
+def plan(configs: list[TrainConfig], cores: int, gpus: int, prefix: str, home: Path) -> list[Candidate]:
+    """Name the candidates and size each job: threads per worker on CPU (jobs share the cores), GPUs on GPU."""
+    labels = candidate_labels(configs)
     out = []
     for label, cfg in zip(labels, configs, strict=True):
         if gpus:

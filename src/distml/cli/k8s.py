@@ -1,0 +1,73 @@
+"""``distml k8s``: render the pipeline for Kubernetes and validate what was rendered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from distml.cli.main import AppContext, pass_app
+from distml.errors import DistmlError
+
+
+@click.group("k8s")
+def k8s() -> None:
+    """Kubernetes: the pipeline as Argo Workflows + Kubeflow Trainer + KServe manifests.
+
+    \b
+      distml k8s render --out deploy/           # a Kustomize folder from distml.toml ([k8s] and the rest)
+      distml k8s validate deploy/               # against the upstream CRDs and the Kubernetes schemas
+      kubectl apply -k deploy/ && kubectl create -f deploy/workflow.yaml
+    See docs/kubernetes.md for a cluster from scratch.
+    """
+
+
+@k8s.command("render")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The folder to write (replaced).")
+@click.option("--image", help="The distml image the pods run. [default: [k8s] image, distml:0.1.0]")
+@click.option("--namespace", help="Namespace of every object. [default: [k8s] namespace, distml]")
+@click.option(
+    "--training", type=click.Choice(["trainjob", "pytorchjob"]),
+    help="Kubeflow Trainer v2 TrainJob, or the training operator's PyTorchJob. [default: trainjob]",
+)  # fmt: skip
+@pass_app
+def render_cmd(app: AppContext, out: Path, image: str | None, namespace: str | None, training: str | None) -> None:
+    """Write the pipeline as a Kustomize folder: workflow, training jobs, InferenceService, monitoring.
+
+    The settings come from the config (--config on 'distml'): [pipeline] and [[candidates]] as for 'distml
+    run', [serve] for the server and [k8s] for the cluster (image, storage, pods per job, autoscaling).
+    """
+    from distml.k8s.render import render
+
+    overrides = {k: v for k, v in {"image": image, "namespace": namespace, "training": training}.items() if v}
+    plan, written = render(app.config, out, overrides)
+    for path in written:
+        click.echo(f"  {path}")
+    jobs = ", ".join(f"{c.label} ({c.nodes}x{c.procs})" for c in plan.candidates)
+    kind = "TrainJob" if plan.k8s.training == "trainjob" else "PyTorchJob"
+    click.echo(f"rendered {len(written)} files to {out}: namespace {plan.namespace}, image {plan.k8s.image}, "
+               f"{kind}s {jobs}")  # fmt: skip
+    click.echo(f"next: distml k8s validate {out} && kubectl apply -k {out} && kubectl create -f {out}/workflow.yaml")
+
+
+@k8s.command("validate")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--crds", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder of upstream CRD YAML files. [default: $DISTML_K8S_CRDS, ../shared/k8s-crds]")  # fmt: skip
+@click.option("--kubernetes-version", default="1.33", show_default=True, help="API version of the core schemas.")
+@click.option("-v", "--verbose", is_flag=True, help="List every object checked.")
+def validate_cmd(folder: Path, crds: Path | None, kubernetes_version: str, verbose: bool) -> None:
+    """Validate every manifest in FOLDER: custom resources against their CRDs, core objects against the
+    Kubernetes OpenAPI schemas. Exits 1 listing each problem with its object and field path.
+    """
+    from distml.k8s.validate import find_crds, validate_dir
+
+    report = validate_dir(folder, find_crds(crds), kubernetes_version)
+    if verbose or report.ok:
+        for line in report.checked:
+            click.echo(f"  ok  {line}")
+    for problem in report.problems:
+        click.echo(f"  error  {problem}", err=True)
+    if not report.ok:
+        raise DistmlError(f"{len(report.problems)} problem(s) in {folder}", hint="each is listed above")
+    click.echo(f"{folder}: {len(report.checked)} objects valid")

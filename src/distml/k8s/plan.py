@@ -1,0 +1,126 @@
+"""What a render is made of: the config, resolved into the values every manifest builder reads.
+
+:func:`make_plan` checks everything that can be wrong before a file is written (a candidate whose workers do
+not split into whole pods, a missing source for a folder dataset...), so a render either succeeds whole or says
+what to fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distml.config import DistmlConfig, K8sConfig, TrainConfig
+from distml.errors import UsageError
+
+APP = "distml"
+WORKSPACE_MOUNT = "/workspace"  # the workspace volume, DISTML_HOME of every step
+CONFIG_MOUNT = "/etc/distml"  # the distml-config ConfigMap: distml.toml and train-<label>.toml
+OUTPUTS_DIR = "/tmp/outputs"  # noqa: S108 (inside the step's container: where Argo reads output parameters)
+SERVE_PORT = 8080  # V1 and V2 share the server's one HTTP port
+MLFLOW_PORT = 5000
+# The image's user (uid 1000); fsGroup makes the volumes it mounts writable to it.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate as a distributed job: ``nodes`` pods of ``procs`` DDP workers each."""
+
+    label: str
+    config: TrainConfig
+    nodes: int
+    procs: int
+
+    @property
+    def config_file(self) -> str:
+        return f"train-{self.label}.toml"
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: DistmlConfig
+    k8s: K8sConfig
+    candidates: tuple[Candidate, ...]
+    model_name: str  # the registered model the pipeline makes champion
+    mlflow_uri: str
+    logger_url: str
+    render_mlflow: bool
+    render_logsink: bool
+
+    @property
+    def namespace(self) -> str:
+        return self.k8s.namespace
+
+    @property
+    def model_ref(self) -> str:
+        return f"models:/{self.model_name}@champion"
+
+    def labels(self, component: str) -> dict[str, str]:
+        return {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": component,
+                "app.kubernetes.io/part-of": APP}  # fmt: skip
+
+    def meta(self, name: str, component: str, **extra: Any) -> dict[str, Any]:
+        return {"name": name, "namespace": self.namespace, "labels": self.labels(component), **extra}
+
+    def env(self) -> list[dict[str, str]]:
+        """What every distml container needs: the workspace and the tracking server."""
+        return [
+            {"name": "DISTML_HOME", "value": WORKSPACE_MOUNT},
+            {"name": "MLFLOW_TRACKING_URI", "value": self.mlflow_uri},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ]
+
+    def mounts(self) -> list[dict[str, Any]]:
+        return [
+            {"name": "workspace", "mountPath": WORKSPACE_MOUNT},
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        ]
+
+    def volumes(self) -> list[dict[str, Any]]:
+        return [
+            {"name": "workspace", "persistentVolumeClaim": {"claimName": "distml-workspace"}},
+            {"name": "config", "configMap": {"name": "distml-config"}},
+        ]
+
+
+def make_plan(config: DistmlConfig, overrides: dict[str, Any] | None = None) -> Plan:
+    """Resolve ``config`` (with ``overrides`` of its ``[k8s]`` section, from the command line) into a plan."""
+    from pydantic import ValidationError
+
+    from distml.config import _config_error
+    from distml.pipeline.dag import candidate_configs
+    from distml.registry.export import model_name_for
+    from distml.train.candidates import candidate_labels
+
+    try:
+        k8s = K8sConfig.model_validate({**config.k8s.model_dump(), **(overrides or {})})
+    except ValidationError as exc:
+        raise _config_error(exc, source="command line") from None
+    p = config.pipeline
+    if p.dataset == "folder" and not k8s.source:
+        raise UsageError(
+            "a folder dataset needs [k8s] source: where the images are inside the cluster",
+            hint=f'copy {p.source} onto the workspace volume and set source = "{WORKSPACE_MOUNT}/sources/..."',
+        )
+    configs = candidate_configs(config, None, {})
+    candidates = []
+    for label, cfg in zip(candidate_labels(configs), configs, strict=True):
+        procs = min(k8s.procs_per_node, cfg.workers)
+        if cfg.workers % procs:
+            raise UsageError(
+                f"candidate {label}: {cfg.workers} workers do not split into pods of {procs} (k8s.procs_per_node)",
+                hint="make workers a multiple of procs_per_node",
+            )
+        if k8s.gpus_per_node and procs > k8s.gpus_per_node:
+            raise UsageError(f"candidate {label}: {procs} workers per pod but {k8s.gpus_per_node} GPUs per pod",
+                             hint="NCCL runs one worker per GPU: procs_per_node <= gpus_per_node")  # fmt: skip
+        # Each worker gets the cores its pod asks for, so the job never oversubscribes the pod's CPU limit.
+        sized = cfg.model_copy(update={"threads_per_worker": cfg.threads_per_worker or k8s.cpu_per_worker})
+        candidates.append(Candidate(label, sized, cfg.workers // procs, procs))
+    dataset = p.name or (Path(p.source).name if p.dataset == "folder" and p.source else p.dataset)
+    mlflow_uri = k8s.mlflow_uri or f"http://distml-mlflow.{k8s.namespace}.svc.cluster.local:{MLFLOW_PORT}"
+    logger_url = k8s.logger_url or f"http://distml-request-log.{k8s.namespace}.svc.cluster.local"
+    return Plan(config, k8s, tuple(candidates), model_name_for(dataset), mlflow_uri, logger_url,
+                render_mlflow=k8s.mlflow_uri is None, render_logsink=k8s.logger_url is None)  # fmt: skip

@@ -1,0 +1,91 @@
+"""``distml k8s render``: the pipeline as a Kustomize folder for a cluster.
+
+=============================  ==========================================================================
+file                           what it holds
+=============================  ==========================================================================
+kustomization.yaml             the folder for ``kubectl apply -k`` (everything below but workflow.yaml)
+namespace.yaml                 the Namespace
+config.yaml                    ConfigMap distml-config: distml.toml and train-<label>.toml, read by every step
+storage.yaml                   the workspace PersistentVolumeClaim (datasets, runs, exports)
+rbac.yaml                      ServiceAccounts (workflow, train, serve) and the workflow's Role + RoleBinding
+mlflow.yaml                    the MLflow tracking server + registry (unless [k8s] mlflow_uri names one)
+request-log.yaml               the sink of KServe's request logger (unless [k8s] logger_url names one)
+workflow-template.yaml         the Argo WorkflowTemplate: the DAG of distml steps and training jobs
+workflow.yaml                  a Workflow that runs the template (``kubectl create -f``: a new name each time)
+inference-service.yaml         the InferenceService as the workflow's last step applies it (current champion)
+monitoring/                    ServiceMonitor + metrics Service, PrometheusRule, Grafana dashboard
+=============================  ==========================================================================
+
+The folder is written next to itself and renamed into place, so a failed render leaves the old one whole.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distml.config import DistmlConfig
+from distml.errors import UsageError
+from distml.k8s import core, serving, workflow
+from distml.k8s.core import Obj
+from distml.k8s.plan import Plan, make_plan
+from distml.k8s.yamlio import dump_all
+
+MARKER = ".distml-k8s"  # a render's folder holds this; only such a folder is replaced by a new render
+
+
+def build(plan: Plan) -> dict[str, list[Obj] | str]:
+    """Every file of the render: a path -> its objects (YAML documents) or its text."""
+    files: dict[str, list[Obj] | str] = {
+        "namespace.yaml": [core.namespace(plan)],
+        "config.yaml": [core.config_map(plan)],
+        "storage.yaml": [core.workspace_claim(plan)],
+        "rbac.yaml": core.rbac(plan),
+    }
+    if plan.render_mlflow:
+        files["mlflow.yaml"] = core.mlflow(plan)
+    if plan.render_logsink:
+        files["request-log.yaml"] = core.request_log_sink(plan)
+    files["workflow-template.yaml"] = [workflow.workflow_template(plan)]
+    files["inference-service.yaml"] = [serving.inference_service(plan, ref=plan.model_ref, version="champion")]
+    files["monitoring/service-monitor.yaml"] = [serving.metrics_service(plan), serving.service_monitor(plan)]
+    files["monitoring/prometheus-rule.yaml"] = [serving.prometheus_rule(plan)]
+    files["monitoring/grafana-dashboard.yaml"] = [serving.dashboard_config_map(plan)]
+    files["monitoring/grafana-dashboard.json"] = json.dumps(serving.dashboard(), indent=2) + "\n"
+    # The InferenceService is the workflow's to create (with a champion to serve) and the Workflow is created
+    # per run, so neither is part of 'kubectl apply -k'.
+    resources = [p for p in files if p.endswith(".yaml") and p != "inference-service.yaml"]
+    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                     "namespace": plan.namespace, "resources": resources}  # fmt: skip
+    files["kustomization.yaml"] = [kustomization]
+    files["workflow.yaml"] = [workflow.workflow(plan)]
+    return files
+
+
+def render(config: DistmlConfig, out: Path, overrides: dict[str, Any] | None = None) -> tuple[Plan, list[Path]]:
+    """Write the folder ``out`` (replacing an earlier render there); returns the plan and the files written."""
+    plan = make_plan(config, overrides)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
+        raise UsageError(f"{out} exists and is not an earlier render", hint="pick a new or empty --out folder")
+    files = build(plan)
+    tmp = out.with_name(f".{out.name}.rendering")
+    shutil.rmtree(tmp, ignore_errors=True)
+    written = []
+    for rel, content in files.items():
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content if isinstance(content, str) else dump_all(content))
+        written.append(out / rel)
+    (tmp / MARKER).write_text("rendered by distml k8s render; the next render replaces this folder\n")
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    return plan, written

@@ -1,0 +1,167 @@
+"""Serving on Kubernetes: the KServe ``InferenceService`` running ``distml serve``, and its monitoring.
+
+The predictor is a custom container: the same server as ``distml serve`` on a laptop (KServe V1 and V2 on one
+HTTP port, dynamic batching, ``/metrics``), loading the registry's champion from the MLflow server. KServe adds
+autoscaling and its request logger (CloudEvents to a sink). Prometheus scrapes the pods through a
+``ServiceMonitor``; alerts on the error rate and p99 latency are a ``PrometheusRule``; a Grafana dashboard
+charts the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from distml.k8s.core import Obj, config_mount_path
+from distml.k8s.plan import SERVE_PORT, WORKSPACE_MOUNT, Plan
+
+ISVC_NAME = "distml"
+_PODS = {"serving.kserve.io/inferenceservice": ISVC_NAME}  # KServe labels the predictor's pods with this
+
+
+def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
+    k = plan.k8s
+    probe = {"httpGet": {"path": "/v2/health/ready", "port": SERVE_PORT}, "periodSeconds": 5, "failureThreshold": 3}
+    container = {
+        "name": "kserve-container",
+        "image": k.image,
+        "command": ["distml"],
+        # --drain-s: after SIGTERM answer not-ready while the endpoints drop the pod, then finish what is in flight.
+        "args": ["--config", config_mount_path("distml.toml"), "serve", ref, "--host", "0.0.0.0",  # noqa: S104
+                 "--port", str(SERVE_PORT), "--drain-s", "5"],
+        "env": plan.env(),
+        "ports": [{"name": "http1", "containerPort": SERVE_PORT, "protocol": "TCP"}],
+        "readinessProbe": probe,
+        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": SERVE_PORT}, "periodSeconds": 10,
+                          "initialDelaySeconds": 10},
+        "resources": {"requests": {"cpu": k.serve_cpu, "memory": k.serve_memory},
+                      "limits": {"cpu": k.serve_cpu, "memory": k.serve_memory}},
+        # The champion is downloaded from MLflow into a pod-local workspace: replicas share no volume.
+        "volumeMounts": [{"name": "workspace", "mountPath": WORKSPACE_MOUNT},
+                         {"name": "config", "mountPath": "/etc/distml", "readOnly": True}],
+    }  # fmt: skip
+    predictor: Obj = {
+        "serviceAccountName": "distml-serve",
+        "minReplicas": k.serve_min_replicas,
+        "maxReplicas": k.serve_max_replicas,
+        "scaleMetric": k.serve_scale_metric,
+        "scaleTarget": k.serve_scale_target,
+        "annotations": {"distml.io/model-version": version},  # a new champion version rolls a new revision
+        "logger": {"mode": plan.config.serve.log_mode, "url": plan.logger_url},
+        "containers": [container],
+        "volumes": [{"name": "workspace", "emptyDir": {"sizeLimit": "2Gi"}},
+                    {"name": "config", "configMap": {"name": "distml-config"}}],
+    }  # fmt: skip
+    metric = {"concurrency": "concurrency", "rps": "rps", "cpu": "cpu"}[k.serve_scale_metric]
+    annotations = {
+        "distml.io/model": ref,
+        # Knative's autoscaler reads these (KServe's scaleMetric/scaleTarget set the same in its own API).
+        "autoscaling.knative.dev/metric": metric,
+        "autoscaling.knative.dev/target": str(k.serve_scale_target),
+    }
+    meta = plan.meta(ISVC_NAME, "serve", annotations=annotations)
+    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta,
+            "spec": {"predictor": predictor}}  # fmt: skip
+
+
+def metrics_service(plan: Plan) -> Obj:
+    """A Service over the predictor pods' own port, for Prometheus (KServe's routes go through Knative)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": plan.meta("distml-serve-metrics", "serve"),
+        "spec": {
+            "selector": _PODS,
+            "ports": [{"name": "metrics", "port": SERVE_PORT, "targetPort": SERVE_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def service_monitor(plan: Plan) -> Obj:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": plan.meta("distml-serve", "serve"),
+        "spec": {
+            "selector": {"matchLabels": plan.labels("serve")},
+            "namespaceSelector": {"matchNames": [plan.namespace]},
+            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}],
+        },
+    }
+
+
+ERROR_RATIO = (
+    'sum(rate(distml_requests_total{status=~"5.."}[5m])) / clamp_min(sum(rate(distml_requests_total[5m])), 1e-9)'
+)
+P99 = 'histogram_quantile(0.99, sum by (le) (rate(distml_request_seconds_bucket{stage="total"}[5m])))'
+
+
+def prometheus_rule(plan: Plan, *, max_error_ratio: float = 0.01, max_p99_s: float = 0.25) -> Obj:
+    rules = [
+        {"alert": "DistmlHighErrorRate", "expr": f"{ERROR_RATIO} > {max_error_ratio}", "for": "5m",
+         "labels": {"severity": "page"},
+         "annotations": {"summary": f"distml: more than {max_error_ratio:.0%} of requests fail (5xx)",
+                         "description": "{{ $value | humanizePercentage }} of requests answered 5xx over 5 minutes."}},
+        {"alert": "DistmlHighP99Latency", "expr": f"{P99} > {max_p99_s}", "for": "10m",
+         "labels": {"severity": "warn"},
+         "annotations": {"summary": f"distml: p99 inference latency above {max_p99_s * 1000:.0f} ms",
+                         "description": "p99 of distml_request_seconds{stage=\"total\"} is {{ $value }} s."}},
+        {"alert": "DistmlRequestLogDropping", "expr": "increase(distml_log_events_total{outcome=\"dropped\"}[15m]) > 0",
+         "labels": {"severity": "warn"},
+         "annotations": {"summary": "distml: request-log events are being dropped"}},
+    ]  # fmt: skip
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+            "metadata": plan.meta("distml-serve", "serve"),
+            "spec": {"groups": [{"name": "distml-serve", "rules": rules}]}}  # fmt: skip
+
+
+def dashboard() -> dict[str, Any]:
+    """A Grafana dashboard of the server's metrics (Prometheus datasource picked when imported)."""
+    ds = {"type": "prometheus", "uid": "${datasource}"}
+
+    def panel(i: int, title: str, exprs: list[tuple[str, str]], unit: str) -> dict[str, Any]:
+        return {
+            "id": i + 1, "type": "timeseries", "title": title, "datasource": ds,
+            "gridPos": {"h": 8, "w": 12, "x": (i % 2) * 12, "y": (i // 2) * 8},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [{"refId": chr(65 + j), "datasource": ds, "expr": e, "legendFormat": legend}
+                        for j, (e, legend) in enumerate(exprs)],
+        }  # fmt: skip
+
+    panels = [
+        panel(0, "Requests per second by status",
+              [("sum by (status) (rate(distml_requests_total[1m]))", "{{status}}")], "reqps"),
+        panel(1, "Error ratio (5xx)", [(ERROR_RATIO, "errors")], "percentunit"),
+        panel(2, "Latency p50 / p99 (total)",
+              [(P99.replace("0.99", "0.5"), "p50"), (P99, "p99")], "s"),
+        panel(3, "p99 latency by stage",
+              [('histogram_quantile(0.99, sum by (le, stage) (rate(distml_request_seconds_bucket[5m])))',
+                "{{stage}}")], "s"),
+        panel(4, "Mean batch size",
+              [("sum(rate(distml_batch_size_sum[5m])) / clamp_min(sum(rate(distml_batch_size_count[5m])), 1e-9)",
+                "images per model run")], "short"),
+        panel(5, "Queue depth and request-log drops",
+              [("sum(distml_queue_depth)", "queue"),
+               ('sum(increase(distml_log_events_total{outcome="dropped"}[5m]))', "log events dropped")], "short"),
+    ]  # fmt: skip
+    return {
+        "title": "distml model server",
+        "uid": "distml-serve",
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "time": {"from": "now-1h", "to": "now"},
+        "refresh": "30s",
+        "templating": {
+            "list": [{"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"}]
+        },
+        "panels": panels,
+    }
+
+
+def dashboard_config_map(plan: Plan) -> Obj:
+    """The dashboard for Grafana's sidecar, which loads ConfigMaps labelled ``grafana_dashboard``."""
+    meta = plan.meta("distml-grafana-dashboard", "monitoring")
+    meta["labels"]["grafana_dashboard"] = "1"
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {"distml-serve.json": json.dumps(dashboard(), indent=2) + "\n"}}  # fmt: skip

@@ -1,0 +1,290 @@
+"""``distml k8s validate``: every manifest of a folder against the schemas the API server would use.
+
+- Custom resources (Argo Workflow, WorkflowTemplate, TrainJob, PyTorchJob, InferenceService, ServiceMonitor)
+  against the ``openAPIV3Schema`` of their upstream CRDs (a folder of CRD YAML files). The structural schema
+  becomes a JSON Schema the way the API server reads it: unknown fields are errors (kubectl's default strict
+  field validation), ``nullable``, ``x-kubernetes-int-or-string`` and ``x-kubernetes-preserve-unknown-fields``
+  are honoured; CEL rules (``x-kubernetes-validations``) are not evaluated. A WorkflowTemplate has the
+  Workflow's spec (Argo ships one schema for both).
+- Core objects (ConfigMap, Deployment, RBAC...) against the Kubernetes OpenAPI schemas of the
+  ``kubernetes-validate`` package, in its strict form (unknown fields are errors).
+- Manifests inside an Argo resource step (``resource.manifest``) are parsed and validated too.
+- Names and labels as the API server checks them; the kustomization's resources must exist.
+
+Each problem names the file, the object, the field path and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distml.errors import UsageError
+
+K8S_VERSION = "1.33"  # the Kubernetes API the core objects are checked against
+CRDS_ENV = "DISTML_K8S_CRDS"
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_MAX_ERRORS_PER_OBJECT = 10
+
+# The PrometheusRule CRD is not among the upstream schemas we validate against; this is its shape (the
+# prometheus-operator's monitoring.coreos.com/v1 PrometheusRule spec), strict like the others.
+_RULE = {
+    "type": "object",
+    "required": ["expr"],
+    "additionalProperties": False,
+    "properties": {
+        "alert": {"type": "string"}, "record": {"type": "string"},
+        "expr": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+        "for": {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+                                            r"(([0-9]+)s)?(([0-9]+)ms)?)$"},
+        "keep_firing_for": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+}  # fmt: skip
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+        "spec": {"type": "object", "additionalProperties": False, "properties": {"groups": {"type": "array", "items": {
+            "type": "object", "required": ["name"], "additionalProperties": False,
+            "properties": {"name": {"type": "string", "minLength": 1}, "interval": {"type": "string"},
+                           "limit": {"type": "integer"}, "partial_response_strategy": {"type": "string"},
+                           "query_offset": {"type": "string"}, "labels": {"type": "object"},
+                           "rules": {"type": "array", "items": _RULE}}}}}},
+    },
+}  # fmt: skip
+
+
+@dataclass
+class Problem:
+    file: str
+    obj: str  # Kind/name, and where it is embedded
+    path: str  # the field path: spec.templates[3].resource.manifest
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.obj}: {self.path or '(object)'}: {self.message}"
+
+
+@dataclass
+class Report:
+    checked: list[str] = field(default_factory=list)  # "file: Kind/name (against what)"
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def find_crds(explicit: Path | None) -> Path:
+    """The CRD folder: ``--crds``, else ``$DISTML_K8S_CRDS``, else ``../shared/k8s-crds`` or ``./k8s-crds``."""
+    candidates = [explicit] if explicit else []
+    if not explicit and os.environ.get(CRDS_ENV):
+        candidates.append(Path(os.environ[CRDS_ENV]))
+    if not candidates:
+        candidates = [Path("../shared/k8s-crds"), Path("k8s-crds")]
+    for folder in candidates:
+        if folder.is_dir() and any(folder.glob("*.yaml")):
+            return folder
+    raise UsageError(
+        f"no CRD schemas at {' or '.join(map(str, candidates))}",
+        hint=f"pass --crds DIR (or set {CRDS_ENV}) with the upstream CRD YAML files; docs/kubernetes.md lists them",
+    )
+
+
+class Schemas:
+    """The JSON schemas of the custom resources in a CRD folder, by (apiVersion, kind)."""
+
+    def __init__(self, crd_dir: Path) -> None:
+        self.crd_dir = crd_dir
+        self.by_kind: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        for path in sorted(crd_dir.glob("*.yaml")):
+            for doc in yaml.load_all(path.read_text(), Loader=loader):
+                if not isinstance(doc, dict) or doc.get("kind") != "CustomResourceDefinition":
+                    continue
+                spec = doc["spec"]
+                for version in spec.get("versions", []):
+                    raw = (version.get("schema") or {}).get("openAPIV3Schema")
+                    if raw is None:
+                        continue
+                    key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
+                    self.by_kind[key] = (structural_to_jsonschema(raw), f"CRD {path.name}")
+        workflow = self.by_kind.get(("argoproj.io/v1alpha1", "Workflow"))
+        if workflow and ("argoproj.io/v1alpha1", "WorkflowTemplate") not in self.by_kind:
+            self.by_kind["argoproj.io/v1alpha1", "WorkflowTemplate"] = (workflow[0], f"{workflow[1]} (spec)")
+        self.by_kind.setdefault(("monitoring.coreos.com/v1", "PrometheusRule"),
+                                (PROMETHEUS_RULE_SCHEMA, "distml's PrometheusRule schema"))  # fmt: skip
+
+    def custom(self, api_version: str, kind: str) -> tuple[dict[str, Any], str] | None:
+        return self.by_kind.get((api_version, kind))
+
+
+def structural_to_jsonschema(node: Any) -> Any:
+    """A CRD's structural OpenAPI v3 schema as JSON Schema, read the way the API server reads it."""
+    if isinstance(node, list):
+        return [structural_to_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("description", "format", "x-kubernetes-validations", "x-kubernetes-list-type",
+                   "x-kubernetes-list-map-keys", "x-kubernetes-map-type", "x-kubernetes-embedded-resource",
+                   "example", "externalDocs"):  # fmt: skip
+            continue
+        if key in ("properties", "patternProperties", "definitions"):
+            out[key] = {name: structural_to_jsonschema(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties", "not", "anyOf", "allOf", "oneOf"):
+            out[key] = structural_to_jsonschema(value)
+        elif key in ("nullable", "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields"):
+            continue
+        else:
+            out[key] = value
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        # The API server prunes unknown fields; kubectl (strict field validation, its default) rejects them.
+        out["additionalProperties"] = False
+    return out
+
+
+def validate_dir(folder: Path, crd_dir: Path, k8s_version: str = K8S_VERSION) -> Report:
+    """Check every ``*.yaml``/``*.yml``/``*.json`` file under ``folder``."""
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder", hint="distml k8s render --out DIR writes one")
+    schemas = Schemas(crd_dir)
+    report = Report()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".json"))
+    if not files:
+        raise UsageError(f"{folder} holds no manifests (*.yaml)")
+    for path in files:
+        rel = str(path.relative_to(folder))
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+                report.checked.append(f"{rel}: JSON")
+                continue
+            docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        except (yaml.YAMLError, ValueError) as exc:
+            report.problems.append(Problem(rel, "(file)", "", f"does not parse: {exc}"))
+            continue
+        for i, doc in enumerate(docs):
+            _check(doc, rel, f"document {i + 1}", "", schemas, k8s_version, report)
+            if isinstance(doc, dict) and doc.get("kind") == "Kustomization":
+                for j, res in enumerate(doc.get("resources") or []):
+                    if not (path.parent / res).exists():
+                        report.problems.append(Problem(rel, "Kustomization", f"resources[{j}]", f"{res} not found"))
+    return report
+
+
+def _check(doc: Any, file: str, where: str, prefix: str, schemas: Schemas, k8s_version: str, report: Report) -> None:
+    if not isinstance(doc, dict) or "apiVersion" not in doc or "kind" not in doc:
+        report.problems.append(Problem(file, where, prefix, "not a Kubernetes object (needs apiVersion and kind)"))
+        return
+    api, kind = str(doc["apiVersion"]), str(doc["kind"])
+    meta: dict[str, Any] = doc["metadata"] if isinstance(doc.get("metadata"), dict) else {}
+    name = meta.get("name") or (f"{meta['generateName']}*" if meta.get("generateName") else "?")
+    obj = f"{kind}/{name}" + (" (embedded)" if prefix else "")
+    if kind == "Kustomization":
+        report.checked.append(f"{file}: Kustomization (its resources must exist)")
+        return
+    report.problems += [Problem(file, obj, _join(prefix, p), m) for p, m in _metadata_problems(meta)]
+    custom = schemas.custom(api, kind)
+    if custom is not None:
+        schema, against = custom
+        problems = list(_schema_problems(doc, schema))
+    elif "." in api.split("/")[0] and api.split("/")[0] not in _CORE_GROUPS:
+        report.problems.append(Problem(file, obj, _join(prefix, "apiVersion"),
+                                       f"no schema for {api} {kind} (not in {schemas.crd_dir})"))  # fmt: skip
+        return
+    else:
+        against = f"Kubernetes {k8s_version} OpenAPI (strict)"
+        problems = _core_problems(doc, k8s_version)
+    report.problems += [Problem(file, obj, _join(prefix, p), m) for p, m in problems[:_MAX_ERRORS_PER_OBJECT]]
+    report.checked.append(
+        f"{file}: {kind}/{name}" + (f" in {where} {prefix}" if prefix else "") + f" (against {against})"
+    )
+    for i, template in enumerate(((doc.get("spec") or {}).get("templates") or []) if kind.startswith("Workflow")
+                                 else []):  # fmt: skip
+        manifest = (template.get("resource") or {}).get("manifest") if isinstance(template, dict) else None
+        if isinstance(manifest, str):
+            at = f"spec.templates[{i}].resource.manifest"
+            try:
+                inner = [d for d in yaml.safe_load_all(manifest) if d is not None]
+            except yaml.YAMLError as exc:
+                report.problems.append(Problem(file, obj, at, f"does not parse: {exc}"))
+                continue
+            for d in inner:
+                _check(d, file, f"{kind}/{name}", _join(prefix, at), schemas, k8s_version, report)
+
+
+_CORE_GROUPS = {"rbac.authorization.k8s.io", "networking.k8s.io", "storage.k8s.io", "scheduling.k8s.io",
+                "policy", "apps", "batch", "autoscaling", "coordination.k8s.io", "discovery.k8s.io"}  # fmt: skip
+
+
+def _schema_problems(doc: dict[str, Any], schema: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(schema)
+    for error in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+        best = jsonschema.exceptions.best_match([error, *error.context]) if error.context else error
+        yield _path(best.absolute_path), best.message
+
+
+def _core_problems(doc: dict[str, Any], k8s_version: str) -> list[tuple[str, str]]:
+    import jsonschema
+    import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError
+
+    try:
+        kubernetes_validate.validate(doc, k8s_version, strict=True)
+    except SchemaNotFoundError as exc:
+        return [("apiVersion", exc.message)]
+    except jsonschema.ValidationError as exc:
+        return [(_path(exc.absolute_path), exc.message)]
+    return []
+
+
+def _metadata_problems(meta: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    name = meta.get("name") or meta.get("generateName")
+    if not name:
+        yield "metadata.name", "missing (an object needs a name, or generateName)"
+    elif "{{" not in str(name):  # an Argo parameter: known when the workflow runs
+        bare = str(name).rstrip("-") if meta.get("generateName") and not meta.get("name") else str(name)
+        if len(bare) > 253 or not _DNS_SUBDOMAIN.match(bare):
+            yield "metadata.name", f"{name!r} is not a DNS-1123 name (lower-case letters, digits, '-' and '.')"
+    for key, value in (meta.get("labels") or {}).items():
+        if not isinstance(value, str) or len(value) > 63 or ("{{" not in value and not _LABEL_VALUE.match(value)):
+            yield f"metadata.labels.{key}", f"{value!r} is not a label value (<= 63 of [A-Za-z0-9-_.], a string)"
+    for key, value in (meta.get("annotations") or {}).items():
+        if not isinstance(value, str):
+            yield f"metadata.annotations.{key}", f"{value!r} must be a string"
+
+
+def _path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix} > {path}" if prefix and path else prefix or path

@@ -1,0 +1,152 @@
+"""The pipeline's DAG as an Argo ``WorkflowTemplate`` (and a ``Workflow`` that runs it).
+
+The same steps as ``distml run``, each a real ``distml`` command over the shared workspace volume::
+
+    ingest-key -> ingest (memoized on that key) -> train-<label> x N (parallel jobs) -> select -> register -> serve
+
+``ingest-key`` prints the cache key the local runner computes for the ingest step (``distml step key ingest``):
+Argo's ``memoize`` skips the ingest when a workflow already ingested the same source with the same code.
+Training steps are resource steps that create a Kubeflow job per candidate and wait for it; the last step
+applies the InferenceService with the new champion's version, which rolls the predictor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distml.k8s.core import Obj, config_mount_path
+from distml.k8s.plan import OUTPUTS_DIR, POD_SECURITY, Plan
+from distml.k8s.serving import inference_service
+from distml.k8s.training import CONDITIONS, train_job
+from distml.k8s.yamlio import dump
+
+TEMPLATE_NAME = "distml-pipeline"
+MEMO_CACHE = "distml-memo-cache"  # the ConfigMap Argo keeps memoized outputs in (the controller creates it)
+MEMO_MAX_AGE = "720h"
+
+
+def run_name(label: str) -> str:
+    """A candidate's run folder (and job name) in one workflow: unique per workflow, readable in both."""
+    return f"{{{{workflow.name}}}}-{label}"
+
+
+def workflow_template(plan: Plan) -> Obj:
+    templates = [_dag(plan), _ingest_key(plan), _ingest(plan)]
+    templates += [_train(plan, i) for i in range(len(plan.candidates))]
+    templates += [_select(plan), _register(plan), _serve(plan)]
+    spec = {
+        "entrypoint": "pipeline",
+        "serviceAccountName": "distml-workflow",
+        "volumes": plan.volumes(),
+        "securityContext": POD_SECURITY,
+        "podGC": {"strategy": "OnWorkflowSuccess"},
+        "ttlStrategy": {"secondsAfterSuccess": 7 * 24 * 3600},
+        "templates": templates,
+    }
+    return {"apiVersion": "argoproj.io/v1alpha1", "kind": "WorkflowTemplate",
+            "metadata": plan.meta(TEMPLATE_NAME, "workflow"), "spec": spec}  # fmt: skip
+
+
+def workflow(plan: Plan) -> Obj:
+    """One run of the template (``kubectl create -f``: each gets a fresh generated name)."""
+    meta = {"generateName": "distml-", "namespace": plan.namespace, "labels": plan.labels("workflow")}
+    return {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "metadata": meta,
+            "spec": {"workflowTemplateRef": {"name": TEMPLATE_NAME}}}  # fmt: skip
+
+
+def _dag(plan: Plan) -> Obj:
+    def param(name: str, value: str) -> dict[str, Any]:
+        return {"parameters": [{"name": name, "value": value}]}
+
+    trains = [f"train-{c.label}" for c in plan.candidates]
+    tasks: list[Obj] = [
+        {"name": "ingest-key", "template": "ingest-key"},
+        {"name": "ingest", "template": "ingest", "depends": "ingest-key",
+         "arguments": param("key", "{{tasks.ingest-key.outputs.parameters.key}}")},
+    ]  # fmt: skip
+    tasks += [
+        {"name": t, "template": t, "depends": "ingest",
+         "arguments": param("dataset", "{{tasks.ingest.outputs.parameters.digest16}}")}
+        for t in trains
+    ]  # fmt: skip
+    tasks += [
+        {"name": "select", "template": "select", "depends": " && ".join(trains)},
+        {"name": "register", "template": "register", "depends": "select",
+         "arguments": param("artifact", "{{tasks.select.outputs.parameters.artifact}}")},
+        {"name": "serve", "template": "serve", "depends": "register",
+         "arguments": {"parameters": [{"name": "ref", "value": "{{tasks.register.outputs.parameters.ref}}"},
+                                      {"name": "version", "value": "{{tasks.register.outputs.parameters.version}}"}]}},
+    ]  # fmt: skip
+    return {"name": "pipeline", "dag": {"tasks": tasks}}
+
+
+def _container_step(plan: Plan, name: str, args: list[str], outputs: list[str], inputs: tuple[str, ...] = ()) -> Obj:
+    container = {
+        "image": plan.k8s.image,
+        "command": ["distml"],
+        "args": ["--config", config_mount_path("distml.toml"), "step", *args, "--outputs", OUTPUTS_DIR],
+        "env": plan.env(),
+        "volumeMounts": plan.mounts(),
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}},
+    }
+    template: Obj = {"name": name}
+    if inputs:
+        template["inputs"] = {"parameters": [{"name": i} for i in inputs]}
+    template["outputs"] = {"parameters": [{"name": o, "valueFrom": {"path": f"{OUTPUTS_DIR}/{o}"}} for o in outputs]}
+    template["container"] = container
+    return template
+
+
+def _ingest_key(plan: Plan) -> Obj:
+    return _container_step(plan, "ingest-key", ["key", "ingest"], ["key"])
+
+
+def _ingest(plan: Plan) -> Obj:
+    template = _container_step(plan, "ingest", ["ingest"], ["digest16", "dataset"], inputs=("key",))
+    template["memoize"] = {
+        "key": "ingest-{{inputs.parameters.key}}",
+        "maxAge": MEMO_MAX_AGE,
+        "cache": {"configMap": {"name": MEMO_CACHE}},
+    }
+    return template
+
+
+def _train(plan: Plan, index: int) -> Obj:
+    cand = plan.candidates[index]
+    manifest = train_job(plan, cand, "{{inputs.parameters.dataset}}", run_name(cand.label))
+    success, failure = CONDITIONS[plan.k8s.training]
+    return {
+        "name": f"train-{cand.label}",
+        "inputs": {"parameters": [{"name": "dataset"}]},
+        "resource": {
+            "action": "create",
+            "setOwnerReference": True,  # deleting the workflow deletes its jobs
+            "successCondition": success,
+            "failureCondition": failure,
+            "manifest": dump_manifest(manifest),
+        },
+    }
+
+
+def _select(plan: Plan) -> Obj:
+    runs = [run_name(c.label) for c in plan.candidates]
+    return _container_step(plan, "select", ["select", *runs], ["winner", "artifact", "value"])
+
+
+def _register(plan: Plan) -> Obj:
+    return _container_step(plan, "register", ["register", "{{inputs.parameters.artifact}}"],
+                           ["name", "version", "ref"], inputs=("artifact",))  # fmt: skip
+
+
+def _serve(plan: Plan) -> Obj:
+    manifest = inference_service(plan, ref="{{inputs.parameters.ref}}", version="{{inputs.parameters.version}}")
+    return {
+        "name": "serve",
+        "inputs": {"parameters": [{"name": "ref"}, {"name": "version"}]},
+        # apply: create the InferenceService, or patch it; the new version annotation rolls out a new revision.
+        "resource": {"action": "apply", "manifest": dump_manifest(manifest)},
+    }
+
+
+def dump_manifest(obj: Obj) -> str:
+    return dump(obj)
