@@ -72,6 +72,12 @@ def train_cmd(
     rdzv = Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=rdzv_endpoint)
     result = train(cfg, app.workspace, run_name, rdzv)
     m = result.metrics
+    if "epochs" not in m:  # no result.json here: global rank 0 ran on another host, with its own run folder
+        click.echo(
+            f"run {result.run_dir.name}: this host's workers finished, {m.get('wall_seconds', 0):.1f} s; global "
+            f"rank 0 ran on another host and wrote the results (history, checkpoints) to its run folder"
+        )
+        return
     acc = m.get("test_accuracy")
     acc_text = f"test accuracy {acc:.2%}" if isinstance(acc, float) else "no test split"
     click.echo(

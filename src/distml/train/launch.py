@@ -33,11 +33,36 @@ _MALLOC_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESH
 
 @dataclass(frozen=True)
 class Rendezvous:
-    """torchrun's multi-host flags, passed through unchanged; the default is one standalone host."""
+    """torchrun's multi-host flags, passed through unchanged; the default is one standalone host.
+
+    torchrun's c10d rendezvous gives out the global ranks in its own order (it sorts the agents by host name and
+    pid, and says that it ignores ``--node-rank``), so the host given ``--node-rank 0`` need not run global rank
+    0. distml uses the node rank only to choose the one host that opens the job's MLflow run; nothing here
+    assumes which ranks run on which host.
+    """
 
     nnodes: int = 1
     node_rank: int = 0
     endpoint: str | None = None
+
+    def check(self) -> None:
+        """Raise UsageError for flags that cannot form a job (before anything is written or started)."""
+        if self.nnodes < 1:
+            raise UsageError(f"--nnodes {self.nnodes} is not a number of hosts", hint="use 1 or more")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UsageError(
+                f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1} for --nnodes {self.nnodes}",
+                hint="number the hosts 0 to N-1, each once",
+            )
+        if self.nnodes > 1 and self.endpoint is None:
+            raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        if self.endpoint is not None:
+            host, _, port = self.endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise UsageError(
+                    f"--rdzv-endpoint {self.endpoint!r} is not HOST:PORT",
+                    hint="e.g. 10.0.0.1:29400, the same on every host",
+                )
 
     def torchrun_args(self, run_id: str) -> list[str]:
         if self.nnodes == 1 and self.endpoint is None:
@@ -62,6 +87,7 @@ class TrainResult:
 
 def prepare(cfg: TrainConfig, workspace: Workspace, run_name: str | None, rdzv: Rendezvous = Rendezvous()) -> Job:
     """Validate the request and write the job file; nothing is started yet."""
+    rdzv.check()
     check_model_name(cfg.model)
     if cfg.batch_size % cfg.workers:
         raise UsageError(
@@ -92,8 +118,21 @@ def prepare(cfg: TrainConfig, workspace: Workspace, run_name: str | None, rdzv: 
         raise WorkspaceError(f"run folder {run_dir} is not writable", hint=exc.hint) from None
     job = Job(cfg, run_dir, dataset.path, dataset.digest, world_size=cfg.workers * rdzv.nnodes)
     _check_existing(job)
-    job.write()
+    if rdzv.node_rank == 0 or not _already_written(job):
+        # Hosts sharing one run folder (pods on one volume) each prepare the same job. Only node 0 adds the
+        # MLflow run to the job file (train() below), after writing it here; a host that prepares later must not
+        # replace that file with one without the run, or rank 0 tracks nothing.
+        job.write()
     return job
+
+
+def _already_written(job: Job) -> bool:
+    """Whether the run folder's job file already describes ``job`` (apart from its MLflow run)."""
+    try:
+        written = Job.read(job.run_dir)
+    except (OSError, ValueError, KeyError):
+        return False
+    return replace(written, mlflow_uri=None, mlflow_run_id=None) == job
 
 
 def _check_existing(job: Job) -> None:
@@ -154,9 +193,15 @@ def _launcher(job: Job, rdzv: Rendezvous) -> str:
 
 def _interpret(job: Job, code: int, rdzv: Rendezvous) -> TrainResult:
     status = job.run_dir / "status"
-    local_ranks = range(rdzv.node_rank * job.config.workers, (rdzv.node_rank + 1) * job.config.workers)
     failed = sorted(status.glob("rank-*.failed")) if status.is_dir() else []
-    done = all((status / f"rank-{r}.done").is_file() for r in local_ranks)
+    if rdzv.nnodes == 1:
+        done = all((status / f"rank-{r}.done").is_file() for r in range(job.config.workers))
+    else:
+        # Which global ranks ran on this host is torchrun's choice (see Rendezvous), and this host's status
+        # folder holds its own ranks' markers, or every rank's when the hosts share the run folder. A rank marks
+        # itself done only after a barrier that every rank reaches with its work finished (and rank 0's results
+        # written), so any one done marker shows that the whole job's work is complete.
+        done = status.is_dir() and any(status.glob("rank-*.done"))
     if failed and not done:
         reason = failed[0].read_text().strip()
         raise TrainingError(f"training run {job.run_dir.name} failed on {failed[0].stem}: {reason}")
