@@ -100,7 +100,11 @@ def test_rendezvous_flags_go_to_torchrun_unchanged() -> None:
     assert Rendezvous().torchrun_args("run") == ["--standalone"]
     assert Rendezvous(nnodes=2, node_rank=1, endpoint="10.0.0.1:29400").torchrun_args("run") == [
         "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=run",
+        "--rdzv-conf=is_host=0",
     ]  # fmt: skip
+    assert Rendezvous(nnodes=2, node_rank=0, endpoint="10.0.0.1:29400").torchrun_args("run")[-1] == (
+        "--rdzv-conf=is_host=1"  # node 0 serves the rendezvous: no guessing from the endpoint's host name
+    )
     with pytest.raises(UsageError, match="--rdzv-endpoint"):
         Rendezvous(nnodes=2).torchrun_args("run")
 

@@ -171,6 +171,11 @@ class K8sConfig(_Section):
     logger_url: str | None = Field(
         default=None, description="KServe's request logger sink; None: render an event-display sink"
     )
+    train_deadline_hours: float = Field(default=24, gt=0, description="a training step fails after this long")
+    argo_controller: str = Field(
+        default="argo:argo", pattern=r"^[a-z0-9-]+:[a-z0-9-]+$",
+        description="NAMESPACE:SERVICEACCOUNT of Argo's controller, which writes the memoize cache",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _replicas(self) -> K8sConfig:

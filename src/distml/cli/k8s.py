@@ -47,6 +47,11 @@ def render_cmd(app: AppContext, out: Path, image: str | None, namespace: str | N
     kind = "TrainJob" if plan.k8s.training == "trainjob" else "PyTorchJob"
     click.echo(f"rendered {len(written)} files to {out}: namespace {plan.namespace}, image {plan.k8s.image}, "
                f"{kind}s {jobs}")  # fmt: skip
+    if plan.k8s.access_mode == "ReadWriteOnce" and any(c.nodes > 1 for c in plan.candidates):
+        click.echo(
+            "note: the workspace volume is ReadWriteOnce, so every pod that mounts it must run on one node; on a "
+            'multi-node cluster set [k8s] access_mode = "ReadWriteMany" (an RWX storage class)'
+        )
     click.echo(f"next: distml k8s validate {out} && kubectl apply -k {out} && kubectl create -f {out}/workflow.yaml")
 
 

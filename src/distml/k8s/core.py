@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distml.k8s.plan import CONFIG_MOUNT, MLFLOW_PORT, POD_SECURITY, Plan
+from distml.k8s.plan import CONFIG_MOUNT, CONTAINER_SECURITY, MLFLOW_PORT, POD_SECURITY, Plan
 from distml.k8s.tomlw import dumps_toml
 
 Obj = dict[str, Any]
@@ -58,10 +58,8 @@ def rbac(plan: Plan) -> list[Obj]:
         "kind": "Role",
         "metadata": plan.meta("distml-workflow", "workflow"),
         "rules": [
-            # Argo's executor reports each step's outputs through WorkflowTaskResults (Argo >= 3.4).
+            # Argo's executor (emissary, Argo >= 3.4) reports each step's outputs through WorkflowTaskResults.
             {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]},
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "watch", "patch"]},
-            {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get", "watch"]},
             # Resource steps: create the candidates' training jobs and watch them to success or failure...
             {"apiGroups": [job[0]], "resources": [job[1]],
              "verbs": ["create", "get", "list", "watch", "patch", "delete"]},
@@ -77,7 +75,23 @@ def rbac(plan: Plan) -> list[Obj]:
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "distml-workflow"},
         "subjects": [{"kind": "ServiceAccount", "name": "distml-workflow", "namespace": plan.namespace}],
     }
-    return [*accounts, role, binding]
+    # Argo's controller keeps memoized outputs in a ConfigMap of the workflow's namespace; its stock roles
+    # cannot create or update ConfigMaps, so the ingest would never be memoized without this grant.
+    controller_ns, controller_sa = plan.k8s.argo_controller.split(":")
+    memo_role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": plan.meta("distml-argo-memoize", "workflow"),
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]}],
+    }
+    memo_binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": plan.meta("distml-argo-memoize", "workflow"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "distml-argo-memoize"},
+        "subjects": [{"kind": "ServiceAccount", "name": controller_sa, "namespace": controller_ns}],
+    }
+    return [*accounts, role, binding, memo_role, memo_binding]
 
 
 def _deployment(plan: Plan, name: str, component: str, pod: Obj, replicas: int = 1) -> Obj:
@@ -131,6 +145,7 @@ def mlflow(plan: Plan) -> list[Obj]:
         "livenessProbe": {**probe, "initialDelaySeconds": 30},
         "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
         "volumeMounts": [{"name": "data", "mountPath": "/mlflow"}],
+        "securityContext": CONTAINER_SECURITY,
     }  # fmt: skip
     pod = {"containers": [container], "automountServiceAccountToken": False, "securityContext": POD_SECURITY,
            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "distml-mlflow"}}]}  # fmt: skip

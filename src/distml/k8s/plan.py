@@ -20,8 +20,11 @@ CONFIG_MOUNT = "/etc/distml"  # the distml-config ConfigMap: distml.toml and tra
 OUTPUTS_DIR = "/tmp/outputs"  # noqa: S108 (inside the step's container: where Argo reads output parameters)
 SERVE_PORT = 8080  # V1 and V2 share the server's one HTTP port
 MLFLOW_PORT = 5000
-# The image's user (uid 1000); fsGroup makes the volumes it mounts writable to it.
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000}
+# The image's user (uid 1000); fsGroup makes the volumes it mounts writable to it (chown only when needed).
+# With CONTAINER_SECURITY, what Kubernetes' "restricted" Pod Security Standard asks for.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch",
+                "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from distml.k8s.core import Obj, config_mount_path
-from distml.k8s.plan import SERVE_PORT, WORKSPACE_MOUNT, Plan
+from distml.k8s.plan import CONTAINER_SECURITY, SERVE_PORT, WORKSPACE_MOUNT, Plan
 
 ISVC_NAME = "distml"
 _PODS = {"serving.kserve.io/inferenceservice": ISVC_NAME}  # KServe labels the predictor's pods with this
@@ -39,6 +39,7 @@ def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
         # The champion is downloaded from MLflow into a pod-local workspace: replicas share no volume.
         "volumeMounts": [{"name": "workspace", "mountPath": WORKSPACE_MOUNT},
                          {"name": "config", "mountPath": "/etc/distml", "readOnly": True}],
+        "securityContext": {**CONTAINER_SECURITY, "runAsNonRoot": True, "runAsUser": 1000},
     }  # fmt: skip
     predictor: Obj = {
         "serviceAccountName": "distml-serve",

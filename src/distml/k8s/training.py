@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from distml.k8s.core import Obj, config_mount_path
-from distml.k8s.plan import POD_SECURITY, Candidate, Plan
+from distml.k8s.plan import CONTAINER_SECURITY, POD_SECURITY, Candidate, Plan
 
 # The operator's variables for the pod's place in the job (expanded by the kubelet in ``args``):
 # Trainer v2's torch runtime sets torchrun's PET_* names; the v1 PyTorchJob sets MASTER_* and RANK (the pod).
@@ -25,8 +25,11 @@ TRAINJOB_NODE = "node"
 CONDITIONS = {
     # JobSet status of the runtime's one replicated job (the trainer nodes): succeeded/failed count its Jobs.
     "trainjob": ("status.jobsStatus.0.succeeded > 0", "status.jobsStatus.0.failed > 0"),
-    "pytorchjob": ("status.replicaStatuses.Master.succeeded > 0", "status.replicaStatuses.Master.failed > 0"),
-}
+    # Pods restart Never, so a failed worker shows as failed (OnFailure restarts it in place until the operator
+    # gives up and deletes the pods, and the counts never move). Failure requirements are OR-ed by Argo.
+    "pytorchjob": ("status.replicaStatuses.Master.succeeded > 0",
+                   "status.replicaStatuses.Master.failed > 0, status.replicaStatuses.Worker.failed > 0"),
+}  # fmt: skip
 
 
 def train_args(plan: Plan, cand: Candidate, dataset: str, run_name: str) -> list[str]:
@@ -103,10 +106,11 @@ def _pytorchjob(plan: Plan, cand: Candidate, dataset: str, run_name: str) -> Obj
             "env": plan.env(),
             "resources": _resources(plan, cand),
             "volumeMounts": [*plan.mounts(), _shm_mount()],
+            "securityContext": CONTAINER_SECURITY,
         }
         pod = {"serviceAccountName": "distml-train", "securityContext": POD_SECURITY, "containers": [container],
                "volumes": [*plan.volumes(), _shm()]}  # fmt: skip
-        return {"replicas": count, "restartPolicy": "OnFailure",
+        return {"replicas": count, "restartPolicy": "Never",
                 "template": {"metadata": {"labels": _labels(plan, cand)}, "spec": pod}}  # fmt: skip
 
     replicas: dict[str, Any] = {"Master": replica(1)}
@@ -118,7 +122,7 @@ def _pytorchjob(plan: Plan, cand: Candidate, dataset: str, run_name: str) -> Obj
         "metadata": {"name": run_name, "namespace": plan.namespace, "labels": _labels(plan, cand)},
         "spec": {
             "nprocPerNode": str(cand.procs),
-            "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 2},
+            "runPolicy": {"cleanPodPolicy": "None"},
             "pytorchReplicaSpecs": replicas,
         },
     }

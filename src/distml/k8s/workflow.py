@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from distml.k8s.core import Obj, config_mount_path
-from distml.k8s.plan import OUTPUTS_DIR, POD_SECURITY, Plan
+from distml.k8s.plan import CONTAINER_SECURITY, OUTPUTS_DIR, POD_SECURITY, Plan
 from distml.k8s.serving import inference_service
 from distml.k8s.training import CONDITIONS, train_job
 from distml.k8s.yamlio import dump
@@ -88,6 +88,7 @@ def _container_step(plan: Plan, name: str, args: list[str], outputs: list[str], 
         "env": plan.env(),
         "volumeMounts": plan.mounts(),
         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}},
+        "securityContext": CONTAINER_SECURITY,
     }
     template: Obj = {"name": name}
     if inputs:
@@ -118,6 +119,9 @@ def _train(plan: Plan, index: int) -> Obj:
     return {
         "name": f"train-{cand.label}",
         "inputs": {"parameters": [{"name": "dataset"}]},
+        # A job that never finishes (unschedulable pods, a hung rendezvous) fails the step instead of the DAG
+        # waiting forever; deleting the step's job goes with it (owner reference).
+        "activeDeadlineSeconds": int(plan.k8s.train_deadline_hours * 3600),
         "resource": {
             "action": "create",
             "setOwnerReference": True,  # deleting the workflow deletes its jobs

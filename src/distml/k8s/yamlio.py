@@ -8,7 +8,8 @@ import yaml
 
 
 class _Dumper(yaml.SafeDumper):  # type: ignore[misc]
-    pass
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # a shared dict (one security context) is written out each time, not as &anchor/*alias
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:

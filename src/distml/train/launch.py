@@ -35,6 +35,7 @@ _MALLOC_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESH
 class Rendezvous:
     """torchrun's multi-host flags, passed through unchanged; the default is one standalone host.
 
+    The host given ``--node-rank 0`` must be the endpoint's host: it serves the rendezvous there.
     torchrun's c10d rendezvous gives out the global ranks in its own order (it sorts the agents by host name and
     pid, and says that it ignores ``--node-rank``), so the host given ``--node-rank 0`` need not run global rank
     0. distml uses the node rank only to choose the one host that opens the job's MLflow run; nothing here
@@ -75,6 +76,10 @@ class Rendezvous:
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={self.endpoint}",
             f"--rdzv-id={run_id}",
+            # Node 0 hosts the rendezvous store at the endpoint, the others connect to it. torchrun would otherwise
+            # guess from the endpoint's name, which in a pod (a headless-service name) may not resolve yet when the
+            # first pod starts: then no agent hosts the store and the job times out.
+            f"--rdzv-conf=is_host={int(self.node_rank == 0)}",
         ]
 
 
