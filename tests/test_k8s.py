@@ -11,6 +11,9 @@ import json
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -276,3 +279,98 @@ def test_dockerfiles_install_the_pinned_torch_and_run_distml() -> None:
         text = (root / name).read_text()
         assert f"torch=={pin}" in text, name
         assert 'ENTRYPOINT ["distml"]' in text and "USER " in text, name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_workflows_own_commands_run_the_pipeline_here(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run the rendered WorkflowTemplate's commands on this machine, as Argo and the kubelet would run them.
+
+    Each task's command line is taken from the YAML: its Argo parameters filled from earlier tasks' output
+    files, the ConfigMap's files at the mount path, a training job's pods as one process per pod with the
+    operator's variables expanded, and the InferenceService's container as a server on 127.0.0.1 that must answer
+    a V2 request. If a flag in the YAML were wrong, or a step needed logic that lives only in YAML, this fails.
+    """
+    from serve_support import ServerProcess, request
+
+    images = make_image_folder(tmp_path / "images", per_class=16)
+    config = tmp_path / "distml.toml"
+    config.write_text(
+        f'[pipeline]\ndataset = "folder"\nsource = "{images}"\nimage_size = [16, 16]\nmode = "L"\n'
+        f'candidates = ["cnn"]\n[train]\nworkers = 2\nepochs = 1\nbatch_size = 16\nlog_every_steps = 1000\n'
+        f'allow_oversubscribe = true\n[k8s]\nsource = "{images}"\ncpu_per_worker = 1\n'
+    )
+    out = tmp_path / "render"
+    assert run_cli("--config", config, "k8s", "render", "--out", out).code == 0
+    template = yaml.safe_load((out / "workflow-template.yaml").read_text())["spec"]
+    config_files = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    mount = tmp_path / "etc-distml"
+    mount.mkdir()
+    for name, text in config_files.items():
+        (mount / name).write_text(text)
+    monkeypatch.setenv("DISTML_HOME", str(home))  # the pods' env: DISTML_HOME=/workspace (the volume)
+    templates = {t["name"]: t for t in template["templates"]}
+    outputs: dict[str, dict[str, str]] = {}
+
+    def fill(text: str, params: dict[str, str]) -> str:
+        text = text.replace("{{workflow.name}}", "wf1").replace("/etc/distml", str(mount))
+        for name, value in params.items():
+            text = text.replace(f"{{{{inputs.parameters.{name}}}}}", value)
+        return text
+
+    for task in template["templates"][0]["dag"]["tasks"]:
+        params = {}
+        for p in task.get("arguments", {}).get("parameters", []):
+            ref = re.fullmatch(r"\{\{tasks\.([\w-]+)\.outputs\.parameters\.(\w+)\}\}", p["value"])
+            assert ref is not None, p
+            params[p["name"]] = outputs[ref[1]][ref[2]]
+        t = templates[task["template"]]
+        if "container" in t:
+            folder = tmp_path / "outputs" / task["name"]
+            args = [fill(a, params).replace("/tmp/outputs", str(folder)) for a in t["container"]["args"]]
+            result = run_cli(*args)
+            assert result.code == 0, f"{task['name']}: {args}\n{result.out}{result.err}"
+            outputs[task["name"]] = {o["name"]: (folder / o["name"]).read_text() for o in t["outputs"]["parameters"]}
+        elif task["name"].startswith("train-"):
+            job = yaml.safe_load(fill(t["resource"]["manifest"], params))
+            trainer = job["spec"]["trainer"]
+            port = str(_free_port())
+            procs = []
+            for rank in range(trainer["numNodes"]):  # one process per pod; the kubelet expands $(VAR)
+                env = {"PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port}
+                args = [re.sub(r"\$\((\w+)\)", lambda m, env=env: env[m[1]], a) for a in trainer["args"]]
+                log = (tmp_path / f"{job['metadata']['name']}-{rank}.log").open("wb")
+                procs.append(subprocess.Popen([sys.executable, "-m", "distml", *args], stdout=log,
+                                              stderr=subprocess.STDOUT))  # fmt: skip
+            try:
+                codes = [p.wait(timeout=240) for p in procs]
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            logs = "".join(p.read_text() for p in tmp_path.glob(f"{job['metadata']['name']}-*.log"))
+            assert codes == [0] * len(procs), logs
+            assert "2 worker(s)" in logs  # one DDP job over both "pods"
+            outputs[task["name"]] = {}
+        else:  # serve: the InferenceService's predictor container, on loopback
+            isvc = yaml.safe_load(fill(t["resource"]["manifest"], params))
+            container = isvc["spec"]["predictor"]["containers"][0]
+            assert container["args"][3] == outputs["register"]["ref"]
+            args = ["127.0.0.1" if a == "0.0.0.0" else a for a in container["args"]]
+            args[args.index("--port") + 1] = "0"
+            server = ServerProcess(args)
+            try:
+                assert request(server.base, "GET", "/v2/health/ready").status == 200
+                model = json.loads(request(server.base, "GET", "/v2/models/images-classifier").body)
+                assert model["name"] == "images-classifier"
+            finally:
+                assert server.stop() == 0, server.output
+    assert set(outputs) == {"ingest-key", "ingest", "train-cnn", "select", "register"}
+    assert outputs["select"]["winner"] == "wf1-cnn"
+    assert outputs["register"]["version"] == "1"
