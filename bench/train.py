@@ -39,27 +39,31 @@ SOURCE = REPO.parent / "shared" / "datasets" / "fashion-mnist"
 BATCH = 64
 
 
-def plain_loop_process(home: Path, threads: int) -> float:
+def plain_loop_process(home: Path, threads: int, fused: bool = False) -> float:
     """(a) in a fresh process with the workers' allocator settings, so (a) and (b) start from the same state.
 
     Run inside this long-lived bench process instead, (a) gained from memory and caches warmed by earlier
     rounds, which a worker never has: 11.4k images/s in round 1, 12.4k in rounds 2 and 3 (2026-11-23).
     """
     env = {**_MALLOC_DEFAULTS, **os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-loop", str(home), "--threads", str(threads)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-loop", str(home), "--threads", str(threads),
+           *(["--fused"] if fused else [])]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return float(out.strip().splitlines()[-1])
 
 
-def plain_loop(home: Path, threads: int) -> float:
-    """(a): the simplest fast single-process loop; returns training images/s over one epoch."""
+def plain_loop(home: Path, threads: int, fused: bool = False) -> float:
+    """(a): the simplest fast single-process loop; returns training images/s over one epoch.
+
+    ``fused``: with the fused AdamW that distml's trainer uses, to show what of (b)/(a) that is, and what is not.
+    """
     torch.set_num_threads(threads)
     ds = open_dataset("fashion-mnist", home=home)
     images, labels = ds.split("train").to_torch()
     mean, std = ds.manifest.stats["mean"][0] * 255, ds.manifest.stats["std"][0] * 255
     torch.manual_seed(0)
     model = build_model("cnn", ModelSpec(1, 28, 28, 10))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4, fused=True if fused else None)
     perm = torch.randperm(len(labels))
     steps = len(labels) // BATCH
     start = time.perf_counter()
@@ -110,19 +114,24 @@ def _print_time_to(label: str, res: dict[str, Any]) -> None:
 
 
 def throughput(home: Path, rounds: int, cores: int) -> list[dict[str, Any]]:
-    plain, w1, w2 = [], [], []
+    plain, fused, w1, w2 = [], [], [], []
     for r in range(rounds):
         plain.append(plain_loop_process(home, cores))
+        fused.append(plain_loop_process(home, cores, fused=True))
         w1.append(distml_train(home, 1, 1, f"bench-w1-{r}-{time.time_ns()}")[0]["images_per_s"])
         w2.append(distml_train(home, 2, 1, f"bench-w2-{r}-{time.time_ns()}")[0]["images_per_s"])
-        print(f"round {r + 1}: plain {plain[-1]:,.0f}  W=1 {w1[-1]:,.0f}  W=2 {w2[-1]:,.0f} img/s", flush=True)
+        print(f"round {r + 1}: plain {plain[-1]:,.0f}  plain+fused {fused[-1]:,.0f}  W=1 {w1[-1]:,.0f}  "
+              f"W=2 {w2[-1]:,.0f} img/s", flush=True)  # fmt: skip
     ratio1 = [b / a for a, b in zip(plain, w1, strict=True)]
+    ratio1f = [b / a for a, b in zip(fused, w1, strict=True)]
     ratio2 = [c / a for a, c in zip(plain, w2, strict=True)]
     return [
         _row("(a) plain PyTorch loop, 1 process, img/s", plain, "reference"),
+        _row("(a') the same loop with fused AdamW, img/s", fused, "what (b) gains from fused AdamW"),
         _row("(b) distml train W=1, img/s", w1, ">= 1.0x (a)"),
         _row("(c) distml train W=2, img/s", w2, ">= 0.8x (a), >= 6,000"),
         _row("(b)/(a) paired by round", ratio1, ">= 1.0"),
+        _row("(b)/(a') paired by round", ratio1f, "distml's own overhead"),
         _row("(c)/(a) paired by round", ratio2, ">= 0.8"),
     ]
 
@@ -148,6 +157,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--plain-loop", type=Path, metavar="HOME", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--only", default="throughput,cnn,strong", help="comma-separated: throughput, cnn, strong, scaling"
     )
@@ -156,7 +166,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train.json")
     args = parser.parse_args()
     if args.plain_loop:  # the child process of plain_loop_process
-        print(plain_loop(args.plain_loop, args.threads))
+        print(plain_loop(args.plain_loop, args.threads, args.fused))
         return
     steps = set(args.only.split(","))
     if steps - {"throughput", "cnn", "strong", "scaling"}:
