@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import socket
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -179,3 +180,10 @@ requires_fashion = pytest.mark.skipif(
 def _no_outside_tracking_server(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests track into their own workspace's SQLite store, never a server named by the environment."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

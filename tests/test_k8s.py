@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tomllib
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_image_folder, run_cli
+from conftest import free_port, make_image_folder, run_cli
 from distml.config import load_config
 
 GOLDEN = Path(__file__).parent / "golden" / "k8s"
@@ -281,12 +280,6 @@ def test_dockerfiles_install_the_pinned_torch_and_run_distml() -> None:
         assert 'ENTRYPOINT ["distml"]' in text and "USER " in text, name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_the_workflows_own_commands_run_the_pipeline_here(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -340,7 +333,7 @@ def test_the_workflows_own_commands_run_the_pipeline_here(
         elif task["name"].startswith("train-"):
             job = yaml.safe_load(fill(t["resource"]["manifest"], params))
             trainer = job["spec"]["trainer"]
-            port = str(_free_port())
+            port = str(free_port())
             procs = []
             for rank in range(trainer["numNodes"]):  # one process per pod; the kubelet expands $(VAR)
                 env = {"PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port}
@@ -374,3 +367,12 @@ def test_the_workflows_own_commands_run_the_pipeline_here(
     assert set(outputs) == {"ingest-key", "ingest", "train-cnn", "select", "register"}
     assert outputs["select"]["winner"] == "wf1-cnn"
     assert outputs["register"]["version"] == "1"
+
+
+def test_cpu_autoscaling_uses_knatives_hpa_class(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[k8s]\nserve_scale_metric = "cpu"\nserve_scale_target = 70\n')
+    assert run_cli("--config", config, "k8s", "render", "--out", tmp_path / "out").code == 0
+    meta = yaml.safe_load((tmp_path / "out" / "inference-service.yaml").read_text())["metadata"]
+    assert meta["annotations"]["autoscaling.knative.dev/class"] == "hpa.autoscaling.knative.dev"
+    assert meta["annotations"]["autoscaling.knative.dev/metric"] == "cpu"

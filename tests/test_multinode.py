@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import MnistFiles, make_mnist, run_cli
+from conftest import MnistFiles, free_port, make_mnist, run_cli
 from distml.data import DatasetStore, ingest
 from distml.data.sources import FashionMnistSource
 from distml.train.checkpoint import load_latest
@@ -65,12 +64,6 @@ def _ingest(home: Path, files: MnistFiles) -> None:
     """This host's copy of the dataset, ingested from the shared source files (the same digest everywhere)."""
     src = FashionMnistSource(home / "downloads", location=str(files.folder), spec=files.spec)
     ingest(src, store=DatasetStore(Workspace(home)), name="tiny")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env() -> dict[str, str]:
@@ -181,7 +174,7 @@ def test_two_hosts_sharing_a_home_equal_one_host_with_two_workers(
     home = tmp_path / "volume" / "home"  # one folder for both hosts, like pods on one PersistentVolumeClaim
     _ingest(home, source)
     run_dir = home / "runs" / "shared"
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     deadline = time.monotonic() + TIMEOUT_S
     with _hosts() as hosts:
         node0 = _start(hosts, "node0", home, *_two_hosts(endpoint, "shared", "--node-rank", "0"))
@@ -216,7 +209,7 @@ def test_two_hosts_with_their_own_homes_equal_one_host_with_two_workers(
     homes = [tmp_path / "host0" / "home", tmp_path / "host1" / "home"]
     for home in homes:
         _ingest(home, source)
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     deadline = time.monotonic() + TIMEOUT_S
     with _hosts() as hosts:
         # Node 1 first: c10d ranks the agents by host name, then pid, so here node 1's agent (the older one)

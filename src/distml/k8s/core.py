@@ -108,14 +108,18 @@ def _deployment(plan: Plan, name: str, component: str, pod: Obj, replicas: int =
     }
 
 
-def _service(plan: Plan, name: str, component: str, port: int, target: int) -> Obj:
+def _service(
+    plan: Plan, name: str, component: str, port: int, target: int, *,
+    selector: dict[str, str] | None = None, port_name: str = "http",
+) -> Obj:  # fmt: skip
+    """A Service over the pods of ``component`` (or ``selector``)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": plan.meta(name, component),
         "spec": {
-            "selector": {"app.kubernetes.io/name": "distml", "app.kubernetes.io/component": component},
-            "ports": [{"name": "http", "port": port, "targetPort": target, "protocol": "TCP"}],
+            "selector": selector or {"app.kubernetes.io/name": "distml", "app.kubernetes.io/component": component},
+            "ports": [{"name": port_name, "port": port, "targetPort": target, "protocol": "TCP"}],
         },
     }
 

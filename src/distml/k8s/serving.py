@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from distml.k8s.core import Obj, config_mount_path
+from distml.k8s.core import Obj, _service, config_mount_path
 from distml.k8s.plan import CONTAINER_SECURITY, SERVE_PORT, WORKSPACE_MOUNT, Plan
 
 ISVC_NAME = "distml"
@@ -53,13 +53,14 @@ def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
         "volumes": [{"name": "workspace", "emptyDir": {"sizeLimit": "2Gi"}},
                     {"name": "config", "configMap": {"name": "distml-config"}}],
     }  # fmt: skip
-    metric = {"concurrency": "concurrency", "rps": "rps", "cpu": "cpu"}[k.serve_scale_metric]
     annotations = {
         "distml.io/model": ref,
         # Knative's autoscaler reads these (KServe's scaleMetric/scaleTarget set the same in its own API).
-        "autoscaling.knative.dev/metric": metric,
+        "autoscaling.knative.dev/metric": k.serve_scale_metric,
         "autoscaling.knative.dev/target": str(k.serve_scale_target),
     }
+    if k.serve_scale_metric == "cpu":  # Knative's own autoscaler knows concurrency and rps; cpu is the HPA's
+        annotations["autoscaling.knative.dev/class"] = "hpa.autoscaling.knative.dev"
     meta = plan.meta(ISVC_NAME, "serve", annotations=annotations)
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta,
             "spec": {"predictor": predictor}}  # fmt: skip
@@ -67,15 +68,7 @@ def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
 
 def metrics_service(plan: Plan) -> Obj:
     """A Service over the predictor pods' own port, for Prometheus (KServe's routes go through Knative)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": plan.meta("distml-serve-metrics", "serve"),
-        "spec": {
-            "selector": _PODS,
-            "ports": [{"name": "metrics", "port": SERVE_PORT, "targetPort": SERVE_PORT, "protocol": "TCP"}],
-        },
-    }
+    return _service(plan, "distml-serve-metrics", "serve", SERVE_PORT, SERVE_PORT, selector=_PODS, port_name="metrics")
 
 
 def service_monitor(plan: Plan) -> Obj:

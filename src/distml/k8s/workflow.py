@@ -127,7 +127,7 @@ def _train(plan: Plan, index: int) -> Obj:
             "setOwnerReference": True,  # deleting the workflow deletes its jobs
             "successCondition": success,
             "failureCondition": failure,
-            "manifest": dump_manifest(manifest),
+            "manifest": dump(manifest),
         },
     }
 
@@ -148,9 +148,5 @@ def _serve(plan: Plan) -> Obj:
         "name": "serve",
         "inputs": {"parameters": [{"name": "ref"}, {"name": "version"}]},
         # apply: create the InferenceService, or patch it; the new version annotation rolls out a new revision.
-        "resource": {"action": "apply", "manifest": dump_manifest(manifest)},
+        "resource": {"action": "apply", "manifest": dump(manifest)},
     }
-
-
-def dump_manifest(obj: Obj) -> str:
-    return dump(obj)
