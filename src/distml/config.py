@@ -95,6 +95,18 @@ class ServeConfig(_Section):
     max_instances: int = Field(default=256, ge=1, description="images per request")
     max_image_side: int = Field(default=4096, ge=1, description="pixels, either side of an encoded image")
     max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="width x height of an encoded image")
+    max_request_pixels: int = Field(
+        default=2 * 4096 * 4096, ge=1, description="decoded pixels per request, summed from the image headers"
+    )
+    decode_timeout_s: float = Field(default=5.0, gt=0, description="longest the images of one request may decode")
+    max_response_bytes: int = Field(default=64 << 20, ge=1024, description="largest answer body (500 past it)")
+    max_inflight_bytes: int = Field(
+        default=256 << 20, ge=1024, description="bodies being read or queued, all requests together, before 503"
+    )
+    max_header_bytes: int = Field(default=64 << 10, ge=1024, description="request line + headers (431 past it)")
+    header_timeout_s: float = Field(default=5.0, gt=0, description="a request's headers must arrive within this")
+    body_timeout_s: float = Field(default=15.0, gt=0, description="its body must arrive within this (408)")
+    idle_timeout_s: float = Field(default=5.0, gt=0, description="an idle keep-alive connection is closed after")
     log_url: str | None = Field(default=None, description="send CloudEvents of requests/responses here (HTTP)")
     log_file: Path | None = Field(default=None, description="or append them to this JSON-lines file")
     log_mode: Literal["all", "request", "response"] = "all"

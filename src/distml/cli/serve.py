@@ -28,6 +28,17 @@ from distml.config import ServeConfig, _config_error
 @click.option("--request-timeout-s", type=float, help="Longest a request waits for its answer (503). [default: 30]")
 @click.option("--max-body-bytes", type=int, help="Request body limit (413). [default: 16 MiB]")
 @click.option("--max-instances", type=int, help="Images per request (413). [default: 256]")
+@click.option(
+    "--max-request-pixels", type=int, help="Decoded pixels per request, from image headers (413). [default: 32 Mi]"
+)
+@click.option("--decode-timeout-s", type=float, help="Longest one request's images may decode (408). [default: 5]")
+@click.option(
+    "--max-inflight-bytes", type=int, help="Bodies being read or queued, all together (503). [default: 256 MiB]"
+)
+@click.option("--max-header-bytes", type=int, help="Request line + headers (431). [default: 64 KiB]")
+@click.option("--header-timeout-s", type=float, help="Headers must arrive within this (408). [default: 5]")
+@click.option("--body-timeout-s", type=float, help="The body must arrive within this (408). [default: 15]")
+@click.option("--idle-timeout-s", type=float, help="Close an idle keep-alive connection after this. [default: 5]")
 @click.option("--log-url", help="Send each request and response as a CloudEvent to this HTTP endpoint.")
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), help="...or append them to this JSONL.")
 @click.option("--log-mode", type=click.Choice(["all", "request", "response"]), help="[default: all]")
