@@ -90,6 +90,9 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     max_batch_delay_ms: float = Field(default=2.0, ge=0, le=10_000)
     max_queue: int = Field(default=256, ge=1, description="requests waiting for the model before 503")
+    max_queue_wait_ms: float = Field(
+        default=100.0, ge=0, le=60_000, description="when the queue is full, how long a request waits for a place"
+    )
     request_timeout_s: float = Field(default=30.0, gt=0)
     max_body_bytes: int = Field(default=16 << 20, ge=1024)
     max_instances: int = Field(default=256, ge=1, description="images per request")

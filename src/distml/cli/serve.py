@@ -25,6 +25,9 @@ from distml.config import ServeConfig, _config_error
     help="Longest a batch waits for requests already on their way (never when none are). [default: 2]",
 )
 @click.option("--max-queue", type=int, help="Requests waiting for the model before 503. [default: 256]")
+@click.option(
+    "--max-queue-wait-ms", type=float, help="With the queue full, wait this long for a place, then 503. [default: 100]"
+)
 @click.option("--request-timeout-s", type=float, help="Longest a request waits for its answer (503). [default: 30]")
 @click.option("--max-body-bytes", type=int, help="Request body limit (413). [default: 16 MiB]")
 @click.option("--max-instances", type=int, help="Images per request (413). [default: 256]")
