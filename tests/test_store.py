@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import pytest
 
 from conftest import MnistFiles, make_mnist
 from distml.data import DatasetStore, IngestResult, ingest, open_dataset, open_path
+from distml.data._files import write_atomic
 from distml.data.manifest import content_digest
 from distml.data.sources import FashionMnistSource
 from distml.errors import CorruptDatasetError, NotFoundError
@@ -226,3 +230,44 @@ def test_a_live_ingests_temp_folder_is_not_removed(home: Path, mnist: MnistFiles
         assert live.tmp.is_dir()
     assert not live.tmp.exists()
     assert list((home / "datasets" / ".locks").iterdir()) == []
+
+
+# -- write_atomic: the one way small files (manifests, indexes, cache entries, run records) are written -----------
+def test_write_atomic_failure_keeps_the_old_content_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    """A real failed write (the file-size limit, EFBIG: what a full disk or a quota looks like to the writer)."""
+    import resource
+
+    target = tmp_path / "index.json"
+    write_atomic(target, b"old content\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # Python ignores SIGXFSZ: the write raises EFBIG
+    try:
+        with pytest.raises(OSError, match="too large") as failed:
+            write_atomic(target, b"x" * (1 << 20))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert failed.value.errno == errno.EFBIG
+    assert target.read_bytes() == b"old content\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]  # no .index.json.<pid>.tmp left
+
+
+def test_write_atomic_fsyncs_the_file_then_its_folder_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename is durable only once the folder is synced: watch the real calls, in order."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_atomic(tmp_path / "manifest.json", b"{}\n")
+    assert events == ["fsync file", "rename", "fsync folder"]
+    assert (tmp_path / "manifest.json").read_bytes() == b"{}\n"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
 from typing import BinaryIO
+
+from distml.workspace import fsync_dir
 
 CHUNK = 1 << 20
 
@@ -45,10 +48,21 @@ class HashingWriter:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
+    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix.
+
+    The data is fsynced before the rename and the folder after it, so that after a crash the file holds the old
+    content or the new one (the rename itself is durable only once its folder is). On any failure (a full disk,
+    a quota) the temp file is removed and ``path`` keeps its old content; the error is raised as it was.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
