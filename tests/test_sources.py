@@ -9,6 +9,7 @@ import tarfile
 import zlib
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -287,3 +288,31 @@ def test_symlinked_class_folder_is_not_followed_out_of_root(home: Path, tmp_path
     ds = _run(home, FolderSource(root)).dataset
     assert ds.class_names == ("cat",)
     assert sum(len(split) for split in ds.splits.values()) == 4
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP"])
+def test_other_image_formats_never_reach_their_parsers(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """A valid image of another format, named .png, is a bad file, refused before Pillow's parser of it runs."""
+    from PIL import BmpImagePlugin, GifImagePlugin, Image
+
+    root = make_image_folder(tmp_path / "pets", per_class=4)
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(root / "cat" / "other.png", format=fmt)
+    parsed: list[str] = []  # watch Pillow's own parsers (they still run: this observes, it does not replace)
+    for plugin in (GifImagePlugin.GifImageFile, BmpImagePlugin.BmpImageFile):
+        real = plugin._open
+
+        def spy(self: Any, real: Any = real) -> None:
+            parsed.append(type(self).__name__)
+            real(self)
+
+        monkeypatch.setattr(plugin, "_open", spy)
+    with pytest.raises(BadImageError, match=r"other\.png: .*PNG or JPEG.*--on-bad-file skip"):
+        _run(home, FolderSource(root, FolderOptions(on_bad_file="fail")))
+    assert parsed == []  # refused by the PNG and JPEG parsers alone
+    _assert_no_dataset(home)
+    result = _run(home, FolderSource(root, FolderOptions(on_bad_file="skip")))
+    assert [rel for rel, _ in result.skipped] == ["cat/other.png"]
+    assert result.dataset.manifest.source["skipped"] == ["cat/other.png"]
+    assert parsed == []

@@ -23,6 +23,7 @@ from distml.data.sources.base import Log, SourceData
 from distml.errors import BadImageError, SourceNotFoundError, UsageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+ACCEPTED_FORMATS = ("PNG", "JPEG")  # Pillow's names; whatever the suffix says, nothing else is parsed
 Mode = Literal["L", "RGB"]
 
 
@@ -189,7 +190,7 @@ class FolderSource:
 
 def decode_image(path: Path, options: FolderOptions) -> np.ndarray:
     """Decode one image to ``H x W x C`` uint8 in the declared mode and size, or raise BadImageError."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         size = path.stat().st_size
@@ -197,15 +198,15 @@ def decode_image(path: Path, options: FolderOptions) -> np.ndarray:
             raise BadImageError(f"{path}: {size} bytes is over the {options.max_file_bytes}-byte limit")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            # Only the PNG and JPEG parsers ever see the bytes: without ``formats`` Pillow tries every plugin it
+            # has (GIF, TIFF, PSD, ...) on an untrusted file, each a parser with its own history of bugs.
+            with Image.open(path, formats=ACCEPTED_FORMATS) as img:
                 w, h = img.size
                 if w * h > options.max_pixels:
                     raise BadImageError(
                         f"{path}: {w}x{h} = {w * h} pixels is over the {options.max_pixels}-pixel limit "
                         "(decompression bomb?)"
                     )
-                if img.format not in ("PNG", "JPEG"):
-                    raise BadImageError(f"{path}: {img.format} is not PNG or JPEG")
                 img.draft(options.mode, (options.image_size[1], options.image_size[0]))  # cheap JPEG downscale
                 out = img.convert(options.mode)
                 if out.size != (options.image_size[1], options.image_size[0]):
@@ -213,6 +214,8 @@ def decode_image(path: Path, options: FolderOptions) -> np.ndarray:
                 array = np.asarray(out, dtype=np.uint8)
     except BadImageError:
         raise
+    except UnidentifiedImageError:
+        raise BadImageError(f"{path}: not a readable PNG or JPEG image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImageError(f"{path}: over the pixel limit (decompression bomb?): {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
