@@ -200,3 +200,24 @@ def test_non_ascii_dataset_name_is_refused(home: Path, tmp_path: Path) -> None:
     result = run_cli("--home", home, "data", "ingest", "folder", images, "--name", "\uff44\uff41\uff54\uff41")
     assert result.code == 2
     _assert_one_line_error(result.err, "is not allowed", "letters, digits")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--serve", "--port", "99999"], "invalid config value port=99999 in command line"),
+        (["--serve", "--port", "-1"], "invalid config value port=-1 in command line"),
+        (["--port", "9000"], "--port 9000 needs --serve"),
+    ],
+)
+def test_run_refuses_bad_serve_options_before_the_pipeline_starts(
+    home: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    """A port the server could never bind must not cost a whole pipeline first (and a traceback after it)."""
+    images = make_image_folder(tmp_path / "pets", per_class=4)
+    fast = ["--dataset", "folder", "--source", str(images), "--candidates", "cnn", "--epochs", "1", "--workers", "1"]
+    result = run_cli("--home", home, "run", *fast, *args)
+    assert result.code == 2, result.out + result.err
+    _assert_one_line_error(result.err, message)
+    assert "pipeline run" not in result.out
+    assert not (home / "pipeline").exists() and not (home / "datasets").exists()  # nothing ran, nothing written

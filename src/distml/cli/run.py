@@ -12,7 +12,7 @@ import click
 from pydantic import ValidationError
 
 from distml.cli.main import AppContext, pass_app
-from distml.config import DEFAULT_HOME, TrainConfig, _config_error, load_config
+from distml.config import DEFAULT_HOME, ServeConfig, TrainConfig, _config_error, load_config
 from distml.errors import PipelineError, UsageError
 
 
@@ -70,6 +70,7 @@ def run_cmd(
         TrainConfig.model_validate({**app.config.train.model_dump(), **train_overrides})
     except ValidationError as exc:
         raise _config_error(exc, source="command line") from None
+    serve_config = _serve_config(app, serve_, port)  # before anything runs: a bad --port must not cost a pipeline
     models = [m.strip() for m in candidates.split(",") if m.strip()] if candidates is not None else None
     if models is not None and not models:
         raise UsageError("--candidates needs at least one model", hint="e.g. --candidates cnn,cnn-dropout")
@@ -107,19 +108,29 @@ def run_cmd(
         )
     reg = outcomes["register"].outputs
     click.echo(f"\npipeline run {runner.id} done in {took:.1f} s: {reg['name']} version {reg['version']} is champion")
-    if not serve_:
+    if serve_config is None:
         click.echo(f"serve it:  distml serve {reg['ref']}" + (f" --home {workspace.home}" if app.config.workspace.home
                                                               != DEFAULT_HOME else ""))  # fmt: skip
         return
-    _serve(app, reg["ref"], port)
+    _serve(app, reg["ref"], serve_config)
 
 
-def _serve(app: AppContext, ref: str, port: int | None) -> None:
-    from distml.config import ServeConfig
+def _serve_config(app: AppContext, serve_: bool, port: int | None) -> ServeConfig | None:
+    """The server's config with the command line's --port, validated; None without --serve."""
+    if not serve_:
+        if port is not None:
+            raise UsageError(f"--port {port} needs --serve", hint="add --serve, or leave out --port")
+        return None
+    try:
+        return ServeConfig.model_validate({**app.config.serve.model_dump(), **({} if port is None else {"port": port})})
+    except ValidationError as exc:
+        raise _config_error(exc, source="command line") from None
+
+
+def _serve(app: AppContext, ref: str, config: ServeConfig) -> None:
     from distml.registry.registry import resolve_model
     from distml.serve.server import serve
 
-    config = ServeConfig.model_validate({**app.config.serve.model_dump(), **({"port": port} if port else {})})
     artifact = resolve_model(ref, app.workspace)
 
     def announce(line: str) -> None:
