@@ -7,13 +7,17 @@ reason, a failure stops only the steps after it, a kill mid-training resumes fro
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +327,117 @@ def test_runner_gives_concurrent_gpu_steps_distinct_gpus(tmp_path: Path) -> None
     assert [o.status for o in outcomes.values()] == ["done"] * 3, out.getvalue()
     assert sorted(seen["a"] + seen["b"]) == [0, 1]
     assert outcomes["c"].outputs["after"] == ["a", "b"]
+
+
+# -- bookkeeping on a full disk: a result that cannot be recorded is not done -----------------------------------
+class FullDisk:
+    """Makes ``folder`` a file system with no space left, when :meth:`fill` is called.
+
+    ``tmpfs``: a real one, a small tmpfs mounted on the folder and filled to the last page (needs root and a
+    ``mount`` that works here; skipped with the reason otherwise). ``injected``: ENOSPC raised by ``os.fsync``
+    for files under the folder only, the call where a full disk shows itself at the latest (always runs).
+    """
+
+    def __init__(self, kind: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.kind, self.folder, self.full = kind, folder, False
+        folder.mkdir(parents=True, exist_ok=True)
+        if kind == "tmpfs":
+            if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("mount"):
+                pytest.skip("a real full file system needs root and mount(8) on Linux")
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "distml-full", str(folder)],
+                                  capture_output=True, text=True, check=False)  # fmt: skip
+            if done.returncode != 0:
+                pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        else:
+            real_fsync = os.fsync
+
+            def fsync(fd: int) -> None:
+                if self.full and os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder)):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                real_fsync(fd)
+
+            monkeypatch.setattr(os, "fsync", fsync)
+
+    def fill(self) -> None:
+        self.full = True
+        if self.kind == "tmpfs":
+            with contextlib.suppress(OSError), (self.folder / "filler").open("wb", buffering=0) as fh:
+                for chunk in (1 << 16, 1 << 12, 1):  # to the last byte of the last page
+                    for _ in range(1 << 20):  # bounded: 256 KiB fills long before
+                        try:
+                            fh.write(b"\0" * chunk)
+                        except OSError:
+                            break
+
+    def close(self) -> None:
+        if self.kind == "tmpfs":
+            done = subprocess.run(["umount", str(self.folder)], capture_output=True, check=False)
+            if done.returncode != 0:
+                subprocess.run(["umount", "-l", str(self.folder)], capture_output=True, check=False)
+
+
+@pytest.fixture(params=["tmpfs", "injected"])
+def full_disk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], FullDisk]]:
+    """``full_disk(folder)``: that folder on a file system that fills up on demand (both kinds, see FullDisk)."""
+    made: list[FullDisk] = []
+
+    def make(folder: Path) -> FullDisk:
+        made.append(FullDisk(request.param, folder, monkeypatch))
+        return made[-1]
+
+    yield make
+    for disk in made:
+        disk.close()
+
+
+def test_a_cache_entry_that_cannot_be_written_fails_the_step_not_the_cli(
+    home: Path, tmp_path: Path, images: Path, full_disk: Callable[[Path], FullDisk]
+) -> None:
+    """ENOSPC on the step cache: before, the step's thread died, the run was 'done' and the CLI hit a KeyError."""
+    cache = home / "pipeline" / "cache"
+    full_disk(cache).fill()
+    code, out, err = _run(home, _config(tmp_path, images), *FAST)
+    assert code == 1, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: step ingest failed after ") and "cannot write the step cache entry " in err
+    assert f"{cache}/ingest/" in err and "No space left on device" in err and "record: " in err
+    d = _decisions(out)
+    assert d["ingest"].startswith("FAILED: cannot write the step cache entry")
+    assert all(why.startswith("skipped: ") for step, why in d.items() if step != "ingest"), d
+    record = json.loads(next((home / "pipeline" / "runs").glob("*/run.json")).read_text())
+    assert record["status"] == "failed"
+    assert {n: s["status"] for n, s in record["steps"].items()} == {
+        "ingest": "failed", "train[cnn]": "skipped", "train[cnn-dropout]": "skipped",
+        "train[cnn-batchnorm]": "skipped", "select": "skipped", "register": "skipped",
+    }  # fmt: skip
+    assert not list(cache.glob("ingest/.*.tmp"))  # the failed write left no temp file behind
+    assert run_cli("--home", home, "runs", "list").out.splitlines()[1].split()[1] == "failed"
+
+
+def test_a_run_record_that_cannot_be_written_fails_the_step_and_the_run(
+    tmp_path: Path, full_disk: Callable[[Path], FullDisk]
+) -> None:
+    """The record's file system fills up while a step runs: that step fails with the reason, never 'done'."""
+    from distml.errors import PipelineError
+    from distml.pipeline.runner import Runner, Step
+    from distml.pipeline.steps import StepResult
+
+    disk = full_disk(tmp_path / "pipeline" / "runs")
+
+    def fills_the_disk(ctx: Any) -> StepResult:
+        disk.fill()
+        return StepResult({"ok": True})
+
+    steps = [Step("a", (), ("distml.pipeline.cache",), (), {}, inputs=lambda o, f: {}, run=fills_the_disk),
+             Step("b", ("a",), ("distml.pipeline.cache",), (), {}, inputs=lambda o, f: {},
+                  run=lambda ctx: StepResult({}))]  # fmt: skip
+    stream = io.StringIO()
+    runner = Runner(steps, home=tmp_path, config={}, cores=1, stream=stream)
+    with pytest.raises(PipelineError, match=r"cannot write the run record .*run\.json: No space left on device"):
+        runner.execute()
+    a, b = runner.outcomes["a"], runner.outcomes["b"]
+    assert a.status == "failed" and a.error.startswith("cannot write the run record "), stream.getvalue()
+    assert "No space left on device" in a.error
+    assert b.status == "skipped" and b.why == "a did not finish"
+    assert runner.record["status"] == "failed"

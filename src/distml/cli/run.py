@@ -96,15 +96,15 @@ def run_cmd(
             click.echo(f"\ninterrupted; run the same command again to resume (record: {runner.dir / 'run.json'})")
             raise
         took = time.perf_counter() - started
-        doc = record.load(workspace.home, runner.id)
     click.echo("")
-    click.echo("\n".join(record.summary_table(doc["steps"])))
-    failed = [n for n, o in outcomes.items() if o.status == "failed"]
-    if failed:
-        first = outcomes[failed[0]]
+    click.echo("\n".join(record.summary_table(runner.record["steps"])))
+    unfinished = [n for n, o in outcomes.items() if o.status != "done"]
+    if unfinished:  # the champion exists only if every step finished: name the first that failed
+        name = next((n for n in unfinished if outcomes[n].status == "failed"), unfinished[0])
+        first = outcomes[name]
         raise PipelineError(
-            f"step {failed[0]} failed after {took:.1f} s: {first.error}",
-            hint=f"log: {first.log}; record: {runner.dir / 'run.json'}",
+            f"step {name} {first.status} after {took:.1f} s: {first.error or first.why}",
+            hint=(f"log: {first.log}; " if first.log else "") + f"record: {runner.dir / 'run.json'}",
         )
     reg = outcomes["register"].outputs
     click.echo(f"\npipeline run {runner.id} done in {took:.1f} s: {reg['name']} version {reg['version']} is champion")

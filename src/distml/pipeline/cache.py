@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from distml.data._files import sha256_file, write_atomic
+from distml.errors import PipelineError
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,14 @@ def verify_files(files: dict[str, dict[str, Any]]) -> str | None:
     return None
 
 
+def bookkeeping_error(what: str, path: Path, exc: OSError) -> PipelineError:
+    """The one-line error for a failed write of the runner's own files (a cache entry, the run record)."""
+    return PipelineError(
+        f"cannot write {what} {path}: {exc.strerror or exc}",
+        hint="free space on that file system, or fix its permissions, and run again",
+    )
+
+
 class StepCache:
     """The cache entries of every step, in ``<home>/pipeline/cache``."""
 
@@ -125,9 +134,14 @@ class StepCache:
         return sorted(out, key=lambda e: e.created, reverse=True)
 
     def put(self, entry: Entry) -> None:
+        """Write ``entry``, or raise :class:`PipelineError` naming the file and why (a full disk, permissions)."""
         folder = self._folder(entry.step)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / f"{entry.key}.json", (json.dumps(entry.to_json(), indent=2) + "\n").encode())
+        path = folder / f"{entry.key}.json"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, (json.dumps(entry.to_json(), indent=2) + "\n").encode())
+        except OSError as exc:
+            raise bookkeeping_error("the step cache entry", path, exc) from None
 
     def drop(self, step: str, key: str) -> None:
         (self._folder(step) / f"{key}.json").unlink(missing_ok=True)

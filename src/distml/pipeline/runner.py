@@ -31,7 +31,15 @@ from typing import Any, TextIO
 
 from distml.data._files import write_atomic
 from distml.errors import DistmlError, PipelineError
-from distml.pipeline.cache import Entry, KeyParts, StepCache, explain_miss, file_record, verify_files
+from distml.pipeline.cache import (
+    Entry,
+    KeyParts,
+    StepCache,
+    bookkeeping_error,
+    explain_miss,
+    file_record,
+    verify_files,
+)
 
 Log = Callable[[str], None]
 
@@ -147,12 +155,32 @@ class Runner:
         with self._lock:
             self._procs.append(proc)
 
-    def save(self) -> None:
+    def save(self, finished: tuple[Outcome, dict[str, Any]] | None = None) -> None:
+        """Rewrite the run record, or raise :class:`PipelineError` naming it and why it cannot be written.
+
+        ``finished`` is a step's outcome and its final fields: they are written first and set on the outcome
+        only once the record holds them, so no step after it starts on a result the record does not show.
+        """
+        path = self.dir / "run.json"
         with self._save_lock:  # steps finish on their own threads; one writer at a time
-            self.record["steps"] = {n: {k: v for k, v in vars(o).items() if not k.startswith("_")}
-                                    for n, o in self.outcomes.items()}  # fmt: skip
-            self.dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.dir / "run.json", (json.dumps(self.record, indent=2, default=str) + "\n").encode())
+            steps = {n: {k: v for k, v in vars(o).items() if not k.startswith("_")} for n, o in self.outcomes.items()}
+            if finished is not None:
+                name = next(n for n, o in self.outcomes.items() if o is finished[0])
+                steps[name].update(finished[1])
+            self.record["steps"] = steps
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, (json.dumps(self.record, indent=2, default=str) + "\n").encode())
+            except OSError as exc:
+                raise bookkeeping_error("the run record", path, exc) from None
+            if finished is not None:
+                for key, value in finished[1].items():
+                    setattr(finished[0], key, value)
+
+    def _try_save(self) -> None:
+        """Save where a failure must not stop the runner: the final save rewrites everything, or raises."""
+        with contextlib.suppress(PipelineError):
+            self.save()
 
     # -- execution -------------------------------------------------------------------------------------------
     def execute(self) -> dict[str, Outcome]:
@@ -178,8 +206,11 @@ class Runner:
             raise
         finally:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        failed = [n for n, o in self.outcomes.items() if o.status == "failed"]
-        self.record["status"] = "failed" if failed else "done"
+        for name, out in self.outcomes.items():
+            if out.status in ("waiting", "running"):  # its thread ended without a result: never call that done
+                self._fail(name, out, f"the step ended without a result (status {out.status})")
+        # A run is done only if every step is: a skipped step is as unfinished as a failed one.
+        self.record["status"] = "done" if all(o.status == "done" for o in self.outcomes.values()) else "failed"
         self.record["ended"] = time.time()
         self.save()
         from distml.pipeline.record import lineage
@@ -217,7 +248,7 @@ class Runner:
             thread = threading.Thread(target=self._run_step, args=(step, ctx), name=f"step-{name}", daemon=True)
             threads[name] = thread
             thread.start()
-            self.save()
+            self._try_save()
             changed = True
         return changed
 
@@ -228,7 +259,7 @@ class Runner:
         try:
             parts = key_parts(step, upstream, files)
         except DistmlError as exc:
-            self._fail(name, out, exc.message + (f" ({exc.hint})" if exc.hint else ""))
+            self._fail(name, out, _reason(exc))
             return False
         self._parts[name] = parts
         out.key = parts.key
@@ -241,7 +272,10 @@ class Runner:
                 out.why = f"same inputs as run {entry.run_id}"
                 out.metric = entry.outputs.get("_metric", "")
                 self.say(f"{name:<{self.width}} hit: {out.why}" + (f"  [{out.metric}]" if out.metric else ""))
-                self.save()
+                try:
+                    self.save()
+                except PipelineError as exc:  # the steps after it start on a hit the record must show
+                    self._fail(name, out, _reason(exc))
                 return False
             self.cache.drop(name, parts.key)
             out.why = f"the cached result failed verification: {problem}"
@@ -285,7 +319,14 @@ class Runner:
         return log
 
     def _run_step(self, step: Step, ctx: StepContext) -> None:
+        """A step's thread: whatever goes wrong, the step ends failed with a reason, never silently "running"."""
         out = self.outcomes[step.name]
+        try:
+            self._run_step_body(step, ctx, out)
+        except Exception as exc:  # the runner's own bookkeeping (or a bug in it): the step did not finish
+            self._fail(step.name, out, _reason(exc))
+
+    def _run_step_body(self, step: Step, ctx: StepContext, out: Outcome) -> None:
         self.say(f"{step.name:<{self.width}} ran: {out.why}")
         started = time.perf_counter()
         log_file = step.log_path(ctx.key) if step.log_path else self.dir / "logs" / f"{_safe(step.name)}.log"
@@ -294,33 +335,32 @@ class Runner:
             result = step.run(ctx)
             files = {label: file_record(path) for label, path in result.files.items()}
         except DistmlError as exc:
-            message = exc.message + (f" ({exc.hint})" if exc.hint else "")
             if step.log_path is None:
-                log_file.parent.mkdir(parents=True, exist_ok=True)
-                with log_file.open("a") as fh:
-                    fh.write(f"{time.strftime('%H:%M:%S')} error: {message}\n")
-            self._fail(step.name, out, message)
+                _append(log_file, f"{time.strftime('%H:%M:%S')} error: {_reason(exc)}\n")
+            self._fail(step.name, out, _reason(exc))
             return
         except KeyboardInterrupt:
             return
         except Exception as exc:  # a bug: keep the traceback in the step's log, say where it is
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            with log_file.open("a") as fh:
-                fh.write(traceback.format_exc())
-            self._fail(step.name, out, f"{type(exc).__name__}: {exc}")
+            _append(log_file, traceback.format_exc())
+            self._fail(step.name, out, _reason(exc))
             return
         seconds = time.perf_counter() - started
         if out.status == "interrupted":
             return
         outputs = {**result.outputs, "_metric": result.metric}
         why = out.why + (f"; {result.note}" if result.note else "")
-        self.cache.put(Entry(step.name, ctx.key, ctx.parts.to_json(), outputs, files, self.id, seconds, note=why))
-        out.status, out.outputs, out.files, out.seconds, out.metric, out.why = (
-            "done", outputs, files, seconds, result.metric, why
-        )  # fmt: skip
+        # Bookkeeping: a result that is not in the cache and the record is not done (the next run redoes it).
+        try:
+            self.cache.put(Entry(step.name, ctx.key, ctx.parts.to_json(), outputs, files, self.id, seconds, note=why))
+            self.save(finished=(out, {"status": "done", "outputs": outputs, "files": files, "seconds": seconds,
+                                      "metric": result.metric, "why": why}))  # fmt: skip
+        except PipelineError as exc:
+            out.seconds = seconds
+            self._fail(step.name, out, _reason(exc))
+            return
         self.say(f"{step.name:<{self.width}} done in {seconds:.1f} s" + (f": {result.metric}" if result.metric else "")
                  + (f" ({result.note})" if result.note else ""))  # fmt: skip
-        self.save()
 
     def _fail(self, name: str, out: Outcome, error: str) -> None:
         if out.status == "interrupted":  # its process was stopped by us: not a failure of the step
@@ -329,7 +369,7 @@ class Runner:
         if out.started:
             out.seconds = time.time() - out.started
         self.say(f"{name:<{self.width}} FAILED: {error}" + (f"\n{'':<{self.width}} log: {out.log}" if out.log else ""))
-        self.save()
+        self._try_save()
 
     def _show_progress(self) -> None:
         for name, out in self.outcomes.items():
@@ -358,11 +398,28 @@ class Runner:
                 proc.kill()
         self.record["status"] = "interrupted"
         self.record["ended"] = time.time()
-        self.save()
+        self._try_save()  # the interrupt is what the user must hear about
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why, for a step's error field and the FAILED line."""
+    if isinstance(exc, DistmlError):
+        return exc.message + (f" ({exc.hint})" if exc.hint else "")
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _append(path: Path, text: str) -> None:
+    """Add to a step's log; a log that cannot be written must not hide the error being logged."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write(text)
 
 
 def _safe(name: str) -> str:
