@@ -596,6 +596,135 @@ def test_v1_and_v2_requests_share_one_batch(champion: tuple[Path, Path]) -> None
 
 def test_a_full_queue_answers_503_with_retry_after(champion: tuple[Path, Path]) -> None:
     body = _j({"instances": [_OK_PIXELS]})
-    results, _ = _asgi_calls(champion[1], [(V1, body), (V1, body)], max_queue=1)
+    results, _ = _asgi_calls(champion[1], [(V1, body), (V1, body)], max_queue=1, max_queue_wait_ms=0)
     assert [status for status, _, _ in results] == [200, 503]
     assert results[1][1]["retry-after"] == "1" and "queue is full" in results[1][2]["error"]
+
+
+def test_a_full_queue_lets_a_request_wait_briefly_for_a_place(champion: tuple[Path, Path]) -> None:
+    # The overload policy: a request that finds every place held waits (up to max_queue_wait_ms) for one to free
+    # up instead of bouncing straight back as a 503; the second request here gets its answer.
+    body = _j({"instances": [_OK_PIXELS]})
+    results, app = _asgi_calls(champion[1], [(V1, body), (V1, body)], max_queue=1, max_queue_wait_ms=5000)
+    assert [status for status, _, _ in results] == [200, 200]
+    assert app.batcher.waiting == 0
+
+
+# -- abuse of the connection: slow, idle, oversized and overlapping clients ------------------------------------
+GUARDED = ["--max-queue", "4", "--header-timeout-s", "1", "--body-timeout-s", "2", "--idle-timeout-s", "1",
+           "--max-header-bytes", "8192", "--max-inflight-bytes", "65536"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def guarded(champion: tuple[Path, Path]) -> Iterator[ServerProcess]:
+    proc = ServerProcess(["--home", str(champion[0]), "serve", str(champion[1]), "--port", "0", *GUARDED])
+    try:
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def _open(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _head(path: str, length: int, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n{extra}\r\n").encode()  # fmt: skip
+
+
+def _read_reply(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection (or ``timeout`` passes)."""
+    sock.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_slow_drip_bodies_hold_no_queue_place_and_get_408(guarded: ServerProcess) -> None:
+    # max_queue (4) connections send their headers and then a byte now and then: they used to hold every place
+    # in the queue while their bodies trickled in, and every other request got 503.
+    drips = [_open(guarded.base) for _ in range(4)]
+    started = time.monotonic()
+    for sock in drips:
+        sock.sendall(_head(V2, 5000) + b'{"inputs"')
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(0.2):
+            for sock in drips:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b" ")
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    try:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        reply = post_json(guarded.base, V2, _v2_pixels(sample_images(1)))
+        assert reply.status == 200 and time.monotonic() - t0 < 1.0, reply.body
+        for sock in drips:  # the body deadline (2 s) ends each of them with a 408 and a closed connection
+            answer = _read_reply(sock, timeout=6)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+            assert b"did not arrive within 2 s" in answer
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        dripper.join(5)
+        for sock in drips:
+            sock.close()
+
+
+def test_an_idle_connection_is_closed(guarded: ServerProcess) -> None:
+    with _open(guarded.base) as sock:
+        t0 = time.monotonic()
+        assert _read_reply(sock, timeout=10) == b""  # closed without a word: nothing was asked
+        assert time.monotonic() - t0 < 3
+
+
+def test_headers_that_trickle_in_get_408(guarded: ServerProcess) -> None:
+    with _open(guarded.base) as sock:
+        sock.sendall(f"POST {V2} HTTP/1.1\r\nHost: t\r\n".encode())
+        t0 = time.monotonic()
+        for _ in range(10):  # one header byte every 0.3 s: the header deadline (1 s) passes first
+            time.sleep(0.3)
+            with contextlib.suppress(OSError):
+                sock.sendall(b"X")
+        answer = _read_reply(sock, timeout=5)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert b"headers did not arrive within 1 s" in answer and time.monotonic() - t0 < 5
+
+
+def test_oversized_headers_get_431(guarded: ServerProcess) -> None:
+    with _open(guarded.base) as sock:
+        sock.sendall(_head(V2, 2, extra="X-Big: " + "a" * 100_000 + "\r\n") + b"{}")
+        answer = _read_reply(sock, timeout=5)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"over 8,192 bytes" in answer
+    assert request(guarded.base, "GET", "/v2/health/live").status == 200
+    assert (
+        'distml_requests_total{model="unknown",protocol="http",status="431"}'
+        in request(guarded.base, "GET", "/metrics").body.decode()
+    )
+
+
+def test_bodies_in_flight_have_a_byte_budget(guarded: ServerProcess) -> None:
+    # 64 KiB of bodies may be in flight; one client has declared 60,000 bytes and is still sending them.
+    with _open(guarded.base) as hog:
+        hog.sendall(_head(V2, 60_000) + b"{")
+        time.sleep(0.2)
+        body = _j(_v2_pixels(sample_images(2)))
+        assert 5000 < len(body) < 10_000
+        reply = request(guarded.base, "POST", V2, body, {"content-type": "application/json"})
+        assert reply.status == 503 and reply.headers["retry-after"] == "1", reply.body
+        assert "bytes of request bodies" in reply.json()["error"]
+    time.sleep(0.2)  # the hog is gone: its share of the budget comes back
+    assert request(guarded.base, "POST", V2, body, {"content-type": "application/json"}).status == 200
+
+
+def test_error_messages_clip_what_the_client_sent(guarded: ServerProcess) -> None:
+    reply = request(guarded.base, "GET", "/nowhere/" + "x" * 5000)
+    assert reply.status == 404 and len(reply.body) < 400 and "characters)" in reply.json()["error"]

@@ -9,6 +9,15 @@ every request goes through a dozen lines here and nothing else: that is where th
 Errors: anything the client caused is a :class:`~distml.errors.RequestError`, answered in one place with its
 status and ``{"error": message}``; anything else is logged with the request id and answered with a generic 500
 that carries the id, never the exception text.
+
+An inference request, in order (each step bounded, the cheap refusals first):
+
+1. its declared size against ``max_body_bytes`` (413) and the in-flight byte budget (503): bodies being read or
+   waiting, all requests together, never exceed ``max_inflight_bytes``;
+2. the body, within ``body_timeout_s`` of the headers (408), holding no queue place while it trickles in;
+3. a place in the batch queue (waiting up to ``max_queue_wait_ms`` when all are held, then 503; see
+   :mod:`~distml.serve.batcher`), so an overloaded server refuses before it parses anything;
+4. parse (in a worker thread when the body is large), decode, batch, encode.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import orjson
 
 from distml import __version__
 from distml.config import ServeConfig
-from distml.errors import PayloadTooLargeError, RequestError
+from distml.errors import OverloadedError, PayloadTooLargeError, RequestError
 from distml.serve import v1, v2
 from distml.serve.batcher import Batcher
 from distml.serve.inputs import Inputs
@@ -43,8 +52,34 @@ log = logging.getLogger("distml.serve")
 JSON = b"application/json"
 
 
+# Bodies this large or larger are parsed in a worker thread, so health checks and small requests keep flowing.
+PARSE_OFFLOAD_BYTES = 256 << 10
+# A request refused before its body was read keeps its connection only when the unread rest is this small.
+KEEP_ALIVE_UNREAD_BYTES = 64 << 10
+CLIP = 80  # characters of a client's value quoted back in an error message
+
+
 class _ClientGoneError(Exception):
     """The client went away before its body arrived; there is no one to answer."""
+
+
+class ByteBudget:
+    """Bytes of request bodies being read or waiting, across all requests; 503 past ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise OverloadedError(
+                f"the server holds {self.used:,} bytes of request bodies and this one needs {n:,} more; "
+                f"the limit is {self.limit:,}; retry shortly"
+            )
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
 
 
 class ServeApp:
@@ -59,6 +94,7 @@ class ServeApp:
         self.batcher: Batcher | None = None
         self.reqlog: RequestLogger | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
+        self.bodies = ByteBudget(config.max_inflight_bytes)
         self._static = {
             "/v2": orjson.dumps({"name": "distml", "version": __version__, "extensions": ["binary_tensor_data"]}),
             "/v1/models": orjson.dumps({"models": [model.name]}),
@@ -73,6 +109,7 @@ class ServeApp:
             max_batch_size=self.config.max_batch_size,
             max_batch_delay_s=self.config.max_batch_delay_ms / 1000,
             max_queue=self.config.max_queue,
+            max_queue_wait_s=self.config.max_queue_wait_ms / 1000,
             on_batch=self.metrics.batch,
         )
         self.batcher.start()
@@ -98,6 +135,10 @@ class ServeApp:
             self._decode_pool.shutdown(wait=True)
         if self.reqlog is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.reqlog.close)
+
+    def refused(self, status: int) -> None:
+        """A connection the HTTP layer refused before any route saw it (header deadline or size): counted."""
+        self.metrics.request("http", "unknown", status)
 
     def drain(self) -> None:
         """Readiness goes false (load balancers stop sending), requests in flight still complete."""
@@ -144,7 +185,9 @@ class ServeApp:
             if await self._allowed(method, "GET", send):
                 await _respond(send, 200, self.metrics.render(), METRICS_CONTENT_TYPE.encode())
         else:
-            await _respond(send, 404, _error(f"no route {method} {path}; the APIs are under /v1/models and /v2"))
+            await _respond(
+                send, 404, _error(f"no route {_clip(method)} {_clip(path)}; the APIs are under /v1/models and /v2")
+            )
 
     # -- routes --------------------------------------------------------------------------------------------
     async def _v1_route(self, rest: str, method: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -176,10 +219,10 @@ class ServeApp:
             if await self._allowed(method, "POST", send):
                 await self._infer("v2", scope, receive, send)
         else:
-            await _respond(send, 404, _error(f"no route {method} /v2/models/{rest}"))
+            await _respond(send, 404, _error(f"no route {_clip(method)} /v2/models/{_clip(rest)}"))
 
     async def _not_found(self, name: str, version: str | None, protocol: str, send: Send) -> None:
-        what = f"model {name!r}" + (f" version {version!r}" if version is not None else "")
+        what = f"model {_clip(name)!r}" + (f" version {_clip(version)!r}" if version is not None else "")
         served = f"{self.model.name!r} version {self.model.version}"
         await _respond(send, 404, _error(f"{what} is not served here; this server serves {served}"))
         self.metrics.request(protocol, "unknown", 404)
@@ -188,7 +231,10 @@ class ServeApp:
         if method == allowed:
             return True
         await _respond(
-            send, 405, _error(f"{method} is not allowed here; use {allowed}"), extra=[(b"allow", allowed.encode())]
+            send,
+            405,
+            _error(f"{_clip(method)} is not allowed here; use {allowed}"),
+            extra=[(b"allow", allowed.encode())],
         )
         return False
 
@@ -201,11 +247,20 @@ class ServeApp:
         body = b""
         content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
         assert self.batcher is not None, "requests arrive only after startup"
+        budget, declared = _Held(self.bodies), None
         try:
             try:
-                with self.batcher.admit():
-                    body = await _read_body(headers, receive, self.config.max_body_bytes)
-                    inputs, v2_request = self._parse(protocol, headers, body)
+                declared = _declared_length(headers, self.config.max_body_bytes)
+                budget.take(declared or 0)
+                try:
+                    async with asyncio.timeout(self.config.body_timeout_s):
+                        body = await _read_body(receive, self.config.max_body_bytes, budget)
+                except TimeoutError:
+                    raise RequestError(
+                        f"the body did not arrive within {self.config.body_timeout_s:g} s", status=408
+                    ) from None
+                async with self.batcher.place():
+                    inputs, v2_request = await self._parse(protocol, headers, body)
                     images = await self._decode(inputs, protocol)
                 decoded = time.perf_counter()
                 result = await self.batcher.submit(images, self.config.request_timeout_s)
@@ -232,11 +287,15 @@ class ServeApp:
             except RequestError as exc:
                 status, out, out_type = exc.status, _error(exc.message), JSON
                 extra.extend((k.encode(), v.encode()) for k, v in exc.headers.items())
+                if status == 408 or (not body and (declared or 0) > KEEP_ALIVE_UNREAD_BYTES):
+                    extra.append((b"connection", b"close"))  # the rest of the body is not worth reading
         except _ClientGoneError:
             status, out, out_type = 499, b"", JSON  # nginx's "client closed request": counted, not answered
         except Exception:
             log.exception("internal error in request %s", request_id)
             status, out, out_type = 500, _error(f"internal error (request id {request_id})"), JSON
+        finally:
+            budget.release()
         if status != 499:
             await _respond(send, status, out, out_type, extra)
         self.metrics.request(protocol, self.model.name, status)
@@ -245,7 +304,17 @@ class ServeApp:
             self.reqlog.log("request", request_id, endpoint, protocol, body, content_type, at=arrived)
             self.reqlog.log("response", request_id, endpoint, protocol, out, out_type.decode(), status)
 
-    def _parse(self, protocol: str, headers: dict[bytes, bytes], body: bytes) -> tuple[Inputs, v2.InferRequest | None]:
+    async def _parse(
+        self, protocol: str, headers: dict[bytes, bytes], body: bytes
+    ) -> tuple[Inputs, v2.InferRequest | None]:
+        if len(body) >= PARSE_OFFLOAD_BYTES and self._decode_pool is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._decode_pool, self._parse_now, protocol, headers, body)
+        return self._parse_now(protocol, headers, body)
+
+    def _parse_now(
+        self, protocol: str, headers: dict[bytes, bytes], body: bytes
+    ) -> tuple[Inputs, v2.InferRequest | None]:
         if headers.get(b"content-encoding", b"identity") != b"identity":
             raise RequestError(f"Content-Encoding {headers[b'content-encoding'].decode('latin-1')!r} is not supported; "
                                "send the body uncompressed", status=415)  # fmt: skip
@@ -286,10 +355,33 @@ def _request_id(given: bytes | None) -> str:
     return uuid.uuid4().hex
 
 
-async def _read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) -> bytes:
+def _declared_length(headers: dict[bytes, bytes], limit: int) -> int | None:
+    """The body's Content-Length, or None when it is not given (chunked); 413 past ``limit``."""
     declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is None or not declared.isdigit():
+        return None  # httptools has already refused a malformed Content-Length
+    if int(declared) > limit:
         raise PayloadTooLargeError(f"the body is {int(declared):,} bytes; the limit is {limit:,}")
+    return int(declared)
+
+
+class _Held:
+    """One request's share of the byte budget: what it declared, topped up as undeclared bytes arrive."""
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def take(self, n: int) -> None:
+        self.budget.take(n)
+        self.held += n
+
+    def release(self) -> None:
+        self.budget.give(self.held)
+        self.held = 0
+
+
+async def _read_body(receive: Receive, limit: int, held: _Held) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -299,9 +391,16 @@ async def _read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) 
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(f"the body is more than {limit:,} bytes; the limit is {limit:,}")
+        if size > held.held:
+            held.take(size - held.held)  # more than declared (or nothing declared): count it as it arrives
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _clip(value: str, limit: int = CLIP) -> str:
+    """A client's value, shortened for quoting in an error message."""
+    return value if len(value) <= limit else value[:limit] + f"... ({len(value):,} characters)"
 
 
 def _error(message: str) -> bytes:

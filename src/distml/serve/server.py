@@ -28,6 +28,7 @@ import uvicorn
 
 from distml.config import ServeConfig
 from distml.serve.app import ServeApp
+from distml.serve.http import ConnectionLimits, protocol_class
 from distml.serve.model import ServedModel, load_model
 
 
@@ -95,10 +96,16 @@ def serve(config: ServeConfig, model_path: Path, *, announce: Callable[[str], No
 
 
 def _uvicorn_config(app: ServeApp, config: ServeConfig) -> uvicorn.Config:
+    limits = ConnectionLimits(
+        idle_s=config.idle_timeout_s,
+        header_s=config.header_timeout_s,
+        body_s=config.body_timeout_s,
+        max_header_bytes=config.max_header_bytes,
+    )
     return uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(limits, on_refusal=app.refused),
         ws="none",
         lifespan="on",
         interface="asgi3",
@@ -107,7 +114,7 @@ def _uvicorn_config(app: ServeApp, config: ServeConfig) -> uvicorn.Config:
         access_log=config.access_log,
         log_level="info" if config.access_log else "warning",
         timeout_graceful_shutdown=math.ceil(config.graceful_timeout_s),
-        timeout_keep_alive=15,
+        timeout_keep_alive=math.ceil(config.idle_timeout_s),  # the protocol sets the exact value per connection
     )
 
 
