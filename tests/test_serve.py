@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import os
 import signal
 import socket
 import threading
@@ -728,3 +729,31 @@ def test_bodies_in_flight_have_a_byte_budget(guarded: ServerProcess) -> None:
 def test_error_messages_clip_what_the_client_sent(guarded: ServerProcess) -> None:
     reply = request(guarded.base, "GET", "/nowhere/" + "x" * 5000)
     assert reply.status == 404 and len(reply.body) < 400 and "characters)" in reply.json()["error"]
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(c) for c in text.split()]
+
+
+def test_a_worker_that_keeps_dying_is_restarted_with_backoff(champion: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(champion[1], model)
+    proc = ServerProcess(["--home", str(champion[0]), "serve", str(model), "--port", "0", "--workers", "2"])
+    try:
+        workers = [p for p in _children(proc.proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        shutil.rmtree(model)  # every new worker now fails to load its model and dies at once
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        delays: list[float] = []
+        while time.monotonic() < deadline and len(delays) < 3:
+            delays = [float(line.split()[-2]) for line in proc.lines if "restarting in" in line]
+            time.sleep(0.2)
+        assert delays[:3] == [0.5, 1.0, 2.0], proc.output  # doubling, not a tight respawn loop
+        assert "cannot start" in proc.output and "Traceback" not in proc.output
+        assert post_json(proc.base, V1, {"instances": [_OK_PIXELS]}).status == 200  # the other worker serves on
+    finally:
+        proc.stop()

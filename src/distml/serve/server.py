@@ -12,6 +12,7 @@ that dies. uvicorn's own supervisor is not used because its workers cannot have 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -30,6 +31,8 @@ from distml.config import ServeConfig
 from distml.serve.app import ServeApp
 from distml.serve.http import ConnectionLimits, protocol_class
 from distml.serve.model import ServedModel, load_model
+
+log = logging.getLogger("distml.serve")
 
 
 def build_app(config: ServeConfig, model_path: Path) -> ServeApp:
@@ -124,8 +127,15 @@ def _run_worker(sock: socket.socket, app: ServeApp, config: ServeConfig) -> None
 
 def _worker_main(sock: socket.socket, settings: dict[str, Any]) -> None:
     """A worker process (``--workers`` > 1): its own model, app and event loop on the shared socket."""
+    from distml.errors import DistmlError
+
     config = ServeConfig.model_validate(settings["config"])
-    _run_worker(sock, build_app(config, Path(settings["model"])), config)
+    try:
+        app = build_app(config, Path(settings["model"]))
+    except DistmlError as exc:  # e.g. the model folder is gone: one line in the log, and the supervisor backs off
+        log.error("worker %d cannot start: %s", os.getpid(), exc)
+        raise SystemExit(1) from None
+    _run_worker(sock, app, config)
 
 
 def _supervise(sock: socket.socket, config: ServeConfig, model_path: Path) -> None:
@@ -147,15 +157,26 @@ def _supervise(sock: socket.socket, config: ServeConfig, model_path: Path) -> No
         return process
 
     workers = [start() for _ in range(config.workers)]
+    started = [time.monotonic()] * config.workers
+    restart_at: list[float | None] = [None] * config.workers
+    backoff = [RespawnBackoff() for _ in range(config.workers)]
     try:
         while not stopping:
             time.sleep(0.2)
+            now = time.monotonic()
             for i, process in enumerate(workers):
-                if not process.is_alive() and not stopping:
+                if stopping:
+                    break
+                if restart_at[i] is None and not process.is_alive():
                     from prometheus_client import multiprocess
 
                     multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
-                    workers[i] = start()
+                    delay = backoff[i].next_delay(lived_s=now - started[i])
+                    restart_at[i] = now + delay
+                    log.warning("worker %d (pid %s) exited with code %s; restarting in %.1f s",
+                                i, process.pid, process.exitcode, delay)  # fmt: skip
+                if restart_at[i] is not None and now >= restart_at[i]:  # type: ignore[operator]
+                    workers[i], started[i], restart_at[i] = start(), now, None
         for process in workers:
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, stopping[0])
@@ -170,6 +191,24 @@ def _supervise(sock: socket.socket, config: ServeConfig, model_path: Path) -> No
             signal.signal(sig, handler)
         shutil.rmtree(metrics_dir, ignore_errors=True)
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
+class RespawnBackoff:
+    """How long to wait before restarting a worker that died: doubling from ``first_s`` up to ``max_s`` while
+    workers keep dying young, back to ``first_s`` once one has lived ``healthy_s``. A worker that cannot start
+    (a model file gone, memory exhausted) must not be respawned in a tight loop that starves the live ones."""
+
+    def __init__(self, first_s: float = 0.5, max_s: float = 30.0, healthy_s: float = 60.0) -> None:
+        self.first_s, self.max_s, self.healthy_s = first_s, max_s, healthy_s
+        self._delay = 0.0
+
+    def next_delay(self, lived_s: float) -> float:
+        """The wait before the next start, given how long the worker that just died had lived."""
+        if lived_s >= self.healthy_s or self._delay == 0.0:
+            self._delay = self.first_s
+        else:
+            self._delay = min(self.max_s, self._delay * 2)
+        return self._delay
 
 
 def _bind(host: str, port: int) -> socket.socket:
