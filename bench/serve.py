@@ -48,12 +48,22 @@ two runs minutes apart; so both distml servers are then started together (both o
 other is measured) and measured in turn (ABBA order), ``--ab-rounds`` times 4 s each, and that target
 compares the medians.
 
+Overload (``distml`` only, V2 UINT8, right after that server's capacity points, so the same run): ``hey`` closed
+loop at ``--overload-concurrency`` (default 1,000) connections for ``--overload-duration`` s (default 10), every
+request's status and latency written by hey (``-o csv``). hey's CSV leaves out requests that got no answer at all,
+so they are counted from the other side: the server's own ``distml_requests_total`` by status before and after,
+and the kernel's listen-queue overflows and drops (``/proc/net/netstat``). Goodput is the 200s per second; the
+target compares it with the c=64 capacity (wrk) of the same server in the same run. The server's RSS is read
+before and after.
+
 Targets, printed as pass/fail rows: distml req/s >= 2x KServe's at concurrency 64 (both request kinds); distml
 p99 <= 20 ms at half of its own peak; batching on costs nothing at concurrency 1 (>= 0.95x batching off) and
-gains at concurrency 64 (> 1.0x).
+gains at concurrency 64 (> 1.0x); under overload (c=1,000) goodput >= 70% of the c=64 capacity, only 200 and
+503 answers and no unanswered request, p99 of the accepted (200) requests <= 250 ms, RSS growth <= 100 MB.
 
 Usage: python bench/serve.py [--duration 5] [--warmup 1] [--rates 100,500] [--only v1,v2]
                              [--servers distml,distml-nobatch,kserve] [--model DIR] [--quick] [--out FILE]
+                             [--overload-concurrency 1000] [--overload-duration 10] [--overload-only]
 """
 
 from __future__ import annotations
@@ -96,6 +106,9 @@ RATES = (100.0, 500.0)
 SERVERS = ("distml", "distml-nobatch", "kserve")
 PROTOCOLS = {"v1": "V1 b64-PNG", "v2": "V2 UINT8"}
 P99_TARGET_MS = 20.0
+OVERLOAD_GOODPUT = 0.70  # goodput at the overload point, as a share of the c=64 capacity
+OVERLOAD_P99_MS = 250.0
+OVERLOAD_RSS_MB = 100.0
 SUSTAINED = 0.9  # an open-loop point whose achieved rate is under this share of the target is marked "~"
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
@@ -366,6 +379,78 @@ def run_hey(server: Server, url: str, body: Path, rate: float, duration: int, in
     return result
 
 
+# -- overload: far more clients than the server can answer -------------------------------------------------
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS:"))) / 1024
+
+
+def listen_drops() -> dict[str, int]:
+    """The kernel's counters of connections its listen queues could not take (TcpExt in /proc/net/netstat)."""
+    lines = [ln.split() for ln in Path("/proc/net/netstat").read_text().splitlines() if ln.startswith("TcpExt:")]
+    table = dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
+    return {k: table.get(k, 0) for k in ("ListenOverflows", "ListenDrops")}
+
+
+def served_by_status(base: str) -> dict[str, float]:
+    """``distml_requests_total`` summed by status, from the server's own /metrics."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    out: dict[str, float] = {}
+    for m in re.finditer(r'^distml_requests_total\{[^}]*status="(\d+)"[^}]*\} ([\d.e+]+)$', text, re.M):
+        out[m[1]] = out.get(m[1], 0.0) + float(m[2])
+    return out
+
+
+def run_overload(server: Server, url: str, body: Path, conns: int, duration: int) -> dict[str, Any]:
+    """hey closed loop at ``conns`` connections; statuses and latencies per request, cross-checked server-side."""
+    cmd = [HEY, "-z", f"{duration}s", "-c", str(conns), "-m", "POST", "-T", "application/json", "-D", str(body),
+           "-cpus", "1", "-o", "csv", url]  # fmt: skip
+    before, drops_before, rss_before = served_by_status(server.base), listen_drops(), rss_mb(server.proc.pid)
+    out, wall, gen_cpu, server_cpu = _generate(cmd, duration, server)
+    rss_after, drops_after = rss_mb(server.proc.pid), listen_drops()
+    after = served_by_status(server.base)
+    statuses: dict[str, int] = {}
+    accepted: list[float] = []
+    for row in out.splitlines()[1:]:
+        fields = row.split(",")
+        if len(fields) < 7:
+            continue
+        statuses[fields[6]] = statuses.get(fields[6], 0) + 1
+        if fields[6] == "200":
+            accepted.append(float(fields[0]) * 1e3)
+    accepted.sort()
+    answered = sum(statuses.values())
+    server_side = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after if after.get(k, 0) - before.get(k, 0)}
+    server_total = sum(server_side.values()) - 1  # less this function's own GET /metrics, counted as a 200
+    drops = {k: drops_after[k] - drops_before[k] for k in drops_after}
+    unanswered = max(0, server_total - answered) + sum(drops.values())
+
+    def pct(q: float) -> float | None:
+        return accepted[min(len(accepted) - 1, int(q * len(accepted)))] if accepted else None
+
+    ok = set(statuses) <= {"200", "503"} and unanswered == 0
+    return {"concurrency": conns, "seconds": round(wall, 2), "status_codes": statuses,
+            "goodput_req_per_s": len(accepted) / wall, "answered_req_per_s": answered / wall,
+            "accepted_p50_ms": pct(0.50), "accepted_p99_ms": pct(0.99), "server_side_status_codes": server_side,
+            "listen_queue": drops, "unanswered": unanswered, "rss_mb_before": round(rss_before, 1),
+            "rss_mb_after": round(rss_after, 1), "generator_cpu_share": round(gen_cpu, 3),
+            "server_cpu_share": round(server_cpu / wall, 3), "ok": ok}  # fmt: skip
+
+
+def print_overload(label: str, r: dict[str, Any]) -> None:
+    print(f"{label} overload c={r['concurrency']}: goodput {r['goodput_req_per_s']:,.0f}/s of "
+          f"{r['answered_req_per_s']:,.0f}/s answered, codes {r['status_codes']}, accepted p50 "
+          f"{r['accepted_p50_ms'] or float('nan'):.1f} ms p99 {r['accepted_p99_ms'] or float('nan'):.1f} ms, "
+          f"RSS {r['rss_mb_before']:.0f} -> {r['rss_mb_after']:.0f} MB, unanswered {r['unanswered']}, "
+          f"server cpu {r['server_cpu_share']:.0%}, hey cpu {r['generator_cpu_share']:.0%}", flush=True)  # fmt: skip
+
+
 # -- one server, one protocol ------------------------------------------------------------------------------
 def measure(
     server: Server, protocol: str, url: str, script: Path, body: Path, args: argparse.Namespace
@@ -379,10 +464,14 @@ def measure(
         print(f"{label} c={c:<3} {r['req_per_s']:>9,.0f} req/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms"
               f"  server cpu {r['server_cpu_share']:.0%}  wrk cpu {r['generator_cpu_share']:.0%}"
               f"{'' if r['ok'] else '  ERRORS ' + json.dumps(r['errors'])}", flush=True)  # fmt: skip
+    overload = None
+    if server.name == "distml" and protocol == "v2" and args.overload_concurrency:
+        overload = run_overload(server, url, body, args.overload_concurrency, args.overload_duration)
+        print_overload(label, overload)
     good = [r["req_per_s"] for r in closed if r["ok"]]
     peak = max(good) if good else None
     rates = [(float(rate), "fixed") for rate in args.rates]
-    if peak is not None:
+    if peak is not None and not args.overload_only:
         rates.append((float(round(peak / 2)), "half-peak"))
     opened = []
     for rate, kind in rates:
@@ -396,7 +485,7 @@ def measure(
               f"p50 {r['p50_ms'] or float('nan'):.2f} ms  p99 {r['p99_ms'] or float('nan'):.2f} ms  "
               f"({r['workers']} workers){flags}", flush=True)  # fmt: skip
     return {"protocol": protocol, "server": server.name, "warmup": warm, "closed": closed, "peak_req_per_s": peak,
-            "open": opened}  # fmt: skip
+            "open": opened, "overload": overload}  # fmt: skip
 
 
 def interleaved_c1(
@@ -491,7 +580,31 @@ def targets(results: list[dict[str, Any]], ab: dict[str, Any] | None = None) -> 
             ratio_row(protocol, target, ("distml", 1), ("distml-nobatch", 1), 0.95, False)
         ratio_row(protocol, f"{name}: batching on/off at c=64 > 1.0 (a gain)", ("distml", 64),
                   ("distml-nobatch", 64), 1.0, True)  # fmt: skip
+        rows.extend(overload_rows(results, protocol))
     return rows
+
+
+def overload_rows(results: list[dict[str, Any]], protocol: str) -> list[dict[str, Any]]:
+    entry, capacity = _find(results, protocol, "distml"), _closed(results, protocol, "distml", 64)
+    r = entry.get("overload") if entry else None
+    if r is None or capacity is None:
+        return []
+    name, c = PROTOCOLS[protocol], r["concurrency"]
+    share = r["goodput_req_per_s"] / capacity["req_per_s"]
+    p99, growth = r["accepted_p99_ms"], r["rss_mb_after"] - r["rss_mb_before"]
+    return [
+        {"protocol": protocol, "target": f"{name}: goodput at c={c} >= {OVERLOAD_GOODPUT:.0%} of c=64 capacity",
+         "ratio": share, "verdict": _verdict(share >= OVERLOAD_GOODPUT),
+         "value": f"{share:.0%} ({r['goodput_req_per_s']:,.0f} / {capacity['req_per_s']:,.0f} req/s)"},
+        {"protocol": protocol, "target": f"{name}: at c={c} only 200/503 answers, none unanswered",
+         "verdict": _verdict(r["ok"]), "value": f"{r['status_codes']}, unanswered {r['unanswered']}"},
+        {"protocol": protocol, "target": f"{name}: at c={c} p99 of accepted <= {OVERLOAD_P99_MS:g} ms",
+         "verdict": _verdict(p99 is not None and p99 <= OVERLOAD_P99_MS),
+         "value": "no accepted request" if p99 is None else f"p99 {p99:.1f} ms (p50 {r['accepted_p50_ms']:.1f})"},
+        {"protocol": protocol, "target": f"{name}: at c={c} RSS growth <= {OVERLOAD_RSS_MB:g} MB",
+         "verdict": _verdict(growth <= OVERLOAD_RSS_MB),
+         "value": f"{growth:+.0f} MB ({r['rss_mb_before']:.0f} -> {r['rss_mb_after']:.0f} MB)"},
+    ]  # fmt: skip
 
 
 def print_table(results: list[dict[str, Any]], rates: list[float], rows: list[dict[str, Any]]) -> None:
@@ -589,6 +702,11 @@ def main() -> None:
                         help="interleaved c=1 runs of batching on/off, both servers up (0: skip)")  # fmt: skip
     parser.add_argument("--model", type=Path, default=None, help="artifact folder (model.onnx + model.json)")
     parser.add_argument("--source", type=Path, default=SOURCE, help="folder with the Fashion-MNIST .gz files")
+    parser.add_argument("--overload-concurrency", type=int, default=1000,
+                        help="distml V2: connections of the overload point (0: skip it)")  # fmt: skip
+    parser.add_argument("--overload-duration", type=int, default=10, help="seconds of the overload point")
+    parser.add_argument("--overload-only", action="store_true",
+                        help="distml V2 only: the c=1,8,64 capacity points and the overload point")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 s points: a smoke test, not a measurement")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default bench/results/serve.json; with --quick a temp file)")  # fmt: skip
@@ -605,8 +723,12 @@ def main() -> None:
         parser.error(f"--rates takes numbers, e.g. 100,500; got {args.rates!r}")
     if any(r <= 0 for r in args.rates):
         parser.error("--rates must be positive")
+    if args.overload_only:
+        args.only, args.servers, args.ab_rounds, args.rates = "v2", "distml", 0, []
+        protocols, servers = ["v2"], ["distml"]
     if args.quick:
         args.duration, args.warmup, args.ab_rounds = 1, 1, min(args.ab_rounds, 1)
+        args.overload_duration = min(args.overload_duration, 2)
     if args.duration < 1 or args.warmup < 1:
         parser.error("--duration and --warmup are whole seconds, at least 1")
     if args.out is None:
@@ -644,6 +766,8 @@ def main() -> None:
             "request_bytes": {p: len(bodies[p]) for p in protocols},
             "wrk": "wrk -t1 -cC -dDs --latency -s SCRIPT URL",
             "hey": "hey -z Ds -c W -q RATE/W -m POST -T application/json -D BODY -cpus 1 URL",
+            "overload": f"hey -z {args.overload_duration}s -c {args.overload_concurrency} -m POST "
+            "-T application/json -D BODY -cpus 1 -o csv URL",
         },
         "servers": {},
         "results": [],
