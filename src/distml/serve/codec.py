@@ -3,12 +3,18 @@
 Both protocols come through here, so V1 and V2 accept the same things with the same limits and the same
 messages:
 
-- **Encoded images** (PNG or JPEG bytes). The header is read first, so a 10,000 x 10,000 image or a
-  decompression bomb is refused before a pixel is decoded. The image is converted to the model's channels
-  (grayscale ``L`` or ``RGB``) and resized (bilinear) to the model's H x W when it differs.
+- **Encoded images** (PNG or JPEG bytes; only Pillow's PNG and JPEG parsers ever see the untrusted bytes). Every
+  image's header is read first, so a 10,000 x 10,000 image, a decompression bomb, or a request whose images add
+  up to more than ``max_request_pixels`` is refused before a pixel is decoded. Decoding stops with a 503 when it
+  runs past ``decode_timeout_s`` (checked between images; one image is bounded by the per-image pixel caps). The
+  image is converted to the model's channels (grayscale ``L`` or ``RGB``) and resized (bilinear) to the model's
+  H x W when it differs.
 - **Pixel arrays** must already be the model's H x W (x C; C may be left out for 1-channel models). Integers are
   ``uint8`` pixels (0..255); floats are intensities in [0, 1], scaled by 255 and rounded. Anything else (other
   shapes, out-of-range values, NaN, booleans, strings) is a 400 that says which instance and what was expected.
+
+Everything here is a pure function of its arguments (no shared state, no ``warnings.catch_warnings``, which is
+not thread-safe), so the server may parse and decode on worker threads.
 """
 
 from __future__ import annotations
@@ -16,17 +22,38 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import reprlib
+import struct
+import time
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
-from distml.errors import PayloadTooLargeError, RequestError
+from distml.errors import OverloadedError, PayloadTooLargeError, RequestError
 
 FORMATS = ("PNG", "JPEG")
+# Same defaults as ServeConfig (tests/test_serve_units.py checks they agree); the server passes its own values.
+MAX_REQUEST_PIXELS = 2 * 4096 * 4096
+DECODE_TIMEOUT_S = 5.0
+MAX_RESPONSE_BYTES = 64 << 20
+# Other formats, recognised by their magic bytes only, so the error can say what was sent without a parser
+# for it ever running on the client's bytes.
+_MAGIC = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+# Pillow warns (and past twice its global limit raises) on images over its MAX_IMAGE_PIXELS; the per-server caps
+# below are stricter, so the warning is only noise. Set once here: catch_warnings() per call would race between
+# the threads that decode, and a leaked filter is process-wide.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother = 2, 60, 60  # bounded depth: no RecursionError on nested input
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
 
 
 @dataclass(frozen=True)
@@ -38,13 +65,51 @@ class InputSpec:
     channels: int
     max_image_side: int = 4096
     max_image_pixels: int = 4096 * 4096
+    max_request_pixels: int = MAX_REQUEST_PIXELS  # width x height summed over one request's encoded images
+    decode_timeout_s: float = DECODE_TIMEOUT_S  # longest one request's images may take to decode (503 past it)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.height, self.width, self.channels
 
+    @property
+    def values_per_image(self) -> int:
+        return self.height * self.width * self.channels
+
     def describe(self) -> str:
         return f"{self.height}x{self.width}x{self.channels}"
+
+
+def clip(value: Any, limit: int = 80, *, quote: bool = True) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters and never deeper than two levels
+    (``quote=False``: a string as it is, only shortened).
+
+    Every message that quotes what a client sent goes through this: a 10 MB string or a list nested 1,000 deep
+    must neither become the message nor raise ``RecursionError`` while it is formatted.
+    """
+    text = value if isinstance(value, str) and not quote else _repr.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ResponseTooLargeError(RequestError):
+    """The answer would be over the server's response-size limit (500).
+
+    A 500 because the request is valid: with each output asked for at most once, the answer grows with the
+    number of images, which the server's own ``max_instances`` allows; an answer over ``max_response_bytes``
+    means those two limits disagree (a server setting), not that the client did wrong. The message still says
+    how to get an answer: fewer images per request.
+    """
+
+    status = 500
+
+
+def check_response_size(size: int, max_bytes: int, images: int) -> None:
+    """Raise :class:`ResponseTooLargeError` when a response of ``size`` bytes (for ``images`` images) is too big."""
+    if size > max_bytes:
+        raise ResponseTooLargeError(
+            f"the response for {images:,} images would be {size:,} bytes or more; this server answers at most "
+            f"{max_bytes:,} bytes (serve.max_response_bytes): send fewer images per request"
+        )
 
 
 def b64decode(text: Any, where: str) -> bytes:
@@ -65,38 +130,104 @@ def b64decode(text: Any, where: str) -> bytes:
         raise RequestError(f"{where}: is not valid base64") from None
 
 
-def decode_image(data: bytes, spec: InputSpec, where: str) -> np.ndarray:
-    """PNG/JPEG bytes -> ``uint8`` H x W x C at the model's size, with the pixel limits checked before decoding."""
+def open_image(data: bytes, spec: InputSpec, where: str) -> ImageFile.ImageFile:
+    """Read only the header of PNG/JPEG ``data``: the image, not yet decoded, within the per-image pixel caps."""
     if not data:
         raise RequestError(f"{where}: the image is empty")
     try:
-        with warnings.catch_warnings():
-            # Pillow's own bomb check warns (or raises) on its global limit; ours below is stricter and per server.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
+        other = next((name for magic, name in _MAGIC if data.startswith(magic)), None)
+        if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+            other = "WEBP"
+        if other is not None:
+            raise RequestError(f"{where}: is a {other} image; send PNG or JPEG") from None
         raise RequestError(f"{where}: is not a PNG or JPEG image") from None
     except Image.DecompressionBombError as exc:  # a header far beyond even Pillow's own limit
         raise PayloadTooLargeError(f"{where}: the image is a decompression bomb ({_short(exc)})") from None
-    with image:
-        if image.format not in FORMATS:
-            raise RequestError(f"{where}: is a {image.format} image; send PNG or JPEG")
-        width, height = image.size
-        if max(width, height) > spec.max_image_side or width * height > spec.max_image_pixels:
-            raise PayloadTooLargeError(
-                f"{where}: the image is {width}x{height} pixels; the limit is {spec.max_image_side} on a side "
-                f"and {spec.max_image_pixels:,} in all"
-            )
-        mode = "L" if spec.channels == 1 else "RGB"
-        try:
-            if image.format == "JPEG":
-                image.draft(mode, (spec.width, spec.height))  # let libjpeg scale down while decoding
-            converted = image.convert(mode)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise RequestError(f"{where}: the image cannot be decoded ({_short(exc)})") from None
+    except (OSError, ValueError, SyntaxError, struct.error) as exc:  # a PNG/JPEG header that does not parse
+        raise RequestError(f"{where}: the image cannot be decoded ({_short(exc)})") from None
+    width, height = image.size
+    if max(width, height) > spec.max_image_side or width * height > spec.max_image_pixels:
+        image.close()
+        raise PayloadTooLargeError(
+            f"{where}: the image is {width}x{height} pixels; the limit is {spec.max_image_side} on a side "
+            f"and {spec.max_image_pixels:,} in all"
+        )
+    return image
+
+
+def decode_opened(image: ImageFile.ImageFile, spec: InputSpec, where: str) -> np.ndarray:
+    """An image from :func:`open_image` -> ``uint8`` H x W x C at the model's size."""
+    mode = "L" if spec.channels == 1 else "RGB"
+    try:
+        if image.format == "JPEG":
+            image.draft(mode, (spec.width, spec.height))  # let libjpeg scale down while decoding
+        converted = image.convert(mode)
+    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as exc:
+        raise RequestError(f"{where}: the image cannot be decoded ({_short(exc)})") from None
     if converted.size != (spec.width, spec.height):
         converted = converted.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     return np.asarray(converted, dtype=np.uint8).reshape(spec.shape)
+
+
+def decode_image(data: bytes, spec: InputSpec, where: str) -> np.ndarray:
+    """PNG/JPEG bytes -> ``uint8`` H x W x C at the model's size, with the pixel limits checked before decoding."""
+    with open_image(data, spec, where) as image:
+        return decode_opened(image, spec, where)
+
+
+def decode_images(encoded: Sequence[bytes], spec: InputSpec, where: str) -> np.ndarray:
+    """Encoded images -> ``uint8`` N x H x W x C, within the request's pixel budget and decode deadline.
+
+    Every header is read (and every per-image cap checked) before any image is decoded, and the sum of their
+    width x height must be within ``spec.max_request_pixels`` (413): decode CPU follows the pixels, not the
+    body, and a 16 KB PNG can hold 16 million of them. The deadline (``spec.decode_timeout_s``) is checked
+    between images; past it the request is a 503 with ``Retry-After``.
+    """
+    started = time.monotonic()
+    out = np.empty((len(encoded), *spec.shape), dtype=np.uint8)
+    with ExitStack() as stack:
+        images = [stack.enter_context(open_image(data, spec, f"{where}[{i}]")) for i, data in enumerate(encoded)]
+        total = sum(image.size[0] * image.size[1] for image in images)
+        if total > spec.max_request_pixels:
+            raise PayloadTooLargeError(
+                f"{where}: the request's {len(images):,} images are {total:,} pixels in all (width x height, "
+                f"from their headers); the limit is {spec.max_request_pixels:,} per request: send fewer or "
+                "smaller images"
+            )
+        for i, image in enumerate(images):
+            if i and time.monotonic() - started > spec.decode_timeout_s:
+                raise OverloadedError(
+                    f"{where}: decoding took over {spec.decode_timeout_s:g} s and was stopped after {i} of "
+                    f"{len(images)} images; the server is busy: retry later, or send fewer or smaller images"
+                )
+            out[i] = decode_opened(image, spec, f"{where}[{i}]")
+    return out
+
+
+def declared_pixels(data: bytes) -> int | None:
+    """Width x height from a PNG or baseline/progressive JPEG header, by hand and in microseconds (no Pillow);
+    ``None`` when it cannot tell. Used only to decide where to decode, never to accept an image."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack_from(">II", data, 16)
+        return int(width) * int(height)
+    if data.startswith(b"\xff\xd8"):
+        at = 2
+        for _ in range(64):  # markers before the frame header; a file with more is treated as unknown
+            if at + 9 > len(data) or data[at] != 0xFF:
+                return None
+            marker = data[at + 1]
+            if marker in _JPEG_SOF:
+                height, width = struct.unpack_from(">HH", data, at + 5)
+                return int(width) * int(height)
+            if marker == 0xFF:  # fill byte
+                at += 1
+            elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+                at += 2
+            else:
+                at += 2 + struct.unpack_from(">H", data, at + 2)[0]
+    return None
 
 
 def pixels_to_uint8(array: np.ndarray, where: str) -> np.ndarray:
@@ -118,13 +249,28 @@ def pixels_to_uint8(array: np.ndarray, where: str) -> np.ndarray:
     raise RequestError(f"{where}: pixels must be numbers, got {_kind_name(array)}")
 
 
+def nesting(data: list[Any], max_depth: int, where: str, allowed: str) -> tuple[int, ...]:
+    """The shape ``data`` claims along its first elements (``[[1, 2], ...]`` -> ``(n, 2)``), walked without
+    recursion and refused (400) past ``max_depth`` levels: how deep and how big a nested list is, known before
+    NumPy is asked to build anything from it."""
+    dims: list[int] = []
+    node: Any = data
+    while isinstance(node, list):
+        if len(dims) == max_depth:
+            raise RequestError(f"{where}: is nested more than {max_depth} lists deep; {allowed}")
+        dims.append(len(node))
+        if not node:
+            break
+        node = node[0]
+    return tuple(dims)
+
+
 def pixel_instances(instances: Sequence[Any], spec: InputSpec, where: str) -> np.ndarray:
     """Nested lists of pixels, one per instance -> ``uint8`` N x H x W x C."""
+    nesting(list(instances[:1]), 4, where, f"each pixel array must be {_shape_words(spec)}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # ragged input: numpy warns on some versions, raises on others
-            array = np.asarray(instances)
-    except (ValueError, TypeError, OverflowError, np.exceptions.VisibleDeprecationWarning):
+        array = np.asarray(instances)  # ragged input raises ValueError on every NumPy the project allows (>= 1.24)
+    except (ValueError, TypeError, OverflowError):
         raise RequestError(f"{where}: pixel arrays must be rectangular, each {_shape_words(spec)}") from None
     if array.ndim == 3 and spec.channels == 1:
         array = array[..., np.newaxis]

@@ -13,7 +13,7 @@ import numpy as np
 
 from distml.errors import ModelError
 from distml.registry.artifact import ModelArtifact, open_artifact
-from distml.serve.codec import InputSpec
+from distml.serve.codec import DECODE_TIMEOUT_S, MAX_REQUEST_PIXELS, InputSpec
 
 INPUT_NAME = "images"
 OUTPUTS = ("probabilities", "class_id", "label")  # what V2 can return; V1 returns all three per instance
@@ -57,9 +57,19 @@ class ServedModel:
 
 
 def load_model(
-    path: Path, *, threads: int = 1, max_image_side: int = 4096, max_image_pixels: int = 4096**2
+    path: Path,
+    *,
+    threads: int = 1,
+    max_image_side: int = 4096,
+    max_image_pixels: int = 4096**2,
+    max_request_pixels: int = MAX_REQUEST_PIXELS,
+    decode_timeout_s: float = DECODE_TIMEOUT_S,
 ) -> ServedModel:
     """Open and verify the artifact at ``path`` and start an ONNX Runtime session with ``threads`` intra-op threads.
+
+    The limits go into the model's :class:`~distml.serve.codec.InputSpec`: per encoded image (``max_image_side``,
+    ``max_image_pixels``), per request (``max_request_pixels``, summed from the image headers before decoding)
+    and the decode deadline of one request (``decode_timeout_s``).
 
     Spinning is off: an idle server's pool threads would otherwise burn the cores the HTTP side needs.
     """
@@ -80,7 +90,15 @@ def load_model(
         name=artifact.name,
         version=version,
         class_names=tuple(artifact.class_names),
-        spec=InputSpec(h, w, c, max_image_side=max_image_side, max_image_pixels=max_image_pixels),
+        spec=InputSpec(
+            h,
+            w,
+            c,
+            max_image_side=max_image_side,
+            max_image_pixels=max_image_pixels,
+            max_request_pixels=max_request_pixels,
+            decode_timeout_s=decode_timeout_s,
+        ),
         session=session,
         path=artifact.path,
     )

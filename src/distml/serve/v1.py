@@ -18,17 +18,28 @@ import numpy as np
 import orjson
 
 from distml.errors import PayloadTooLargeError, RequestError
-from distml.serve.codec import InputSpec, b64decode, pixel_instances
+from distml.serve.codec import (
+    MAX_RESPONSE_BYTES,
+    InputSpec,
+    b64decode,
+    check_response_size,
+    clip,
+    pixel_instances,
+)
 from distml.serve.inputs import Inputs, load_json
 
 
 def parse_predict(body: bytes, spec: InputSpec, max_instances: int) -> Inputs:
-    """The body of ``POST /v1/models/{name}:predict`` -> the images it carries (not yet decoded)."""
-    doc = load_json(body)
+    """The body of ``POST /v1/models/{name}:predict`` -> the images it carries (not yet decoded).
+
+    Pure and thread-safe (the server may call it off the event loop). Sizes are checked before anything big
+    is built: the body's commas before JSON parsing, the instance count before any image or array.
+    """
+    doc = load_json(body, spec, max_instances)
     if not isinstance(doc, dict):
         raise RequestError('the body must be a JSON object with "instances": [...]')
     if "instances" not in doc:
-        keys = ", ".join(sorted(map(str, doc))) or "none"
+        keys = clip(", ".join(sorted(map(str, doc))) or "none", quote=False)
         raise RequestError(f'the body has no "instances" (keys: {keys}); send {{"instances": [...]}}')
     instances = doc["instances"]
     if not isinstance(instances, list):
@@ -57,11 +68,19 @@ def _encoded(item: Any, i: int) -> bytes:
     )
 
 
-def encode_predictions(probabilities: np.ndarray, labels: np.ndarray) -> bytes:
-    """``{"predictions": [{"class_id", "label", "probabilities"}, ...]}`` for N x classes probabilities."""
+def encode_predictions(probabilities: np.ndarray, labels: np.ndarray, *, max_bytes: int = MAX_RESPONSE_BYTES) -> bytes:
+    """``{"predictions": [{"class_id", "label", "probabilities"}, ...]}`` for N x classes probabilities.
+
+    Raises :class:`~distml.serve.codec.ResponseTooLargeError` (500) when the answer would exceed ``max_bytes``:
+    refused before serialising when even two bytes per number would not fit, else checked on the result.
+    """
+    n, classes = probabilities.shape
+    check_response_size(n * (2 * classes + 32), max_bytes, n)
     ids = probabilities.argmax(axis=1)
     predictions = [
         {"class_id": int(k), "label": labels[k], "probabilities": row}
         for k, row in zip(ids.tolist(), probabilities, strict=True)
     ]
-    return orjson.dumps({"predictions": predictions}, option=orjson.OPT_SERIALIZE_NUMPY)
+    out = orjson.dumps({"predictions": predictions}, option=orjson.OPT_SERIALIZE_NUMPY)
+    check_response_size(len(out), max_bytes, n)
+    return out

@@ -8,7 +8,7 @@ The model has one input, ``images``, sent as one of:
   extension.
 
 and three outputs: ``probabilities`` FP32 ``[N, classes]``, ``class_id`` INT64 ``[N]``, ``label`` BYTES ``[N]``.
-A request may ask for some of them in ``outputs``; by default all three come back.
+A request may ask for some of them in ``outputs``, each at most once; by default all three come back.
 
 The **binary tensor data extension** is supported both ways, as Triton's and KServe's clients use it: a request
 with an ``Inference-Header-Content-Length: L`` header has a JSON header of L bytes followed by the raw tensors of
@@ -27,7 +27,15 @@ import numpy as np
 import orjson
 
 from distml.errors import PayloadTooLargeError, RequestError
-from distml.serve.codec import InputSpec, b64decode, pixels_to_uint8
+from distml.serve.codec import (
+    MAX_RESPONSE_BYTES,
+    InputSpec,
+    b64decode,
+    check_response_size,
+    clip,
+    nesting,
+    pixels_to_uint8,
+)
 from distml.serve.inputs import Inputs, load_json
 from distml.serve.model import INPUT_NAME, OUTPUTS
 
@@ -49,20 +57,27 @@ class InferRequest:
 
 
 def parse_infer(body: bytes, header_length: str | None, spec: InputSpec, max_instances: int) -> InferRequest:
-    """The body (and ``Inference-Header-Content-Length``, if sent) of ``POST .../infer`` -> an :class:`InferRequest`."""
-    binary = b""
+    """The body (and ``Inference-Header-Content-Length``, if sent) of ``POST .../infer`` -> an :class:`InferRequest`.
+
+    Pure and thread-safe (the server may call it off the event loop). Sizes are checked before anything big
+    is built: the JSON body's commas before it is parsed, the declared shape before the data, the data's
+    element count before any list or array is made from it.
+    """
+    binary: bytes | memoryview = b""
     if header_length is not None:
         try:
             length = int(header_length)
         except ValueError:
-            raise RequestError(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+            raise RequestError(
+                f"Inference-Header-Content-Length must be an integer, got {clip(header_length)}"
+            ) from None
         if not 0 < length <= len(body):
             raise RequestError(
                 f"Inference-Header-Content-Length is {length} but the body has {len(body)} bytes; "
                 "it must be the length of the JSON header that starts the body"
             )
-        body, binary = body[:length], body[length:]
-    doc = load_json(body)
+        body, binary = body[:length], memoryview(body)[length:]  # a view: the tensors are not copied
+    doc = load_json(body, spec, max_instances)
     if not isinstance(doc, dict):
         raise RequestError('the body must be a JSON object with "inputs": [...]')
     request_id = doc.get("id")
@@ -78,12 +93,14 @@ def parse_infer(body: bytes, header_length: str | None, spec: InputSpec, max_ins
     return InferRequest(request_id, images, _outputs(doc.get("outputs"), bool(parameters.get("binary_data_output"))))
 
 
-def _input(tensor: dict[str, Any], binary: bytes, spec: InputSpec, max_instances: int) -> Inputs:
+def _input(tensor: dict[str, Any], binary: bytes | memoryview, spec: InputSpec, max_instances: int) -> Inputs:
     name, datatype = tensor.get("name"), tensor.get("datatype")
     if name != INPUT_NAME:
-        raise RequestError(f"inputs[0] is named {name!r}; this model's input is {INPUT_NAME!r}")
+        raise RequestError(f"inputs[0] is named {clip(name)}; this model's input is {INPUT_NAME!r}")
     if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise RequestError(f"inputs[0].datatype {datatype!r} is not a V2 datatype; send one of {', '.join(ACCEPTED)}")
+        raise RequestError(
+            f"inputs[0].datatype {clip(datatype)} is not a V2 datatype; send one of {', '.join(ACCEPTED)}"
+        )
     if datatype not in ACCEPTED:
         raise RequestError(f"inputs[0].datatype {datatype} is not accepted for images; send {', '.join(ACCEPTED)}")
     shape = _shape(tensor.get("shape"), datatype, spec, max_instances)
@@ -94,7 +111,7 @@ def _input(tensor: dict[str, Any], binary: bytes, spec: InputSpec, max_instances
             raise RequestError("inputs[0] has both binary_data_size and data; send one")
         if not isinstance(size, int) or size < 0 or size != len(binary):
             raise RequestError(
-                f"inputs[0].parameters.binary_data_size is {size!r} but {len(binary)} bytes follow the JSON header"
+                f"inputs[0].parameters.binary_data_size is {clip(size)} but {len(binary)} bytes follow the JSON header"
             )
         return _binary_tensor(binary, datatype, shape, count)
     if binary:
@@ -106,9 +123,9 @@ def _input(tensor: dict[str, Any], binary: bytes, spec: InputSpec, max_instances
 
 def _shape(shape: Any, datatype: str, spec: InputSpec, max_instances: int) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
-        raise RequestError(f"inputs[0].shape must be a list of integers, got {shape!r}")
+        raise RequestError(f"inputs[0].shape must be a list of integers, got {clip(shape)}")
     if any(d < 0 or d >= MAX_DIM for d in shape):
-        raise RequestError(f"inputs[0].shape {shape} has a negative or impossibly large dimension")
+        raise RequestError(f"inputs[0].shape {clip(shape)} has a negative or impossibly large dimension")
     allowed: tuple[list[int], ...]
     if datatype == "BYTES":
         allowed = ([-1], [-1, 1])
@@ -118,7 +135,7 @@ def _shape(shape: Any, datatype: str, spec: InputSpec, max_instances: int) -> tu
         allowed = ([-1, h, w, c], [-1, h, w]) if c == 1 else ([-1, h, w, c],)
         words = " or ".join(str(a).replace("-1", "N") for a in allowed)
     if not shape or [-1, *shape[1:]] not in allowed:
-        raise RequestError(f"inputs[0].shape is {shape}; for {datatype} this model takes {words}")
+        raise RequestError(f"inputs[0].shape is {clip(shape)}; for {datatype} this model takes {words}")
     if shape[0] == 0:
         raise RequestError("inputs[0] is an empty batch (N = 0): send at least one image")
     if shape[0] > max_instances:
@@ -130,10 +147,16 @@ def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], count: int) -
     if not isinstance(data, list):
         raise RequestError(f"inputs[0].data must be a list, got {type(data).__name__}")
     if datatype == "BYTES":
-        flat = _flatten_strings(data)
+        flat = _flatten_strings(data, count)
         if len(flat) != count:
             raise RequestError(f"inputs[0] has shape {list(shape)} ({count} elements) but {len(flat)} data elements")
         return Inputs(encoded=[b64decode(item, f"inputs[0].data[{i}]") for i, item in enumerate(flat)])
+    # Flat, or nested at most N x H x W x C deep; its size along the first elements must be the shape's, known
+    # before NumPy builds anything (raggedness elsewhere is NumPy's ValueError below).
+    dims = nesting(data, 4, "inputs[0].data", "pixel data is at most N x H x W x C")
+    claimed = int(np.prod(dims, dtype=np.int64))
+    if claimed != count:
+        raise RequestError(f"inputs[0] has shape {list(shape)} ({count:,} elements) but {claimed:,} data elements")
     try:
         array = np.asarray(data)
     except (ValueError, TypeError, OverflowError):
@@ -147,17 +170,24 @@ def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], count: int) -
     return Inputs(pixels=_pixels(array, datatype, shape))
 
 
-def _binary_tensor(raw: bytes, datatype: str, shape: tuple[int, ...], count: int) -> Inputs:
+def _binary_tensor(raw: bytes | memoryview, datatype: str, shape: tuple[int, ...], count: int) -> Inputs:
     if datatype == "BYTES":
+        # Walk at most count + 1 length prefixes (count <= max_instances): 16 MiB of 4-byte zeros is 4 million
+        # empty elements, and listing them all used to hold the event loop for seconds.
         items: list[bytes] = []
         offset = 0
         while offset < len(raw):
+            if len(items) == count:
+                raise RequestError(
+                    f"inputs[0] has shape {list(shape)} ({count} elements) but the binary data holds more "
+                    f"({len(raw) - offset:,} bytes left after element {count - 1})"
+                )
             if offset + 4 > len(raw):
                 raise RequestError("inputs[0]: binary BYTES data ends inside an element's 4-byte length")
             (n,) = struct.unpack_from("<I", raw, offset)
             if offset + 4 + n > len(raw):
                 raise RequestError(f"inputs[0]: binary BYTES element {len(items)} says {n} bytes but fewer remain")
-            items.append(raw[offset + 4 : offset + 4 + n])
+            items.append(bytes(raw[offset + 4 : offset + 4 + n]))
             offset += 4 + n
         if len(items) != count:
             raise RequestError(f"inputs[0] has shape {list(shape)} ({count} elements) but {len(items)} in the data")
@@ -176,13 +206,23 @@ def _pixels(array: np.ndarray, datatype: str, shape: tuple[int, ...]) -> np.ndar
     return pixels if pixels.ndim == 4 else pixels[..., np.newaxis]
 
 
-def _flatten_strings(data: list[Any]) -> list[Any]:
+def _flatten_strings(data: list[Any], count: int) -> list[Any]:
+    """The elements of nested lists in order, without recursion: nested at most 2 deep (``[N]`` or ``[N, 1]``),
+    and stopping as soon as there are more than ``count``."""
     flat: list[Any] = []
-    for item in data:
-        if isinstance(item, list):
-            flat.extend(_flatten_strings(item))
-        else:
+    stack = [iter(data)]  # one iterator per open list; its length is the current depth
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if len(stack) == 2:
+                    raise RequestError("inputs[0].data is nested more than 2 lists deep; BYTES data is [N] or [N, 1]")
+                stack.append(iter(item))
+                break
             flat.append(item)
+            if len(flat) > count:
+                return flat  # the caller reports the mismatch; no need to count the rest
+        else:
+            stack.pop()
     return flat
 
 
@@ -191,12 +231,20 @@ def _outputs(requested: Any, binary_default: bool) -> tuple[tuple[str, bool], ..
         return tuple((name, binary_default) for name in OUTPUTS)
     if not isinstance(requested, list) or not requested:
         raise RequestError('"outputs" must be a non-empty list of {"name": ...}')
-    chosen = []
+    # Each entry is serialised in full in the answer: 3,000 copies of one name made a 276 KB request cost 31 MB.
+    if len(requested) > len(OUTPUTS):
+        raise RequestError(
+            f'"outputs" has {len(requested):,} entries; this model has {len(OUTPUTS)} outputs '
+            f"({', '.join(OUTPUTS)}): ask for each at most once"
+        )
+    chosen: list[tuple[str, bool]] = []
     for i, item in enumerate(requested):
         out = _object(item, f"outputs[{i}]")
         name = out.get("name")
         if name not in OUTPUTS:
-            raise RequestError(f"outputs[{i}] asks for {name!r}; this model's outputs are {', '.join(OUTPUTS)}")
+            raise RequestError(f"outputs[{i}] asks for {clip(name)}; this model's outputs are {', '.join(OUTPUTS)}")
+        if any(name == seen for seen, _ in chosen):
+            raise RequestError(f"outputs[{i}] asks for {name!r} again; ask for each output at most once")
         flag = _object(out.get("parameters", {}), f"outputs[{i}].parameters").get("binary_data", binary_default)
         chosen.append((name, bool(flag)))
     return tuple(chosen)
@@ -209,16 +257,28 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 
 def encode_infer(
-    request: InferRequest, probabilities: np.ndarray, labels: np.ndarray, model_name: str, model_version: str
+    request: InferRequest,
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    model_name: str,
+    model_version: str,
+    *,
+    max_bytes: int = MAX_RESPONSE_BYTES,
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary outputs follow it (else ``None``)."""
-    n = len(probabilities)
+    """The response body, and the JSON header's length when binary outputs follow it (else ``None``).
+
+    Raises :class:`~distml.serve.codec.ResponseTooLargeError` (500) when the answer would exceed ``max_bytes``:
+    refused before serialising when even the tightest encoding would not fit, else checked on the result.
+    """
+    n, classes = probabilities.shape
     ids = probabilities.argmax(axis=1)
     tensors: dict[str, tuple[str, list[int], Any]] = {
-        "probabilities": ("FP32", [n, probabilities.shape[1]], probabilities),
+        "probabilities": ("FP32", [n, classes], probabilities),
         "class_id": ("INT64", [n], ids.astype(np.int64)),
         "label": ("BYTES", [n], labels[ids]),
     }
+    least = {"probabilities": 2 * n * classes, "class_id": n, "label": 2 * n}  # bytes, in JSON or binary form
+    check_response_size(sum(least[name] for name, _ in request.outputs) + len(request.id or ""), max_bytes, n)
     outputs, chunks = [], []
     for name, binary in request.outputs:
         datatype, shape, value = tensors[name]
@@ -234,6 +294,7 @@ def encode_infer(
     if request.id is not None:
         doc["id"] = request.id
     header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    check_response_size(len(header) + sum(map(len, chunks)), max_bytes, n)
     if not chunks:
         return header, None
     return header + b"".join(chunks), len(header)
