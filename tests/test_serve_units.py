@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ from distml.serve.codec import (
     pixels_to_uint8,
 )
 from distml.serve.inputs import Inputs
+from distml.serve.reqlog import RequestLogger
 from distml.serve.v2 import encode_infer, parse_infer
 
 
@@ -464,3 +466,69 @@ def _png_bytes(image: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+# -- request log ---------------------------------------------------------------------------------------------------
+class _Counts:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.outcomes: dict[str, int] = {}
+        self.reasons: dict[str, int] = {}
+
+    def outcome(self, outcome: str, n: int) -> None:
+        with self.lock:
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + n
+
+    def drop(self, reason: str, n: int) -> None:
+        with self.lock:
+            self.reasons[reason] = self.reasons.get(reason, 0) + n
+
+
+def _logger(path: Path, counts: _Counts, **kwargs: int) -> RequestLogger:
+    return RequestLogger(url=None, file=path, mode="all", model="m", version="1", on_outcome=counts.outcome,
+                         on_drop=counts.drop, **{"buffer": 100, **kwargs})  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_request_log_survives_events_it_cannot_write(tmp_path: Path) -> None:
+    """Finding 5: a body nested 300 deep (orjson writes only 255 levels) used to kill the delivery thread; now it
+    is written as data_base64, an event that fails for any other reason is dropped with a reason, and the
+    events after both are still delivered."""
+    counts, path = _Counts(), tmp_path / "log.jsonl"
+    logger = _logger(path, counts)
+    poison = _deep(300, "1").encode()
+    logger.log("request", "a", "/v1", "v1", b'{"instances": []}', "application/json")
+    logger.log("request", "poison", "/v1", "v1", poison, "application/json")
+    logger.log("request", "bug", "/v1", "v1", b"{}", None)  # type: ignore[arg-type]  # stands in for any bug
+    logger.log("request", "after", "/v1", "v1", b'{"ok": 1}', "application/json")
+    logger.close()
+    assert counts.outcomes == {"sent": 3, "dropped": 1} and counts.reasons == {"encode_error": 1}
+    assert logger.dropped == {"encode_error": 1}
+    events = {e["inferenceid"]: e for e in map(json.loads, path.read_text().splitlines())}
+    assert set(events) == {"a", "poison", "after"}
+    assert base64.b64decode(events["poison"]["data_base64"]) == poison and "data" not in events["poison"]
+    assert events["after"]["data"] == {"ok": 1}
+
+
+def test_request_log_buffer_is_bounded_in_bytes(tmp_path: Path) -> None:
+    """Finding 5: a body over ``max_buffer_bytes`` is dropped (buffer_full) even when the count has room."""
+    counts, path = _Counts(), tmp_path / "log.jsonl"
+    logger = _logger(path, counts, max_buffer_bytes=4096)
+    logger.log("request", "big", "/v1", "v1", b"x" * 5000, "application/octet-stream")
+    for i in range(5):
+        logger.log("request", f"small{i}", "/v1", "v1", b"y" * 100, "application/octet-stream")
+    logger.close()
+    assert counts.reasons == {"buffer_full": 1}
+    assert counts.outcomes["sent"] + counts.outcomes["dropped"] == 6 and counts.outcomes["dropped"] == 1
+    assert "big" not in path.read_text() and path.read_text().count("small") == 5
+
+
+def test_request_log_counts_a_sink_that_cannot_be_written(tmp_path: Path) -> None:
+    """Finding 5: an unwritable log file is sink_error for every event, counted, and the thread keeps going."""
+    counts = _Counts()
+    (tmp_path / "file").write_text("")
+    logger = _logger(tmp_path / "file" / "log.jsonl", counts)  # a file where the folder should be
+    for i in range(3):
+        logger.log("response", f"r{i}", "/v1", "v1", b"{}", "application/json", status=200)
+        time.sleep(0.02)
+    logger.close()
+    assert counts.outcomes == {"dropped": 3} and counts.reasons == {"sink_error": 3}

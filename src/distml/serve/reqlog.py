@@ -18,7 +18,14 @@ both events; CloudEvents requires ``source`` + ``id`` to be unique per event, so
 responses ``statuscode``.
 
 Every event is accounted for: ``sent`` + ``dropped`` (``distml_log_events_total``) equals the events produced,
-once the logger has been closed.
+once the logger has been closed. Each drop has a reason (``on_drop`` and :attr:`RequestLogger.dropped`):
+``buffer_full`` (over ``buffer`` events or ``max_buffer_bytes`` of bodies), ``sink_error`` (the file cannot be
+written, the URL does not answer 2xx after retries, or it just failed and is being skipped), ``encode_error``
+(the event cannot be built or serialised), ``internal_error`` (a bug in this module; logged with its traceback)
+and ``shutdown`` (still unsent at close). No failure of one event stops the delivery thread.
+
+A JSON body nested deeper than orjson serialises (255 levels; it parses 1,024) goes to the file sink as
+``data_base64`` instead of ``data``: it is still delivered, as the bytes that came in.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import logging
 import os
 import queue
 import threading
@@ -33,7 +41,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -48,10 +56,15 @@ ATTEMPTS = 3
 BACKOFF_S = 0.05
 SEND_TIMEOUT_S = 2.0
 DOWN_PAUSE_S = 1.0  # after an event fails every attempt, events are dropped for this long before trying again
+RECORD_OVERHEAD = 256  # bytes a buffered record costs besides its body (ids, endpoint, content type)
+WARN_EVERY_S = 60.0  # a reason for dropping is logged at most this often
+
+log = logging.getLogger("distml.serve.reqlog")
+DropReason = Literal["buffer_full", "sink_error", "encode_error", "internal_error", "shutdown"]
 
 
 @dataclass(frozen=True)
-class _Record:
+class _Record:  # built on the request path: only references, no copies or encoding
     kind: Literal["request", "response"]
     inference_id: str
     endpoint: str
@@ -75,7 +88,12 @@ class RequestLogger:
         version: str,
         buffer: int,
         on_outcome: Callable[[str, int], None],
+        max_buffer_bytes: int = 64 << 20,
+        on_drop: Callable[[DropReason, int], None] | None = None,
     ) -> None:
+        """``buffer``: events waiting, at most; ``max_buffer_bytes``: their bodies' bytes, at most (a record counts
+        its body plus :data:`RECORD_OVERHEAD`). ``on_outcome("sent" | "dropped", n)`` counts every event once;
+        ``on_drop(reason, n)`` also says why for the dropped ones."""
         if (url is None) == (file is None):
             raise ValueError("RequestLogger needs exactly one of url and file")
         self._url = url
@@ -84,7 +102,13 @@ class RequestLogger:
         self._model, self._version = model, version
         self._source = f"/distml/serve/{model}"
         self._on_outcome = on_outcome  # ("sent" | "dropped", count)
+        self._on_drop = on_drop
         self._buffer: queue.Queue[_Record | None] = queue.Queue(maxsize=buffer)
+        self._max_bytes = max_buffer_bytes
+        self._bytes = 0  # bodies in the buffer; log() adds, the delivery thread subtracts
+        self._lock = threading.Lock()
+        self._dropped: dict[str, int] = {}
+        self._warned: dict[str, float] = {}
         self._thread = threading.Thread(target=self._deliver, name="distml-reqlog", daemon=True)
         self._deadline = float("inf")  # once closing: give up on the sink after this time
         self._thread.start()
@@ -105,10 +129,40 @@ class RequestLogger:
         if kind not in self._kinds:
             return
         record = _Record(kind, inference_id, endpoint, protocol, body, content_type, status, at or time.time())
-        try:
-            self._buffer.put_nowait(record)
-        except queue.Full:
-            self._on_outcome("dropped", 1)
+        size = len(body) + RECORD_OVERHEAD
+        with self._lock:
+            if self._bytes + size > self._max_bytes:
+                full = True
+            else:
+                try:
+                    self._buffer.put_nowait(record)
+                    self._bytes += size
+                    full = False
+                except queue.Full:
+                    full = True
+        if full:
+            self._drop("buffer_full", 1)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Events dropped so far, by reason."""
+        with self._lock:
+            return dict(self._dropped)
+
+    def _drop(self, reason: DropReason, n: int, detail: str = "") -> None:
+        if n <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._dropped[reason] = self._dropped.get(reason, 0) + n
+            warn = now - self._warned.get(reason, -WARN_EVERY_S) >= WARN_EVERY_S
+            if warn:
+                self._warned[reason] = now
+        if warn:
+            log.warning("request log: dropped %d event(s): %s%s", n, reason, f" ({detail})" if detail else "")
+        self._on_outcome("dropped", n)
+        if self._on_drop is not None:
+            self._on_drop(reason, n)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Deliver what is buffered within ``timeout_s``; whatever is left is counted as dropped."""
@@ -121,42 +175,73 @@ class RequestLogger:
                 if not self._thread.is_alive():
                     break
         self._thread.join(timeout_s + SEND_TIMEOUT_S * ATTEMPTS + 1)
+        if not self._thread.is_alive():
+            self._drop_rest()  # normally already empty; counts what a thread that died could not
 
     # -- the delivery thread -------------------------------------------------------------------------------
     def _deliver(self) -> None:
         sink: _Sink = _FileSink(self._file) if self._file is not None else _HttpSink(self._url or "")
         try:
             while True:
-                record = self._buffer.get()
-                batch = [record]
-                while record is not None and len(batch) < 256:
-                    try:
-                        record = self._buffer.get_nowait()
-                    except queue.Empty:
-                        break
-                    batch.append(record)
+                batch = self._take()
                 events = [r for r in batch if r is not None]
                 if events:
-                    sent = sink.send([self._event(r) for r in events], give_up_at=self._deadline)
-                    if sent:
-                        self._on_outcome("sent", sent)
-                    if len(events) - sent:
-                        self._on_outcome("dropped", len(events) - sent)
+                    try:
+                        self._send(sink, events)
+                    except Exception as exc:  # a bug, not a sink failure: count the batch, keep the thread
+                        log.exception("request log: delivering %d event(s) failed", len(events))
+                        self._drop("internal_error", len(events), type(exc).__name__)
                 if None in batch:
                     self._drop_rest()
                     return
         finally:
-            sink.close()
+            with contextlib.suppress(Exception):
+                sink.close()
+
+    def _take(self) -> list[_Record | None]:
+        """Wait for a record, then take what else is buffered (at most 256), releasing their bytes."""
+        record = self._buffer.get()
+        batch = [record]
+        while record is not None and len(batch) < 256:
+            try:
+                record = self._buffer.get_nowait()
+            except queue.Empty:
+                break
+            batch.append(record)
+        size = sum(len(r.body) + RECORD_OVERHEAD for r in batch if r is not None)
+        with self._lock:
+            self._bytes -= size
+        return batch
+
+    def _send(self, sink: _Sink, records: list[_Record]) -> None:
+        events: list[_Event] = []
+        for record in records:
+            try:
+                events.append(self._event(record))
+            except Exception as exc:  # one event that cannot be built costs only itself
+                self._drop("encode_error", 1, f"{type(exc).__name__}: {exc}")
+        result = sink.send(events, give_up_at=self._deadline)
+        if result.sent:
+            self._on_outcome("sent", result.sent)
+        for reason, (n, detail) in result.dropped.items():
+            self._drop(reason, n, detail)
+        unaccounted = len(events) - result.sent - sum(n for n, _ in result.dropped.values())
+        if unaccounted > 0:  # a sink's bug; never lose the count
+            self._drop("internal_error", unaccounted, "sink did not account for every event")
 
     def _drop_rest(self) -> None:
-        left = 0
+        left, size = 0, 0
         with contextlib.suppress(queue.Empty):
             while True:
-                left += self._buffer.get_nowait() is not None
-        if left:
-            self._on_outcome("dropped", left)
+                record = self._buffer.get_nowait()
+                if record is not None:
+                    left += 1
+                    size += len(record.body) + RECORD_OVERHEAD
+        with self._lock:
+            self._bytes -= size
+        self._drop("shutdown", left)
 
-    def _event(self, record: _Record) -> tuple[dict[str, Any], bytes, str]:
+    def _event(self, record: _Record) -> _Event:
         attributes: dict[str, Any] = {
             "specversion": "1.0",
             "id": uuid.uuid4().hex,
@@ -174,8 +259,23 @@ class RequestLogger:
         return attributes, record.body, record.content_type
 
 
+_Event = tuple[dict[str, Any], bytes, str]  # CloudEvent attributes, the body, its content type
+
+
+@dataclass
+class _Sent:
+    """What a sink did with a batch: how many it sent, and how many it dropped, by reason (count, detail)."""
+
+    sent: int = 0
+    dropped: dict[DropReason, tuple[int, str]] = field(default_factory=dict)
+
+    def drop(self, reason: DropReason, n: int = 1, detail: str = "") -> None:
+        count, first = self.dropped.get(reason, (0, detail))
+        self.dropped[reason] = (count + n, first or detail)
+
+
 class _Sink:
-    def send(self, events: list[tuple[dict[str, Any], bytes, str]], give_up_at: float) -> int:
+    def send(self, events: list[_Event], give_up_at: float) -> _Sent:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -183,36 +283,57 @@ class _Sink:
 
 
 class _FileSink(_Sink):
-    """JSON lines, CloudEvents structured mode."""
+    """JSON lines, CloudEvents structured mode. The file is opened on first use (and again after a failure)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: BinaryIO = path.open("ab")
+        self._path = path
+        self._fh: BinaryIO | None = None
 
-    def send(self, events: list[tuple[dict[str, Any], bytes, str]], give_up_at: float) -> int:
+    def send(self, events: list[_Event], give_up_at: float) -> _Sent:
+        result = _Sent()
         lines = []
         for attributes, body, content_type in events:
-            event = dict(attributes, datacontenttype=content_type)
-            if content_type.startswith("application/json"):
-                try:
-                    event["data"] = orjson.loads(body)
-                except orjson.JSONDecodeError:
-                    event["data_base64"] = base64.b64encode(body).decode()
-            else:
-                event["data_base64"] = base64.b64encode(body).decode()
-            lines.append(orjson.dumps(event) + b"\n")
+            try:
+                lines.append(_json_line(attributes, body, content_type))
+            except Exception as exc:  # one event that cannot be serialised costs only itself
+                result.drop("encode_error", 1, f"{type(exc).__name__}: {exc}")
+        if not lines:
+            return result
         try:
+            if self._fh is None:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = self._path.open("ab")
             self._fh.write(b"".join(lines))
             self._fh.flush()
-        except OSError:
-            return 0
-        return len(events)
+        except OSError as exc:
+            self.close()  # reopened for the next batch: the disk may have room again, the folder may be back
+            result.drop("sink_error", len(lines), f"{self._path}: {exc.strerror or exc}")
+            return result
+        result.sent = len(lines)
+        return result
 
     def close(self) -> None:
+        if self._fh is None:
+            return
+        fh, self._fh = self._fh, None
         with contextlib.suppress(OSError):
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-        self._fh.close()
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(OSError):
+            fh.close()
+
+
+def _json_line(attributes: dict[str, Any], body: bytes, content_type: str) -> bytes:
+    event = dict(attributes, datacontenttype=content_type)
+    if content_type.startswith("application/json"):
+        try:
+            event["data"] = orjson.loads(body)
+            return orjson.dumps(event) + b"\n"
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+            # Not JSON after all, or nested deeper than orjson writes (255; it reads 1,024): the bytes as sent.
+            del event["data"]
+    event["data_base64"] = base64.b64encode(body).decode()
+    return orjson.dumps(event) + b"\n"
 
 
 class _HttpSink(_Sink):
@@ -227,25 +348,32 @@ class _HttpSink(_Sink):
         self._conn: http.client.HTTPConnection | None = None
         self._down_until = 0.0
 
-    def send(self, events: list[tuple[dict[str, Any], bytes, str]], give_up_at: float) -> int:
-        sent = 0
-        for attributes, body, content_type in events:
+    def send(self, events: list[_Event], give_up_at: float) -> _Sent:
+        result = _Sent()
+        for i, (attributes, body, content_type) in enumerate(events):
             now = time.monotonic()
-            if now >= give_up_at:
-                break  # shutting down and out of time: the caller counts the rest as dropped
-            if now < self._down_until:
-                continue  # the sink just failed every retry: drop (counted) rather than queue behind it
-            headers = {f"ce-{key}": str(value) for key, value in attributes.items()}
-            headers["content-type"] = content_type
-            for attempt in range(ATTEMPTS):
-                if self._post(body, headers):
-                    sent += 1
-                    break
-                if attempt + 1 < ATTEMPTS and time.monotonic() < give_up_at:
-                    time.sleep(BACKOFF_S * 2**attempt)
-            else:
-                self._down_until = time.monotonic() + DOWN_PAUSE_S
-        return sent
+            if now >= give_up_at:  # shutting down and out of time
+                result.drop("shutdown", len(events) - i)
+                break
+            if now < self._down_until:  # the sink just failed every retry: drop rather than queue behind it
+                result.drop("sink_error", 1, "skipped while the sink is down")
+                continue
+            try:
+                headers = {f"ce-{key}": str(value) for key, value in attributes.items()}
+                headers["content-type"] = content_type
+                for attempt in range(ATTEMPTS):
+                    if self._post(body, headers):
+                        result.sent += 1
+                        break
+                    if attempt + 1 < ATTEMPTS and time.monotonic() < give_up_at:
+                        time.sleep(BACKOFF_S * 2**attempt)
+                else:
+                    self._down_until = time.monotonic() + DOWN_PAUSE_S
+                    result.drop("sink_error", 1, f"{self._host}:{self._port} failed {ATTEMPTS} attempts")
+            except (ValueError, UnicodeError) as exc:  # a header http.client refuses: this event only
+                self.close()
+                result.drop("encode_error", 1, f"{type(exc).__name__}: {exc}")
+        return result
 
     def _post(self, body: bytes, headers: dict[str, str]) -> bool:
         try:
