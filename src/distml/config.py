@@ -163,7 +163,10 @@ class K8sConfig(_Section):
     training: Literal["trainjob", "pytorchjob"] = Field(
         default="trainjob", description="Kubeflow Trainer v2 TrainJob, or the v1 training operator's PyTorchJob"
     )
-    runtime: str = Field(default="torch-distributed", description="the TrainJob's ClusterTrainingRuntime")
+    runtime: str = Field(
+        default="distml-torch-distributed",
+        description="the TrainJob's ClusterTrainingRuntime; the default one is rendered (restricted pods)",
+    )
     procs_per_node: int = Field(default=1, ge=1, le=64, description="DDP workers per pod; workers / this = pods")
     cpu_per_worker: int = Field(default=2, ge=1, le=256, description="cores requested per DDP worker")
     memory_per_worker: str = Field(default="4Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")
@@ -186,6 +189,21 @@ class K8sConfig(_Section):
     logger_url: str | None = Field(
         default=None, description="KServe's request logger sink; None: render an event-display sink"
     )
+    # No default: an image is pinned by a digest someone checked, and a stale one would be worse than none.
+    log_sink_image: str | None = Field(
+        default=None, description="the rendered sink's image as REPO:TAG@sha256:DIGEST (required unless logger_url)"
+    )
+    ingress_namespaces: tuple[str, ...] = Field(
+        default=("istio-system", "knative-serving"),
+        description="namespaces whose pods may reach the predictor (ingress gateway, Knative activator)",
+    )
+    prometheus_namespace: str = Field(default="monitoring", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    api_server_cidr: str = Field(
+        default="0.0.0.0/0", description="where workflow pods may reach the Kubernetes API (TCP 443 and 6443)"
+    )
+    pod_security: Literal["restricted", "baseline"] = Field(
+        default="restricted", description="the namespace's enforced Pod Security Standard"
+    )
     train_deadline_hours: float = Field(default=24, gt=0, description="a training step fails after this long")
     argo_controller: str = Field(
         default="argo:argo", pattern=r"^[a-z0-9-]+:[a-z0-9-]+$",
@@ -194,8 +212,21 @@ class K8sConfig(_Section):
 
     @model_validator(mode="after")
     def _replicas(self) -> K8sConfig:
+        import ipaddress
+        import re
+
         if self.serve_max_replicas < self.serve_min_replicas:
             raise ValueError("serve_max_replicas must be at least serve_min_replicas")
+        pinned = r"[a-z0-9][a-z0-9._/:-]*:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}@sha256:[0-9a-f]{64}"
+        if self.log_sink_image is not None and not re.fullmatch(pinned, self.log_sink_image):
+            raise ValueError(f"log_sink_image {self.log_sink_image!r} is not REPO:TAG@sha256:<64 hex digits>")
+        for ns in self.ingress_namespaces:
+            if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", ns):
+                raise ValueError(f"ingress_namespaces: {ns!r} is not a namespace name")
+        try:
+            ipaddress.ip_network(self.api_server_cidr)
+        except ValueError:
+            raise ValueError(f"api_server_cidr {self.api_server_cidr!r} is not a CIDR (e.g. 10.0.0.1/32)") from None
         return self
 
 
