@@ -37,6 +37,7 @@ def render_cmd(app: AppContext, out: Path, image: str | None, namespace: str | N
     The settings come from the config (--config on 'distml'): [pipeline] and [[candidates]] as for 'distml
     run', [serve] for the server and [k8s] for the cluster (image, storage, pods per job, autoscaling).
     """
+    from distml.k8s.plan import MLFLOW_AUTH_SECRET
     from distml.k8s.render import render
 
     overrides = {k: v for k, v in {"image": image, "namespace": namespace, "training": training}.items() if v}
@@ -51,6 +52,14 @@ def render_cmd(app: AppContext, out: Path, image: str | None, namespace: str | N
         click.echo(
             "note: the workspace volume is ReadWriteOnce, so every pod that mounts it must run on one node; on a "
             'multi-node cluster set [k8s] access_mode = "ReadWriteMany" (an RWX storage class)'
+        )
+    if plan.render_mlflow:
+        # The MLflow credentials are never rendered (the folder is meant to be committed); the user makes them once.
+        click.echo(
+            f"MLflow needs its admin credentials in the Secret {MLFLOW_AUTH_SECRET} (once per namespace): "
+            f"kubectl -n {plan.namespace} create secret generic {MLFLOW_AUTH_SECRET} --from-literal=username=admin "
+            '--from-literal=password="$(openssl rand -base64 24)" '
+            '--from-literal=flask-secret-key="$(openssl rand -hex 32)"'
         )
     click.echo(f"next: distml k8s validate {out} && kubectl apply -k {out} && kubectl create -f {out}/workflow.yaml")
 

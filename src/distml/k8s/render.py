@@ -4,12 +4,15 @@
 file                           what it holds
 =============================  ==========================================================================
 kustomization.yaml             the folder for ``kubectl apply -k`` (everything below but workflow.yaml)
-namespace.yaml                 the Namespace
+namespace.yaml                 the Namespace (Pod Security admission: restricted)
+network-policy.yaml            NetworkPolicies: default deny, then the pipeline's flows only
 config.yaml                    ConfigMap distml-config: distml.toml and train-<label>.toml, read by every step
 storage.yaml                   the workspace PersistentVolumeClaim (datasets, runs, exports)
-rbac.yaml                      ServiceAccounts (workflow, train, serve) and the workflow's Role + RoleBinding
-mlflow.yaml                    the MLflow tracking server + registry (unless [k8s] mlflow_uri names one)
+rbac.yaml                      ServiceAccounts (none with an automounted token) and the Roles of the two that
+                               use the API: Argo's executor, and the workflow's resource steps
+mlflow.yaml                    the MLflow tracking server + registry, basic auth (unless [k8s] mlflow_uri)
 request-log.yaml               the sink of KServe's request logger (unless [k8s] logger_url names one)
+training-runtime.yaml          the TrainJobs' ClusterTrainingRuntime, restricted pods (unless [k8s] runtime)
 workflow-template.yaml         the Argo WorkflowTemplate: the DAG of distml steps and training jobs
 workflow.yaml                  a Workflow that runs the template (``kubectl create -f``: a new name each time)
 inference-service.yaml         the InferenceService as the workflow's last step applies it (current champion)
@@ -28,7 +31,7 @@ from typing import Any
 
 from distml.config import DistmlConfig
 from distml.errors import UsageError
-from distml.k8s import core, serving, workflow
+from distml.k8s import core, network, serving, training, workflow
 from distml.k8s.core import Obj
 from distml.k8s.plan import Plan, make_plan
 from distml.k8s.yamlio import dump_all
@@ -40,6 +43,7 @@ def build(plan: Plan) -> dict[str, list[Obj] | str]:
     """Every file of the render: a path -> its objects (YAML documents) or its text."""
     files: dict[str, list[Obj] | str] = {
         "namespace.yaml": [core.namespace(plan)],
+        "network-policy.yaml": network.policies(plan),
         "config.yaml": [core.config_map(plan)],
         "storage.yaml": [core.workspace_claim(plan)],
         "rbac.yaml": core.rbac(plan),
@@ -48,6 +52,8 @@ def build(plan: Plan) -> dict[str, list[Obj] | str]:
         files["mlflow.yaml"] = core.mlflow(plan)
     if plan.render_logsink:
         files["request-log.yaml"] = core.request_log_sink(plan)
+    if plan.render_runtime:
+        files["training-runtime.yaml"] = [training.training_runtime(plan)]
     files["workflow-template.yaml"] = [workflow.workflow_template(plan)]
     files["inference-service.yaml"] = [serving.inference_service(plan, ref=plan.model_ref, version="champion")]
     files["monitoring/service-monitor.yaml"] = [serving.metrics_service(plan), serving.service_monitor(plan)]

@@ -13,15 +13,16 @@ import json
 from typing import Any
 
 from distml.k8s.core import Obj, _service, config_mount_path
-from distml.k8s.plan import CONTAINER_SECURITY, SERVE_PORT, WORKSPACE_MOUNT, Plan
+from distml.k8s.plan import CONTAINER_SECURITY, SERVE_PORT, WORKSPACE_MOUNT, Plan, scratch_mount, scratch_volume
 
 ISVC_NAME = "distml"
-_PODS = {"serving.kserve.io/inferenceservice": ISVC_NAME}  # KServe labels the predictor's pods with this
+PREDICTOR_PODS = {"serving.kserve.io/inferenceservice": ISVC_NAME}  # KServe labels the predictor's pods so
 
 
 def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
     k = plan.k8s
-    probe = {"httpGet": {"path": "/v2/health/ready", "port": SERVE_PORT}, "periodSeconds": 5, "failureThreshold": 3}
+    probe = {"httpGet": {"path": "/v2/health/ready", "port": SERVE_PORT}, "periodSeconds": 5, "timeoutSeconds": 2,
+             "failureThreshold": 3}  # fmt: skip
     container = {
         "name": "kserve-container",
         "image": k.image,
@@ -33,13 +34,15 @@ def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
         "ports": [{"name": "http1", "containerPort": SERVE_PORT, "protocol": "TCP"}],
         "readinessProbe": probe,
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": SERVE_PORT}, "periodSeconds": 10,
-                          "initialDelaySeconds": 10},
+                          "timeoutSeconds": 2, "initialDelaySeconds": 10},
         "resources": {"requests": {"cpu": k.serve_cpu, "memory": k.serve_memory},
                       "limits": {"cpu": k.serve_cpu, "memory": k.serve_memory}},
         # The champion is downloaded from MLflow into a pod-local workspace: replicas share no volume.
         "volumeMounts": [{"name": "workspace", "mountPath": WORKSPACE_MOUNT},
-                         {"name": "config", "mountPath": "/etc/distml", "readOnly": True}],
-        "securityContext": {**CONTAINER_SECURITY, "runAsNonRoot": True, "runAsUser": 1000},
+                         {"name": "config", "mountPath": "/etc/distml", "readOnly": True}, scratch_mount()],
+        # All in the container's own context: Knative refuses most pod-level security fields (fsGroup, seccomp)
+        # unless its feature flags allow them, so the container is restricted by itself.
+        "securityContext": {**CONTAINER_SECURITY, "runAsUser": 1000, "runAsGroup": 1000},
     }  # fmt: skip
     predictor: Obj = {
         "serviceAccountName": "distml-serve",
@@ -51,7 +54,7 @@ def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
         "logger": {"mode": plan.config.serve.log_mode, "url": plan.logger_url},
         "containers": [container],
         "volumes": [{"name": "workspace", "emptyDir": {"sizeLimit": "2Gi"}},
-                    {"name": "config", "configMap": {"name": "distml-config"}}],
+                    {"name": "config", "configMap": {"name": "distml-config"}}, scratch_volume()],
     }  # fmt: skip
     annotations = {
         "distml.io/model": ref,
@@ -68,7 +71,9 @@ def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
 
 def metrics_service(plan: Plan) -> Obj:
     """A Service over the predictor pods' own port, for Prometheus (KServe's routes go through Knative)."""
-    return _service(plan, "distml-serve-metrics", "serve", SERVE_PORT, SERVE_PORT, selector=_PODS, port_name="metrics")
+    return _service(
+        plan, "distml-serve-metrics", "serve", SERVE_PORT, SERVE_PORT, selector=PREDICTOR_PODS, port_name="metrics"
+    )
 
 
 def service_monitor(plan: Plan) -> Obj:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from distml.k8s.core import Obj, config_mount_path
-from distml.k8s.plan import CONTAINER_SECURITY, POD_SECURITY, Candidate, Plan
+from distml.k8s.plan import CONTAINER_SECURITY, DISTML_RUNTIME, POD_SECURITY, Candidate, Plan
 
 # The operator's variables for the pod's place in the job (expanded by the kubelet in ``args``):
 # Trainer v2's torch runtime sets torchrun's PET_* names; the v1 PyTorchJob sets MASTER_* and RANK (the pod).
@@ -20,6 +20,9 @@ _RENDEZVOUS = {
 }
 # The torch-distributed runtime's job and container for the trainer nodes (podSpecOverrides target them).
 TRAINJOB_NODE = "node"
+# The label each operator puts on every pod of a job, with the job's name as its value (a TrainJob's pods are
+# its JobSet's, named after it): what a job's NetworkPolicy selects its own pods by.
+JOB_LABEL = {"trainjob": "jobset.sigs.k8s.io/jobset-name", "pytorchjob": "training.kubeflow.org/job-name"}
 
 # Argo's resource step polls the job and ends on these (label-selector syntax over the job's JSON).
 CONDITIONS = {
@@ -96,6 +99,39 @@ def _trainjob(plan: Plan, cand: Candidate, dataset: str, run_name: str) -> Obj:
     }
 
 
+def training_runtime(plan: Plan) -> Obj:
+    """The ClusterTrainingRuntime the TrainJobs run on: upstream's ``torch-distributed``, with restricted pods.
+
+    A TrainJob cannot set its pods' security context (``podSpecOverrides`` has no such field), and the upstream
+    runtime sets none, so its pods would be refused by a restricted namespace; this runtime sets it, and labels
+    the pods as distml's training pods (what the namespace's NetworkPolicies select). Cluster-scoped: one per
+    cluster, the same for every namespace (the image is the TrainJob's to override).
+    """
+    pod = {
+        "metadata": {"labels": plan.labels("train")},
+        "spec": {
+            "securityContext": POD_SECURITY,
+            "automountServiceAccountToken": False,
+            "containers": [{"name": TRAINJOB_NODE, "image": plan.k8s.image, "securityContext": CONTAINER_SECURITY}],
+        },
+    }
+    node = {
+        "name": TRAINJOB_NODE,
+        # Trainer finds the replicated job that runs the trainer by this label (and by its name in older releases).
+        "template": {"metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                     "spec": {"template": pod}},
+    }  # fmt: skip
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "ClusterTrainingRuntime",
+        "metadata": {"name": DISTML_RUNTIME, "labels": plan.labels("train")},
+        "spec": {
+            "mlPolicy": {"numNodes": 1, "torch": {"numProcPerNode": "auto"}},
+            "template": {"spec": {"replicatedJobs": [node]}},
+        },
+    }
+
+
 def _pytorchjob(plan: Plan, cand: Candidate, dataset: str, run_name: str) -> Obj:
     def replica(count: int) -> Obj:
         container = {
@@ -108,7 +144,8 @@ def _pytorchjob(plan: Plan, cand: Candidate, dataset: str, run_name: str) -> Obj
             "volumeMounts": [*plan.mounts(), _shm_mount()],
             "securityContext": CONTAINER_SECURITY,
         }
-        pod = {"serviceAccountName": "distml-train", "securityContext": POD_SECURITY, "containers": [container],
+        pod = {"serviceAccountName": "distml-train", "automountServiceAccountToken": False,
+               "securityContext": POD_SECURITY, "containers": [container],
                "volumes": [*plan.volumes(), _shm()]}  # fmt: skip
         return {"replicas": count, "restartPolicy": "Never",
                 "template": {"metadata": {"labels": _labels(plan, cand)}, "spec": pod}}  # fmt: skip

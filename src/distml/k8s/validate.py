@@ -1,11 +1,12 @@
 """``distml k8s validate``: every manifest of a folder against the schemas the API server would use.
 
-- Custom resources (Argo Workflow, WorkflowTemplate, TrainJob, PyTorchJob, InferenceService, ServiceMonitor)
-  against the ``openAPIV3Schema`` of their upstream CRDs (a folder of CRD YAML files). The structural schema
-  becomes a JSON Schema the way the API server reads it: unknown fields are errors (kubectl's default strict
-  field validation), ``nullable``, ``x-kubernetes-int-or-string`` and ``x-kubernetes-preserve-unknown-fields``
-  are honoured; CEL rules (``x-kubernetes-validations``) are not evaluated. A WorkflowTemplate has the
-  Workflow's spec (Argo ships one schema for both).
+- Custom resources (Argo Workflow and WorkflowTemplate, TrainJob, ClusterTrainingRuntime, PyTorchJob,
+  InferenceService, ServiceMonitor, PrometheusRule) against the ``openAPIV3Schema`` of their upstream CRDs (a
+  folder of CRD YAML files), each against its own CRD: a kind whose CRD is not in the folder is an error, never
+  checked against a stand-in. The structural schema becomes a JSON Schema the way the API server reads it:
+  unknown fields are errors (kubectl's default strict field validation), ``nullable``,
+  ``x-kubernetes-int-or-string`` and ``x-kubernetes-preserve-unknown-fields`` are honoured; CEL rules
+  (``x-kubernetes-validations``) are not evaluated.
 - Core objects (ConfigMap, Deployment, RBAC...) against the Kubernetes OpenAPI schemas of the
   ``kubernetes-validate`` package, in its strict form (unknown fields are errors).
 - Manifests inside an Argo resource step (``resource.manifest``) are parsed and validated too.
@@ -16,6 +17,7 @@ Each problem names the file, the object, the field path and what is wrong.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -33,37 +35,6 @@ CRDS_ENV = "DISTML_K8S_CRDS"
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _MAX_ERRORS_PER_OBJECT = 10
-
-# The PrometheusRule CRD is not among the upstream schemas we validate against; this is its shape (the
-# prometheus-operator's monitoring.coreos.com/v1 PrometheusRule spec), strict like the others.
-_RULE = {
-    "type": "object",
-    "required": ["expr"],
-    "additionalProperties": False,
-    "properties": {
-        "alert": {"type": "string"}, "record": {"type": "string"},
-        "expr": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
-        "for": {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
-                                            r"(([0-9]+)s)?(([0-9]+)ms)?)$"},
-        "keep_firing_for": {"type": "string"},
-        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-    },
-    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
-}  # fmt: skip
-PROMETHEUS_RULE_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
-        "spec": {"type": "object", "additionalProperties": False, "properties": {"groups": {"type": "array", "items": {
-            "type": "object", "required": ["name"], "additionalProperties": False,
-            "properties": {"name": {"type": "string", "minLength": 1}, "interval": {"type": "string"},
-                           "limit": {"type": "integer"}, "partial_response_strategy": {"type": "string"},
-                           "query_offset": {"type": "string"}, "labels": {"type": "object"},
-                           "rules": {"type": "array", "items": _RULE}}}}}},
-    },
-}  # fmt: skip
 
 
 @dataclass
@@ -108,27 +79,36 @@ class Schemas:
 
     def __init__(self, crd_dir: Path) -> None:
         self.crd_dir = crd_dir
-        self.by_kind: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
-        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        for path in sorted(crd_dir.glob("*.yaml")):
-            for doc in yaml.load_all(path.read_text(), Loader=loader):
-                if not isinstance(doc, dict) or doc.get("kind") != "CustomResourceDefinition":
-                    continue
-                spec = doc["spec"]
-                for version in spec.get("versions", []):
-                    raw = (version.get("schema") or {}).get("openAPIV3Schema")
-                    if raw is None:
-                        continue
-                    key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
-                    self.by_kind[key] = (structural_to_jsonschema(raw), f"CRD {path.name}")
-        workflow = self.by_kind.get(("argoproj.io/v1alpha1", "Workflow"))
-        if workflow and ("argoproj.io/v1alpha1", "WorkflowTemplate") not in self.by_kind:
-            self.by_kind["argoproj.io/v1alpha1", "WorkflowTemplate"] = (workflow[0], f"{workflow[1]} (spec)")
-        self.by_kind.setdefault(("monitoring.coreos.com/v1", "PrometheusRule"),
-                                (PROMETHEUS_RULE_SCHEMA, "distml's PrometheusRule schema"))  # fmt: skip
+        paths = sorted(crd_dir.glob("*.yaml"))
+        stamp = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
+        self.by_kind = dict(_load_crds(stamp))
 
     def custom(self, api_version: str, kind: str) -> tuple[dict[str, Any], str] | None:
         return self.by_kind.get((api_version, kind))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_crds(stamp: tuple[tuple[str, int, int], ...]) -> dict[tuple[str, str], tuple[dict[str, Any], str]]:
+    """Parse the CRD files named in ``stamp`` (path, mtime, size: a changed file is read again).
+
+    Parsing megabytes of CRD YAML is most of a validation's time; a process that validates several folders
+    against the same CRDs (the tests) reads them once.
+    """
+    by_kind: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    for name, _, _ in stamp:
+        path = Path(name)
+        for doc in yaml.load_all(path.read_text(), Loader=loader):
+            if not isinstance(doc, dict) or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            spec = doc["spec"]
+            for version in spec.get("versions", []):
+                raw = (version.get("schema") or {}).get("openAPIV3Schema")
+                if raw is None:
+                    continue
+                key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
+                by_kind[key] = (structural_to_jsonschema(raw), f"CRD {path.name}")
+    return by_kind
 
 
 def structural_to_jsonschema(node: Any) -> Any:

@@ -3,19 +3,25 @@
 The same steps as ``distml run``, each a real ``distml`` command over the shared workspace volume::
 
     ingest-key -> ingest (memoized on that key) -> train-<label> x N (parallel jobs) -> select -> register -> serve
+                                   job-network-<label> ┘ (a multi-pod job: its NetworkPolicy first)
 
 ``ingest-key`` prints the cache key the local runner computes for the ingest step (``distml step key ingest``):
 Argo's ``memoize`` skips the ingest when a workflow already ingested the same source with the same code.
 Training steps are resource steps that create a Kubeflow job per candidate and wait for it; the last step
 applies the InferenceService with the new champion's version, which rolls the predictor.
+
+Only the resource steps hold a Kubernetes token that can create things (``distml-workflow-resources``), and
+they run nothing but Argo's executor; the containers that run distml have no token at all, and Argo's own
+init/wait containers report outputs with ``distml-workflow-executor``'s, which can do nothing else.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from distml.k8s.core import Obj, config_mount_path
-from distml.k8s.plan import CONTAINER_SECURITY, OUTPUTS_DIR, POD_SECURITY, Plan
+from distml.k8s.core import EXECUTOR_SA, RESOURCES_SA, WORKFLOW_SA, Obj, config_mount_path
+from distml.k8s.network import job_policy
+from distml.k8s.plan import CONTAINER_SECURITY, OUTPUTS_DIR, POD_SECURITY, Candidate, Plan
 from distml.k8s.serving import inference_service
 from distml.k8s.training import CONDITIONS, train_job
 from distml.k8s.yamlio import dump
@@ -30,13 +36,23 @@ def run_name(label: str) -> str:
     return f"{{{{workflow.name}}}}-{label}"
 
 
+def _networked(plan: Plan) -> list[Candidate]:
+    """The candidates whose job spans pods: their pods talk over the network, through their own policy."""
+    return [c for c in plan.candidates if c.nodes > 1]
+
+
 def workflow_template(plan: Plan) -> Obj:
     templates = [_dag(plan), _ingest_key(plan), _ingest(plan)]
+    templates += [_job_network(plan, c) for c in _networked(plan)]
     templates += [_train(plan, i) for i in range(len(plan.candidates))]
     templates += [_select(plan), _register(plan), _serve(plan)]
     spec = {
         "entrypoint": "pipeline",
-        "serviceAccountName": "distml-workflow",
+        "serviceAccountName": WORKFLOW_SA,
+        # No token in the step containers (they run distml); Argo mounts the executor's into its own containers.
+        "automountServiceAccountToken": False,
+        "executor": {"serviceAccountName": EXECUTOR_SA},
+        "podMetadata": {"labels": plan.labels("workflow")},  # what the NetworkPolicies select the steps by
         "volumes": plan.volumes(),
         "securityContext": POD_SECURITY,
         "podGC": {"strategy": "OnWorkflowSuccess"},
@@ -59,15 +75,18 @@ def _dag(plan: Plan) -> Obj:
         return {"parameters": [{"name": name, "value": value}]}
 
     trains = [f"train-{c.label}" for c in plan.candidates]
+    networked = {c.label for c in _networked(plan)}
     tasks: list[Obj] = [
         {"name": "ingest-key", "template": "ingest-key"},
         {"name": "ingest", "template": "ingest", "depends": "ingest-key",
          "arguments": param("key", "{{tasks.ingest-key.outputs.parameters.key}}")},
     ]  # fmt: skip
+    tasks += [{"name": f"job-network-{c.label}", "template": f"job-network-{c.label}"} for c in _networked(plan)]
     tasks += [
-        {"name": t, "template": t, "depends": "ingest",
+        {"name": f"train-{c.label}", "template": f"train-{c.label}",
+         "depends": f"ingest && job-network-{c.label}" if c.label in networked else "ingest",
          "arguments": param("dataset", "{{tasks.ingest.outputs.parameters.digest16}}")}
-        for t in trains
+        for c in plan.candidates
     ]  # fmt: skip
     tasks += [
         {"name": "select", "template": "select", "depends": " && ".join(trains)},
@@ -90,7 +109,7 @@ def _container_step(plan: Plan, name: str, args: list[str], outputs: list[str], 
         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}},
         "securityContext": CONTAINER_SECURITY,
     }
-    template: Obj = {"name": name}
+    template: Obj = {"name": name, "metadata": {"labels": {"distml.io/step": name}}}
     if inputs:
         template["inputs"] = {"parameters": [{"name": i} for i in inputs]}
     template["outputs"] = {"parameters": [{"name": o, "valueFrom": {"path": f"{OUTPUTS_DIR}/{o}"}} for o in outputs]}
@@ -112,12 +131,25 @@ def _ingest(plan: Plan) -> Obj:
     return template
 
 
+def _resource_step(name: str) -> Obj:
+    """A resource step's template head: it runs as the one account that may create things, with its token."""
+    return {"name": name, "serviceAccountName": RESOURCES_SA, "automountServiceAccountToken": True,
+            "executor": {"serviceAccountName": RESOURCES_SA}}  # fmt: skip
+
+
+def _job_network(plan: Plan, cand: Candidate) -> Obj:
+    """Create the NetworkPolicy of the candidate's job (same name), owned by the workflow like the job."""
+    manifest = job_policy(plan, cand, run_name(cand.label))
+    return {**_resource_step(f"job-network-{cand.label}"),
+            "resource": {"action": "create", "setOwnerReference": True, "manifest": dump(manifest)}}  # fmt: skip
+
+
 def _train(plan: Plan, index: int) -> Obj:
     cand = plan.candidates[index]
     manifest = train_job(plan, cand, "{{inputs.parameters.dataset}}", run_name(cand.label))
     success, failure = CONDITIONS[plan.k8s.training]
     return {
-        "name": f"train-{cand.label}",
+        **_resource_step(f"train-{cand.label}"),
         "inputs": {"parameters": [{"name": "dataset"}]},
         # A job that never finishes (unschedulable pods, a hung rendezvous) fails the step instead of the DAG
         # waiting forever; deleting the step's job goes with it (owner reference).
@@ -145,7 +177,7 @@ def _register(plan: Plan) -> Obj:
 def _serve(plan: Plan) -> Obj:
     manifest = inference_service(plan, ref="{{inputs.parameters.ref}}", version="{{inputs.parameters.version}}")
     return {
-        "name": "serve",
+        **_resource_step("serve"),
         "inputs": {"parameters": [{"name": "ref"}, {"name": "version"}]},
         # apply: create the InferenceService, or patch it; the new version annotation rolls out a new revision.
         "resource": {"action": "apply", "manifest": dump(manifest)},

@@ -1,0 +1,154 @@
+"""NetworkPolicies: by default nothing in the namespace sends or receives anything; then only the pipeline's flows.
+
+==========================  ==================================================================================
+policy                      what it lets through
+==========================  ==================================================================================
+distml-default-deny         nothing, in or out, for every pod of the namespace (the rest are exceptions)
+distml-dns                  every pod: DNS to the cluster's resolver (kube-system, ``k8s-app: kube-dns``, 53)
+distml-workflow             workflow pods: the Kubernetes API (Argo's executor, the resource steps) and MLflow
+distml-ingest               the ingest steps: the dataset's source (its mirrors over HTTPS), unless on the volume
+distml-mlflow               MLflow: in from the workflow's pods (steps and training jobs) and the predictor only
+distml-train                training pods: out to MLflow (to each other: the job's own policy, below)
+distml-serve                predictor pods: in from the ingress/Knative namespaces and Prometheus; out to
+                            MLflow (the champion) and the request-log sink
+distml-request-log          the sink: in from the predictor pods only
+<workflow>-<candidate>      made by the workflow for each multi-pod training job: that job's pods to and from
+                            each other on any port, and no other pod. The c10d store that torchrun's rendezvous
+                            serves has no authentication, and gloo/NCCL listen on ephemeral ports, so the
+                            peers are pinned instead of the ports: only the same job's pods.
+==========================  ==================================================================================
+
+Pods are selected by the labels the render puts on them (``app.kubernetes.io/component``), KServe's
+``serving.kserve.io/inferenceservice`` on the predictor, and the operator's job label on a job's pods.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from distml.k8s.core import SINK_PORT, Obj
+from distml.k8s.plan import APP, MLFLOW_PORT, SERVE_PORT, Candidate, Plan
+from distml.k8s.serving import PREDICTOR_PODS
+from distml.k8s.training import JOB_LABEL
+
+# Knative's queue-proxy ports on a predictor pod (HTTP/1, HTTP/2, HTTPS, admin, autoscaler and user metrics),
+# what the activator, the ingress gateway and Knative's autoscaler connect to; the server's own port is what
+# they reach in KServe's raw-deployment mode.
+QUEUE_PROXY_PORTS = (8012, 8013, 8112, 8022, 9090, 9091)
+INGEST_STEPS = ("ingest-key", "ingest")  # the steps that fetch the dataset's source
+
+
+def _pods(component: str) -> dict[str, Any]:
+    return {"matchLabels": {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": component}}
+
+
+def _ports(*ports: int, protocol: str = "TCP") -> list[Obj]:
+    return [{"protocol": protocol, "port": p} for p in ports]
+
+
+def _namespace(name: str) -> dict[str, Any]:
+    return {"matchLabels": {"kubernetes.io/metadata.name": name}}
+
+
+def _policy(plan: Plan, name: str, component: str, selector: dict[str, Any], *,
+            ingress: list[Obj] | None = None, egress: list[Obj] | None = None) -> Obj:  # fmt: skip
+    spec: Obj = {"podSelector": selector, "policyTypes": []}
+    if ingress is not None:
+        spec["policyTypes"].append("Ingress")
+        spec["ingress"] = ingress
+    if egress is not None:
+        spec["policyTypes"].append("Egress")
+        spec["egress"] = egress
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": plan.meta(name, component), "spec": spec}  # fmt: skip
+
+
+def url_port(url: str) -> int:
+    """The TCP port a client of ``url`` connects to."""
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _to_url(url: str) -> Obj:
+    # A server outside the namespace, known only by URL: its address may be anything, so only the port is pinned.
+    return {"ports": _ports(url_port(url))}
+
+
+def _mlflow_egress(plan: Plan) -> Obj:
+    if plan.render_mlflow:
+        return {"to": [{"podSelector": _pods("mlflow")}], "ports": _ports(MLFLOW_PORT)}
+    return _to_url(plan.mlflow_uri)
+
+
+def _source_ports(source: str | None) -> tuple[int, ...]:
+    """The ports the ingest fetches the dataset from: none for a path on the volume."""
+    if source is None:
+        return (443,)  # the dataset's download mirrors (HTTPS)
+    if "://" not in source or source.startswith("file://"):
+        return ()
+    return (url_port(source),)
+
+
+def policies(plan: Plan) -> list[Obj]:
+    """The namespace's NetworkPolicies (the per-job ones are the workflow's: :func:`job_policy`)."""
+    k = plan.k8s
+    dns = {"to": [{"namespaceSelector": _namespace("kube-system"),
+                   "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+           "ports": _ports(53, protocol="UDP") + _ports(53)}  # fmt: skip
+    # Argo's executor reports outputs and the resource steps create jobs through the API server; its address is
+    # outside any pod network, so [k8s] api_server_cidr (all by default) and its two usual ports pin it.
+    api = {"to": [{"ipBlock": {"cidr": k.api_server_cidr}}], "ports": _ports(443, 6443)}
+    out = [
+        _policy(plan, "distml-default-deny", "network", {}, ingress=[], egress=[]),
+        _policy(plan, "distml-dns", "network", {}, egress=[dns]),
+        _policy(plan, "distml-workflow", "workflow", _pods("workflow"), egress=[api, _mlflow_egress(plan)]),
+    ]
+    ports = _source_ports(k.source)
+    if ports:
+        ingest = {
+            "matchLabels": _pods("workflow")["matchLabels"],
+            "matchExpressions": [{"key": "distml.io/step", "operator": "In", "values": list(INGEST_STEPS)}],
+        }
+        out.append(_policy(plan, "distml-ingest", "workflow", ingest, egress=[{"ports": _ports(*ports)}]))
+    if plan.render_mlflow:
+        clients = {"matchLabels": {"app.kubernetes.io/name": APP},
+                   "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In",
+                                         "values": ["workflow", "train"]}]}  # fmt: skip
+        admitted = {"from": [{"podSelector": clients}, {"podSelector": {"matchLabels": PREDICTOR_PODS}}],
+                    "ports": _ports(MLFLOW_PORT)}  # fmt: skip
+        out.append(_policy(plan, "distml-mlflow", "mlflow", _pods("mlflow"), ingress=[admitted]))
+    out.append(_policy(plan, "distml-train", "train", _pods("train"), egress=[_mlflow_egress(plan)]))
+    serve_in: list[Obj] = []
+    if k.ingress_namespaces:
+        serve_in.append({
+            "from": [{"namespaceSelector": {"matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": list(k.ingress_namespaces)}]}}],
+            "ports": _ports(*QUEUE_PROXY_PORTS, SERVE_PORT),
+        })  # fmt: skip
+    serve_in.append({  # Prometheus scrapes /metrics on the server's port
+        "from": [{"namespaceSelector": _namespace(k.prometheus_namespace),
+                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+        "ports": _ports(SERVE_PORT),
+    })  # fmt: skip
+    sink = (
+        {"to": [{"podSelector": _pods("request-log")}], "ports": _ports(SINK_PORT)}
+        if plan.render_logsink
+        else _to_url(plan.logger_url)
+    )
+    serve_sel = {"matchLabels": PREDICTOR_PODS}
+    out.append(_policy(plan, "distml-serve", "serve", serve_sel, ingress=serve_in, egress=[_mlflow_egress(plan), sink]))
+    if plan.render_logsink:
+        from_predictor = {"from": [{"podSelector": serve_sel}], "ports": _ports(SINK_PORT)}
+        out.append(_policy(plan, "distml-request-log", "request-log", _pods("request-log"), ingress=[from_predictor]))
+    return out
+
+
+def job_policy(plan: Plan, cand: Candidate, run_name: str) -> Obj:
+    """A multi-pod job's pods to and from each other, and only them (``run_name``: the job's name)."""
+    own = {"podSelector": {"matchLabels": {JOB_LABEL[plan.k8s.training]: run_name}}}
+    meta = {"name": run_name, "namespace": plan.namespace,
+            "labels": {**plan.labels("train"), "distml.io/candidate": cand.label}}  # fmt: skip
+    spec = {"podSelector": own["podSelector"], "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [own]}], "egress": [{"to": [own]}]}  # fmt: skip
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta, "spec": spec}
