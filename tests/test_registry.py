@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -13,6 +21,7 @@ import pytest
 from conftest import make_mnist, run_cli
 from distml.config import TrainConfig
 from distml.data import DatasetStore, ingest, open_dataset
+from distml.data._files import sha256_file
 from distml.data.sources import FashionMnistSource
 from distml.errors import ModelError, NotFoundError, RegistryError, UsageError
 from distml.registry import CHAMPION, Registry, export_run, find_run, open_artifact, resolve_model
@@ -38,12 +47,41 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+def _copy_home(src: Path, copy: Path) -> Path:
+    """A private copy of a workspace whose MLflow runs keep their artifacts in the copy's own store."""
+    shutil.copytree(src, copy)
+    # MLflow records absolute artifact locations; point the copy's runs at the copy's own artifact store, so a
+    # test that changes stored artifacts (or registers into them) leaves the other tests' store alone.
+    old, new = src.resolve().as_uri(), copy.resolve().as_uri()
+    with contextlib.closing(sqlite3.connect(copy / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+    # MLflow caches each run's artifact location in the process, by run id (the same ids in every copy).
+    from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
+
+    mlflow_tracking_utils._artifact_repos_cache.clear()
+    return copy
+
+
 @pytest.fixture
 def home(trained: Path, tmp_path: Path) -> Path:
     """A private copy of the trained workspace: registry tests change the MLflow store."""
-    copy = tmp_path / "home"
-    shutil.copytree(trained, copy)
-    return copy
+    return _copy_home(trained, tmp_path / "home")
+
+
+@pytest.fixture(scope="module")
+def registered(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained workspace with run0 registered as version 1 (champion) and run1 as version 2 (not promoted)."""
+    home = _copy_home(trained, tmp_path_factory.mktemp("registered") / "home")
+    assert run_cli("--home", home, "models", "register", "run0").code == 0
+    assert run_cli("--home", home, "models", "register", "run1", "--no-promote").code == 0
+    return home
+
+
+@pytest.fixture
+def two_versions(registered: Path, tmp_path: Path) -> Path:
+    """A private copy of ``registered``."""
+    return _copy_home(registered, tmp_path / "home")
 
 
 def test_export_writes_a_verified_onnx_artifact_that_matches_pytorch(home: Path, tmp_path: Path) -> None:
@@ -302,3 +340,256 @@ def test_select_bad_input(home: Path, args: list[str], needle: str) -> None:
     result = run_cli("--home", home, "select", *args)
     assert result.code == 2, result.err
     assert needle in result.err and "Traceback" not in result.err
+
+
+# -- what serve loads from the registry; moving the champion; fetching between processes ---------------------------
+
+
+def _stored_folder(registry: Registry, version: str) -> Path:
+    """Where the registry's artifact store (the workspace's file store) keeps a version's files."""
+    from urllib.parse import urlparse
+
+    mv = registry.client.get_model_version(NAME, version)
+    root = urlparse(registry.client.get_run(mv.run_id).info.artifact_uri).path
+    return Path(root) / mv.source.removeprefix(f"runs:/{mv.run_id}/")
+
+
+def _serve(*args: str | Path, wait_s: float = 120) -> tuple[int, bool, str]:
+    """Run the real CLI, ``distml ARGS`` (a serve command): (exit code, whether it started listening, stderr).
+
+    A server that starts is stopped at once with SIGTERM, by its pid: these tests are about refusals.
+    """
+    cmd = [sys.executable, "-m", "distml", *map(str, args), "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+    started = threading.Event()
+    err: list[str] = []
+
+    def pump_out() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("listening on ") and not started.is_set():
+                started.set()
+                proc.send_signal(signal.SIGTERM)
+
+    def pump_err() -> None:
+        assert proc.stderr is not None
+        err.append(proc.stderr.read())
+
+    threads = [threading.Thread(target=pump_out, daemon=True), threading.Thread(target=pump_err, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        code = proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait(10)
+    for t in threads:
+        t.join(10)
+    return code, started.is_set(), "".join(err)
+
+
+def test_serve_refuses_a_champion_whose_stored_artifact_was_changed(two_versions: Path, tmp_path: Path) -> None:
+    """Someone with write access to MLflow's artifact store swaps the champion's graph and fixes up its card."""
+    home = two_versions
+    registry = Registry(Workspace(home))
+    stored, stored2 = _stored_folder(registry, "1"), _stored_folder(registry, "2")
+    shutil.copyfile(stored2 / "model.onnx", stored / "model.onnx")  # a valid graph, only not the registered one
+    card = json.loads((stored / "model.json").read_text())
+    card["files"]["model.onnx"]["sha256"] = sha256_file(stored / "model.onnx")
+    (stored / "model.json").write_text(json.dumps(card))
+    open_artifact(stored)  # the folder-local check alone is satisfied
+    config = tmp_path / "distml.toml"
+    config.write_text('[train]\ndataset = "tiny"\n')  # the default model is then tiny-classifier@champion
+    refs: list[list[str | Path]] = [["--config", config, "--home", home, "serve"],
+                                    ["--home", home, "serve", f"models:/{NAME}@champion"],
+                                    ["--home", home, "serve", f"models:/{NAME}/1"]]  # fmt: skip
+    for args in refs:
+        code, started, err = _serve(*args)
+        assert (code, started) == (1, False), err
+        assert len(err.strip().splitlines()) == 1, err
+        assert f"{NAME} version 1: model.onnx in the registry's artifact store has sha256" in err, err
+        assert "refusing to load it" in err
+    assert not (home / "models" / NAME / "1").exists()  # the altered copy was never cached
+    # The untouched version still serves: the check refuses what changed, not everything.
+    code, started, err = _serve("--home", home, "serve", f"models:/{NAME}/2")
+    assert started, err
+    # A changed card (other class names, the same graph) is refused too: the card's hash is recorded as well.
+    card2 = json.loads((stored2 / "model.json").read_text())
+    card2["class_names"][0] = "renamed"
+    (stored2 / "model.json").write_text(json.dumps(card2))
+    shutil.rmtree(home / "models" / NAME / "2")  # the copy cached by the serve above
+    with pytest.raises(ModelError, match=f"{NAME} version 2: model.json in the registry's artifact store is not"):
+        resolve_model(f"models:/{NAME}/2", Workspace(home))
+
+
+def test_a_changed_local_copy_is_replaced_by_the_registered_one(two_versions: Path) -> None:
+    ws = Workspace(two_versions)
+    first = resolve_model(f"models:/{NAME}/1", ws)  # downloaded into <home>/models/NAME/1
+    registered = Registry(ws).version(NAME, "1").tags["distml.onnx_sha256"]
+    other = resolve_model(f"models:/{NAME}/2", ws)
+    shutil.copyfile(other.onnx_path, first.onnx_path)  # the cached copy now holds another graph...
+    card = json.loads((first.path / "model.json").read_text())
+    card["files"]["model.onnx"]["sha256"] = sha256_file(first.onnx_path)  # ...that its own card vouches for
+    (first.path / "model.json").write_text(json.dumps(card))
+    again = resolve_model(f"models:/{NAME}/1", ws)
+    assert again.path == first.path and sha256_file(again.onnx_path) == registered
+    assert again.card["files"]["model.onnx"]["sha256"] == registered
+    assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]  # no temp or stale folder left
+
+
+def _with_failed_parity(home: Path, tmp_path: Path, **parity: float) -> Path:
+    """An artifact of run0 whose card records a failed parity check (a graph of its own, so its own sha256)."""
+    import onnx
+
+    folder = tmp_path / "failed-parity"
+    artifact, _ = export_run(find_run("run0", Workspace(home)), folder)
+    graph = onnx.load(str(artifact.onnx_path))
+    graph.doc_string = "a copy with a parity check that failed"
+    onnx.save(graph, str(artifact.onnx_path))
+    card = json.loads((folder / "model.json").read_text())
+    card["files"]["model.onnx"]["sha256"] = sha256_file(artifact.onnx_path)
+    card["parity"].update(parity)
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_a_version_that_failed_parity_is_never_served_nor_made_champion(two_versions: Path, tmp_path: Path) -> None:
+    from distml.pipeline.steps import register_step
+
+    home = two_versions
+    ws = Workspace(home)
+    registry = Registry(ws)
+    # Top-1 agreement below 100%: registered (to keep the record), tagged failed, never loaded.
+    version = registry.register(open_artifact(_with_failed_parity(home, tmp_path, top1_agreement=0.99)), promote=False)
+    assert version.version == "3" and version.tags["distml.parity"] == "failed"
+    code, started, err = _serve("--home", home, "serve", f"models:/{NAME}/3")
+    assert (code, started) == (1, False), err
+    assert len(err.strip().splitlines()) == 1 and f"{NAME} version 3 did not pass the ONNX parity check" in err, err
+    # The pipeline's register step finds the version by its sha256 and promotes it: refused.
+    with pytest.raises(RegistryError, match=f"{NAME} version 3 did not pass the ONNX parity check"):
+        register_step(ws, tmp_path / "failed-parity")
+    # Probabilities off by more than the limit (every top-1 agreeing) is a failed check too.
+    shutil.rmtree(tmp_path / "failed-parity")
+    off = open_artifact(_with_failed_parity(home, tmp_path, max_abs_diff_probabilities=0.5))
+    with pytest.raises(RegistryError, match=f"{NAME} version 4 did not pass"):
+        registry.register(off)
+    assert registry.lookup(f"models:/{NAME}@champion").version == "1"
+    # Rolling back onto a version whose parity tag is not 'passed' is refused like promoting it.
+    assert run_cli("--home", home, "models", "promote", NAME, "2").code == 0
+    registry.client.set_model_version_tag(NAME, "1", "distml.parity", "failed")
+    back = run_cli("--home", home, "models", "rollback", NAME)
+    assert back.code == 2 and "cannot roll back" in back.err and f"{NAME} version 1 did not pass" in back.err
+    assert registry.lookup(f"models:/{NAME}@champion").version == "2"
+
+
+class _Crash(BaseException):
+    """Stands for the process dying: nothing after it runs."""
+
+
+def test_a_promote_cut_short_between_its_alias_writes_leaves_a_consistent_pair(
+    two_versions: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = Workspace(two_versions)
+    registry = Registry(ws)
+    real = registry.client.set_registered_model_alias
+    calls: list[str] = []
+
+    def dies_at_the_second_alias_write(name: str, alias: str, version: str) -> None:
+        calls.append(alias)
+        if len(calls) == 2:
+            raise _Crash
+        real(name, alias, version)
+
+    monkeypatch.setattr(registry.client, "set_registered_model_alias", dies_at_the_second_alias_write)
+    with pytest.raises(_Crash):
+        registry.promote(NAME, "2")  # champion 1 -> 2; previous -> 1
+    assert len(calls) == 2  # one alias written, the process gone before the other
+    # Another process (a client of its own) sees one consistent pair, and serves that champion.
+    reader = Registry(ws)
+    pair = (reader.lookup(f"models:/{NAME}@champion").version, reader.lookup(f"models:/{NAME}@previous").version)
+    assert pair == ("2", "1")
+    assert resolve_model(f"models:/{NAME}@champion", ws).card["version"] == "2"
+    shown = run_cli("--home", two_versions, "models", "show", NAME)
+    assert [line.split()[:2] for line in shown.out.splitlines()[1:]] == [["1", "previous"], ["2", "champion"]]
+    # Running the promote again finishes the move in MLflow itself, and the champion history is whole.
+    assert run_cli("--home", two_versions, "models", "promote", NAME, "2").code == 0
+    client = Registry(ws).client
+    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == "2"
+    assert str(client.get_model_version_by_alias(NAME, "previous").version) == "1"
+    assert "distml.champion_move" not in client.get_registered_model(NAME).tags
+    back = run_cli("--home", two_versions, "models", "rollback", NAME)
+    assert back.code == 0 and "rolled back to version 1" in back.out
+
+
+_FETCHER = """
+import json, os, sys
+from pathlib import Path
+from distml.registry import resolve_model
+from distml.workspace import Workspace
+
+root, rounds = Path(sys.argv[1]), int(sys.argv[2])
+report = []
+for r in range(rounds):
+    print("ready", flush=True)
+    sys.stdin.readline()  # the parent releases both processes at once
+    try:
+        artifact = resolve_model("models:/tiny-classifier/1", Workspace(root / f"cache{r}"))
+        report.append({"folder": os.stat(artifact.path).st_ino})
+    except BaseException as exc:
+        report.append({"error": f"{type(exc).__name__}: {exc}"})
+print("done " + json.dumps(report), flush=True)
+"""
+
+
+def test_two_processes_fetching_the_same_version_at_once(two_versions: Path, tmp_path: Path) -> None:
+    """Each round, two real processes resolve the same version into the same new local folder at the same moment.
+
+    Both get a verified copy, and it is the same folder: the process that finishes second keeps the first one's
+    copy rather than deleting it (and putting its own in its place) while the first may already be reading it.
+    """
+    rounds = 6
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{two_versions / 'mlflow.db'}")
+    procs = [subprocess.Popen([sys.executable, "-c", _FETCHER, str(tmp_path), str(rounds)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]  # fmt: skip
+    reports: list[Any] = []
+    try:
+        for _ in range(rounds):
+            for p in procs:
+                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write("go\n")
+                p.stdin.flush()
+        for p in procs:
+            assert p.stdout is not None
+            reports.append(json.loads(p.stdout.readline().removeprefix("done ")))
+            assert p.wait(60) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    registered = Registry(Workspace(two_versions)).version(NAME, "1").tags["distml.onnx_sha256"]
+    for r in range(rounds):
+        folder = tmp_path / f"cache{r}" / "models" / NAME
+        assert [p.name for p in folder.iterdir()] == ["1"]  # one copy, no temp folder left behind
+        assert sha256_file(folder / "1" / "model.onnx") == registered
+        assert json.loads((folder / "1" / "model.json").read_text())["version"] == "1"
+        final = os.stat(folder / "1").st_ino
+        assert [report[r] for report in reports] == [{"folder": final}] * 2, f"round {r}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["models", "show", "models:/" + "a" * 5000 + "@champion"],
+        ["models", "show", "x" * 5000],
+        ["models", "promote", NAME, "9" * 5000],
+        ["predict", "models:/" + "b" * 5000, "--dataset", "tiny", "--out", "p.csv"],
+    ],
+)
+def test_errors_do_not_echo_long_references_in_full(two_versions: Path, args: list[str]) -> None:
+    result = run_cli("--home", two_versions, *args)
+    assert result.code == 2, result.err
+    assert len(result.err.strip().splitlines()) == 1 and len(result.err) < 400, result.err[:400]

@@ -58,6 +58,10 @@ def serve_cmd(app: AppContext, model: str | None, **options: Any) -> None:
 
     Requests from both protocols share one dynamic batcher. Stop with Ctrl-C or SIGTERM (graceful).
 
+    A registry model is checked before the server starts: its model.onnx and model.json must have the sha256
+    its version recorded when it was registered, and the version must have passed the ONNX parity check;
+    otherwise serve refuses to start (exit 1).
+
     \b
     Examples:
       distml serve

@@ -9,6 +9,7 @@ truncated or replaced graph is caught before anything runs it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,12 @@ def open_artifact(path: Path) -> ModelArtifact:
             hint="re-export or re-download the model",
         )
     return ModelArtifact(path, card)
+
+
+def card_digest(card: dict[str, Any]) -> str:
+    """The sha256 of a model card as registered: canonical JSON, without ``version`` (the registry fills it in)."""
+    content = {key: value for key, value in card.items() if key != "version"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def probabilities(session: Any, images: np.ndarray, batch: int) -> np.ndarray:
