@@ -757,3 +757,44 @@ def test_a_worker_that_keeps_dying_is_restarted_with_backoff(champion: tuple[Pat
         assert post_json(proc.base, V1, {"instances": [_OK_PIXELS]}).status == 200  # the other worker serves on
     finally:
         proc.stop()
+
+
+def test_health_answers_within_100_ms_while_a_huge_body_is_parsed(champion: tuple[Path, Path]) -> None:
+    # Two 16 MiB bodies that used to hold the event loop for about a second each: a JSON array of numbers, and a
+    # binary BYTES tensor of four million empty elements.
+    numbers = b'{"inputs":[{"name":"images","datatype":"UINT8","shape":[1,28,28,1],"data":[' + b"1," * 8_000_000
+    numbers += b"1]}]}"
+    count = 4_000_000
+    header, blob = _binary(
+        {
+            "inputs": [
+                {"name": "images", "datatype": "BYTES", "shape": [count], "parameters": {"binary_data_size": 4 * count}}
+            ]
+        },
+        bytes(4 * count),
+    )
+    proc = ServerProcess(["--home", str(champion[0]), "serve", str(champion[1]), "--port", "0"])
+    try:
+        for headers, body in (({"content-type": "application/json"}, numbers), (header, blob)):
+            assert len(body) < 16 << 20
+            latencies: list[float] = []
+            stop = threading.Event()
+
+            def probe(stop: threading.Event = stop, latencies: list[float] = latencies) -> None:
+                while not stop.is_set() and len(latencies) < 500:
+                    t0 = time.perf_counter()
+                    assert request(proc.base, "GET", "/v2/health/live").status == 200
+                    latencies.append(time.perf_counter() - t0)
+                    time.sleep(0.01)
+
+            prober = threading.Thread(target=probe)
+            prober.start()
+            time.sleep(0.1)
+            reply = request(proc.base, "POST", V2, body, headers)
+            time.sleep(0.1)
+            stop.set()
+            prober.join(10)
+            assert reply.status in (400, 413), reply.body[:300]
+            assert len(latencies) >= 5 and max(latencies) < 0.1, (reply.body[:200], sorted(latencies)[-5:])
+    finally:
+        proc.stop()
