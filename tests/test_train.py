@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from distml.errors import ResumeError, TrainingError, UsageError
 from distml.train import train
 from distml.train.checkpoint import list_checkpoints, load_latest
 from distml.train.launch import Rendezvous, _interpret, prepare
+from distml.train.runlock import lock_run
 from distml.workspace import Workspace
 
 
@@ -115,6 +118,96 @@ def test_sigkill_of_one_worker_mid_epoch_resumes_bit_exactly(home: Path, tmp_pat
 # -- bad input --------------------------------------------------------------------------------------------------
 
 
+# -- what a job exposes on the network ----------------------------------------------------------------------
+
+
+def _process_tree(root: int, parents: dict[int, int]) -> set[int]:
+    """``root`` and every process descended from it, from /proc; ``parents`` caches what was read before."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        if pid not in parents:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parents[pid], []).append(pid)
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _listening(pids: set[int]) -> set[tuple[str, int, int]]:
+    """(address, port, pid) of every listening TCP socket that one of ``pids`` holds open."""
+    owner: dict[str, int] = {}
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[8:-1]] = pid
+    found = set()
+    for table in ("tcp", "tcp6"):  # this network namespace's sockets; the inode says whose each one is
+        for line in Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in owner:  # state 0A: LISTEN
+                hex_addr, hex_port = fields[1].split(":")
+                raw = bytes.fromhex(hex_addr)  # 32-bit words in host (little-endian) order
+                addr = ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))
+                found.add((str(addr), int(hex_port, 16), owner[fields[9]]))
+    return found
+
+
+def _is_loopback(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr)
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
+def test_a_two_worker_job_listens_on_loopback_only(home: Path, tmp_path: Path) -> None:
+    # Every listening socket of the job's processes (launcher, torchrun's agent, workers), sampled all through
+    # a real run: the rendezvous, the workers' store and gloo must not be reachable from another machine.
+    _dataset(home, tmp_path, n_train=32 * 16)
+    log = tmp_path / "train.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distml", "train", "--dataset", "tiny", "--workers", "2", "--epochs", "1",
+             "--batch-size", "32", "--home", str(home), "--run-name", "net"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    seen: set[tuple[str, int, int]] = set()
+    parents: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen |= _listening(_process_tree(proc.pid, parents))
+            time.sleep(0.2)  # the sockets live for seconds, as long as the job's process group
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    ranks = {int((home / "runs" / "net" / "status" / f"rank-{r}.pid").read_text()) for r in (0, 1)}
+    # Both workers were seen listening (rank 0 serves the process group's store; each has a gloo listener), so
+    # the sampling saw the job while it ran.
+    assert ranks <= {pid for _, _, pid in seen}, seen
+    exposed = sorted(f"{addr} port {port} (pid {pid})" for addr, port, pid in seen if not _is_loopback(addr))
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
 @pytest.fixture
 def tiny_home(home: Path, tmp_path: Path) -> Path:
     _dataset(home, tmp_path, n_train=256)
@@ -142,6 +235,61 @@ def test_usage_errors_are_one_line_before_anything_starts(tiny_home: Path, args:
     assert result.err.strip().splitlines()[-1].startswith("error: ")
     assert needle in result.err
     assert "Traceback" not in result.err
+
+
+def test_a_batch_that_does_not_divide_over_every_host_is_a_usage_error(tiny_home: Path) -> None:
+    # 2 workers on each of 3 hosts: 64 divides by the workers of one host but not by the 6 of the job.
+    hosts = Rendezvous(nnodes=3, node_rank=0, endpoint="127.0.0.1:29400")
+    with pytest.raises(UsageError, match=r"--batch-size 64 does not divide by --workers 2 x --nnodes 3 = 6 workers"):
+        prepare(_cfg(workers=2, batch_size=64), Workspace(tiny_home), "hosts", hosts)
+    assert prepare(_cfg(workers=2, batch_size=60), Workspace(tiny_home), "hosts", hosts).world_size == 6
+    result = _train_cli(tiny_home, "--workers", "2", "--batch-size", "64", "--nnodes", "3", "--rdzv-endpoint",
+                        "127.0.0.1:29400", "--run-name", "cli-hosts")  # fmt: skip
+    assert result.code == 2, result.err
+    assert result.err.strip().splitlines() == [
+        "error: --batch-size 64 does not divide by --workers 2 x --nnodes 3 = 6 workers; the batch is global, split "
+        "over every worker of every host: use a multiple of 6, e.g. 60"
+    ]
+    assert not (tiny_home / "runs" / "cli-hosts").exists()
+
+
+def test_a_second_command_for_a_run_in_training_is_refused(tiny_home: Path, tmp_path: Path) -> None:
+    run_dir = tiny_home / "runs" / "busy"
+    log = tmp_path / "first.log"
+    with log.open("wb") as out:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "distml", "train", "--dataset", "tiny", "--workers", "1", "--epochs", "1000",
+             "--home", str(tiny_home), "--run-name", "busy"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(run_dir / "checkpoints"):  # the first is training: it has finished an epoch
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        # Without the lock this would resume the run next to the first (and, asked for 1 epoch, "finish" it).
+        second = _train_cli(tiny_home, "--workers", "1", "--run-name", "busy")
+        assert second.code == 1, second.err
+        host = socket.gethostname()
+        assert second.err.strip().splitlines() == [
+            f"error: run busy is already being trained by process {first.pid} on {host}; wait for it to finish (or "
+            "stop it), or use another --run-name"
+        ]
+        assert first.poll() is None, "the first command goes on undisturbed"
+        first.kill()  # no clean-up of its own: the kernel releases the lock once its worker has gone too
+        first.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                lock_run(run_dir).release()
+                break
+            except TrainingError:
+                assert time.monotonic() < deadline, "the lock of a killed command was not released"
+                time.sleep(0.1)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
 
 
 def test_oversubscribe_is_allowed_when_asked(tiny_home: Path) -> None:

@@ -28,7 +28,7 @@ _SCHEDULES = ["constant", "step", "cosine", "onecycle"]
     help="Random crop (pad 2) and horizontal flip; helps longer runs of bigger nets. [default: none]",
 )
 @click.option("--seed", type=int, help="Seeds weights, data order, augmentation and dropout. [default: 0]")
-@click.option("--run-name", help="Run folder under <home>/runs; the same name again resumes it.")
+@click.option("--run-name", help="Run folder under <home>/runs; the same name again resumes it (one at a time).")
 @click.option("--checkpoint-every-steps", type=int, help="Also checkpoint every N steps (0: epoch ends only).")
 @click.option("--threads-per-worker", type=int, help="Intra-op threads per worker. [default: cores / workers]")
 @click.option("--allow-oversubscribe", is_flag=True, default=None, help="Allow workers x threads > cores.")
@@ -42,7 +42,11 @@ _SCHEDULES = ["constant", "step", "cosine", "onecycle"]
 )
 @click.option("--nnodes", type=int, default=1, show_default=True, help="torchrun: number of hosts.")
 @click.option("--node-rank", type=int, default=0, show_default=True, help="torchrun: this host's rank.")
-@click.option("--rdzv-endpoint", metavar="HOST:PORT", help="torchrun: c10d rendezvous endpoint (multi-host).")
+@click.option(
+    "--rdzv-endpoint",
+    metavar="HOST:PORT",
+    help="torchrun: c10d rendezvous endpoint (multi-host). Unauthenticated: only on a trusted network.",
+)
 @pass_app
 def train_cmd(
     app: AppContext, nnodes: int, node_rank: int, rdzv_endpoint: str | None, candidates: str | None, **options: Any
@@ -52,6 +56,11 @@ def train_cmd(
     Gradients are all-reduced every step (gloo on CPU, NCCL on GPU); progress is printed by rank 0.
     A run writes checkpoints every epoch to <home>/runs/<run-name>/; running the same --run-name again
     resumes from the newest good checkpoint.
+
+    On one host every socket of the job listens on 127.0.0.1 only. Several hosts (--nnodes > 1) must meet on a
+    trusted network: the rendezvous endpoint (torchrun's c10d store, which has no authentication and whose
+    content torchrun unpickles) and the workers' gloo/NCCL ports are open to whoever can reach the hosts.
+    Admit them only from the job's own hosts (on Kubernetes, a NetworkPolicy between the job's pods).
 
     \b
     Examples:

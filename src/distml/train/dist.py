@@ -7,6 +7,7 @@ training code receives a :class:`DistContext` and never reads the environment it
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -75,15 +76,35 @@ def init_distributed(ctx: DistContext, timeout: timedelta, environ: Mapping[str,
         torch.cuda.set_device(ctx.device)  # before NCCL creates its communicator on the current device
     env = os.environ if environ is None else environ
     agent_hosts_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    hosts_store = not agent_hosts_store and ctx.rank == 0
     store = dist.TCPStore(  # type: ignore[attr-defined]  # re-exported at runtime, not in the stubs
-        env["MASTER_ADDR"],
-        int(env["MASTER_PORT"]),
+        addr,
+        port,
         ctx.world_size,
-        is_master=not agent_hosts_store and ctx.rank == 0,
+        is_master=hosts_store,
         timeout=timeout,
+        # TCPStore's server listens on every interface ("::"), whatever host it is given; the store has no
+        # authentication. Given a socket already listening on MASTER_ADDR only, it serves on that instead: on
+        # one host the launcher sets MASTER_ADDR to 127.0.0.1, so the store is not reachable from the network.
+        master_listen_fd=_listen_on(addr, port) if hosts_store else None,
     )
     prefixed = dist.PrefixStore(f"distml/attempt-{ctx.restart}/", store)  # type: ignore[attr-defined]  # idem
     dist.init_process_group(ctx.backend, store=prefixed, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
+
+
+def _listen_on(addr: str, port: int) -> int:
+    """A TCP socket listening on ``addr:port`` alone; its file descriptor is handed over to the caller."""
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore sets on its own sockets
+        sock.bind(sockaddr)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()  # the store owns the descriptor from here on
 
 
 def usable_cores() -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -23,12 +25,18 @@ from distml.train import tracking
 from distml.train.dist import usable_cores
 from distml.train.job import Job, check_resume
 from distml.train.model_names import check_model_name
+from distml.train.runlock import RunLock, lock_run
 from distml.workspace import Workspace
 
 # glibc serves each step's multi-MB activation tensors with fresh mmap()s and returns them on free, so every
 # step page-faults its memory in again: 1.7x slower on the seed CNN (6.1k -> 10.3k img/s, W=1, measured in
 # docs/performance.md). Keeping freed memory in the heap removes that. Set in the environment to override.
 _MALLOC_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+LOOPBACK = "127.0.0.1"
+# A single-host job listens on loopback only. torchrun's agent would host the workers' store itself, on every
+# interface; with sharing off, rank 0 hosts it at MASTER_ADDR (dist.init_distributed binds it there). gloo and
+# NCCL listen on the address of the interface they are told, else of the host name, which may be a routable one.
+_SINGLE_HOST_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 
 
 @dataclass(frozen=True)
@@ -65,9 +73,27 @@ class Rendezvous:
                     hint="e.g. 10.0.0.1:29400, the same on every host",
                 )
 
-    def torchrun_args(self, run_id: str) -> list[str]:
-        if self.nnodes == 1 and self.endpoint is None:
-            return ["--standalone"]
+    @property
+    def single_host(self) -> bool:
+        """One host and no endpoint given: the job's rendezvous and traffic stay on this machine's loopback."""
+        return self.nnodes == 1 and self.endpoint is None
+
+    def torchrun_args(self, run_id: str, local_store: Path | None = None) -> list[str]:
+        """torchrun's rendezvous flags; ``local_store`` is a file in a private folder, used on a single host."""
+        if self.single_host:
+            if local_store is None:
+                raise ValueError("a single-host job needs a file for its rendezvous store")
+            # Not --standalone: that serves the rendezvous from a TCPStore on every interface, unauthenticated,
+            # and torchrun unpickles the state it reads from it. A FileStore in a folder only this user can read
+            # needs no socket; the workers' own store and gloo listen on 127.0.0.1 (see _SINGLE_HOST_ENV).
+            return [
+                "--nnodes=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={local_store}",
+                "--rdzv-conf=store_type=file",
+                f"--rdzv-id={run_id}",
+                f"--local-addr={LOOPBACK}",  # becomes the workers' MASTER_ADDR
+            ]
         if self.endpoint is None:
             raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
         return [
@@ -92,13 +118,18 @@ class TrainResult:
 
 def prepare(cfg: TrainConfig, workspace: Workspace, run_name: str | None, rdzv: Rendezvous = Rendezvous()) -> Job:
     """Validate the request and write the job file; nothing is started yet."""
+    job, lock = _prepare_locked(cfg, workspace, run_name, rdzv)
+    lock.release()
+    return job
+
+
+def _prepare_locked(
+    cfg: TrainConfig, workspace: Workspace, run_name: str | None, rdzv: Rendezvous
+) -> tuple[Job, RunLock]:
+    """:func:`prepare`, returning the run folder's lock still held (the caller releases it)."""
     rdzv.check()
     check_model_name(cfg.model)
-    if cfg.batch_size % cfg.workers:
-        raise UsageError(
-            f"--batch-size {cfg.batch_size} does not divide by --workers {cfg.workers}",
-            hint=f"the batch is global: use a multiple of {cfg.workers}, e.g. {_round_to(cfg.batch_size, cfg.workers)}",
-        )
+    _check_batch(cfg, rdzv)
     cores = usable_cores()
     threads = cfg.threads_per_worker or 1
     gpus = _gpu_count()
@@ -121,14 +152,37 @@ def prepare(cfg: TrainConfig, workspace: Workspace, run_name: str | None, rdzv: 
         workspace.ensure(run_dir)
     except WorkspaceError as exc:
         raise WorkspaceError(f"run folder {run_dir} is not writable", hint=exc.hint) from None
-    job = Job(cfg, run_dir, dataset.path, dataset.digest, world_size=cfg.workers * rdzv.nnodes)
-    _check_existing(job)
-    if rdzv.node_rank == 0 or not _already_written(job):
-        # Hosts sharing one run folder (pods on one volume) each prepare the same job. Only node 0 adds the
-        # MLflow run to the job file (train() below), after writing it here; a host that prepares later must not
-        # replace that file with one without the run, or rank 0 tracks nothing.
-        job.write()
-    return job
+    lock = lock_run(run_dir, rdzv.node_rank)  # before anything in the folder is read or written
+    try:
+        job = Job(cfg, run_dir, dataset.path, dataset.digest, world_size=cfg.workers * rdzv.nnodes)
+        _check_existing(job)
+        if rdzv.node_rank == 0 or not _already_written(job):
+            # Hosts sharing one run folder (pods on one volume) each prepare the same job. Only node 0 adds the
+            # MLflow run to the job file (train() below), after writing it here; a host that prepares later must
+            # not replace that file with one without the run, or rank 0 tracks nothing.
+            job.write()
+    except BaseException:
+        lock.release()
+        raise
+    return job, lock
+
+
+def _check_batch(cfg: TrainConfig, rdzv: Rendezvous) -> None:
+    """The global batch is split evenly over every worker of every host: refuse one that does not divide."""
+    total = cfg.workers * rdzv.nnodes
+    if cfg.batch_size % total == 0:
+        return
+    example = _round_to(cfg.batch_size, total)
+    if rdzv.nnodes == 1:
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} does not divide by --workers {cfg.workers}",
+            hint=f"the batch is global: use a multiple of {cfg.workers}, e.g. {example}",
+        )
+    raise UsageError(
+        f"--batch-size {cfg.batch_size} does not divide by --workers {cfg.workers} x --nnodes {rdzv.nnodes} "
+        f"= {total} workers",
+        hint=f"the batch is global, split over every worker of every host: use a multiple of {total}, e.g. {example}",
+    )
 
 
 def _already_written(job: Job) -> bool:
@@ -148,37 +202,54 @@ def _check_existing(job: Job) -> None:
         check_resume(loaded[1], job, loaded[0].name)
 
 
-def run_job(job: Job, rdzv: Rendezvous = Rendezvous()) -> TrainResult:
-    """Run ``job``'s workers (under torchrun; one worker directly) and wait; rank 0 prints the progress."""
+def run_job(job: Job, rdzv: Rendezvous = Rendezvous(), lock: RunLock | None = None) -> TrainResult:
+    """Run ``job``'s workers (under torchrun; one worker directly) and wait; rank 0 prints the progress.
+
+    ``lock``, the run folder's lock, is shared with the launched process, so the folder stays locked until that
+    process has ended, even if this one is killed first.
+    """
     status = job.run_dir / "status"
     shutil.rmtree(status, ignore_errors=True)
     (job.run_dir / "result.json").unlink(missing_ok=True)
     cfg = job.config
     threads = cfg.threads_per_worker or max(1, usable_cores() // cfg.workers)
     worker = ["-m", "distml.train.worker", str(job.run_dir)]
-    if direct_launch(cfg, rdzv):
-        cmd = [sys.executable, *worker]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run",
-            *rdzv.torchrun_args(job.run_dir.name),
-            f"--nproc-per-node={cfg.workers}",
-            f"--max-restarts={cfg.max_restarts}",
-            *worker,
-        ]  # fmt: skip
     env = {**_MALLOC_DEFAULTS, **os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a launcher inside a worker must not inherit its parent's identity
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent())
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.ExitStack() as cleanup:
+        if direct_launch(cfg, rdzv):
+            cmd = [sys.executable, *worker]  # one process, no process group: it opens no socket
+        else:
+            local_store = None
+            if rdzv.single_host:
+                private = Path(tempfile.mkdtemp(prefix="distml-rdzv-"))  # mode 0700: this user's alone
+                cleanup.callback(shutil.rmtree, private, ignore_errors=True)
+                local_store = private / "store"
+                env.update(_SINGLE_HOST_ENV)
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run",
+                *rdzv.torchrun_args(job.run_dir.name, local_store),
+                f"--nproc-per-node={cfg.workers}",
+                f"--max-restarts={cfg.max_restarts}",
+                *worker,
+            ]  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+            pass_fds=(lock.fileno,) if lock is not None else (),
+        )
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        raise
+            code = proc.wait()
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
     return _interpret(job, code, rdzv)
 
 
@@ -240,18 +311,25 @@ def _gpu_count() -> int:
 def train(
     cfg: TrainConfig, workspace: Workspace, run_name: str | None = None, rdzv: Rendezvous = Rendezvous()
 ) -> TrainResult:
-    """Validate, then run the whole job: the library form of ``distml train``."""
-    job = prepare(cfg, workspace, run_name, rdzv)
-    if rdzv.node_rank == 0:
-        job = _with_mlflow_run(job, workspace)
-    start = time.perf_counter()
+    """Validate, then run the whole job: the library form of ``distml train``.
+
+    The run folder is locked from the checks to the end: a second command for the same run (on the same host)
+    is refused with the holder's pid instead of training into the same folder.
+    """
+    job, lock = _prepare_locked(cfg, workspace, run_name, rdzv)
     try:
-        result = run_job(job, rdzv)
-    except BaseException:
-        _finish_mlflow_run(job, ok=False)
-        raise
-    result.metrics.setdefault("wall_seconds", time.perf_counter() - start)
-    _finish_mlflow_run(job, ok=True)
+        if rdzv.node_rank == 0:
+            job = _with_mlflow_run(job, workspace)
+        start = time.perf_counter()
+        try:
+            result = run_job(job, rdzv, lock)
+        except BaseException:
+            _finish_mlflow_run(job, ok=False)
+            raise
+        result.metrics.setdefault("wall_seconds", time.perf_counter() - start)
+        _finish_mlflow_run(job, ok=True)
+    finally:
+        lock.release()
     result.metrics["mlflow_run_id"] = job.mlflow_run_id
     return result
 
