@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import platform
+import shlex
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,7 +102,12 @@ def test_checkpoints_are_atomic_rotated_and_safe_to_load(tmp_path: Path) -> None
 def test_rendezvous_flags_go_to_torchrun_unchanged() -> None:
     from distml.train.launch import Rendezvous
 
-    assert Rendezvous().torchrun_args("run") == ["--standalone"]
+    # One host: no --standalone (its rendezvous store listens on every interface); a file store instead, and
+    # 127.0.0.1 as the workers' MASTER_ADDR. test_train.py checks the sockets of a real job.
+    assert Rendezvous().torchrun_args("run", Path("/private/store")) == [
+        "--nnodes=1", "--rdzv-backend=c10d", "--rdzv-endpoint=/private/store", "--rdzv-conf=store_type=file",
+        "--rdzv-id=run", "--local-addr=127.0.0.1",
+    ]  # fmt: skip
     assert Rendezvous(nnodes=2, node_rank=1, endpoint="10.0.0.1:29400").torchrun_args("run") == [
         "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=run",
         "--rdzv-conf=is_host=0",
@@ -109,19 +119,100 @@ def test_rendezvous_flags_go_to_torchrun_unchanged() -> None:
         Rendezvous(nnodes=2).torchrun_args("run")
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the shm path is x86-64 only")
-def test_shared_memory_allreduce_matches_gloo_on_three_ranks() -> None:
+def _torchrun(tmp_path: Path, nproc: int, *args: str) -> list[str]:
+    """torchrun on this host as ``distml train`` runs it: rendezvous and process group on loopback only."""
+    from distml.train.launch import Rendezvous
+
+    flags = Rendezvous().torchrun_args("test", tmp_path / "rdzv-store")
+    return [sys.executable, "-m", "torch.distributed.run", *flags, f"--nproc-per-node={nproc}", *args]
+
+
+def _torchrun_env() -> dict[str, str]:
+    from distml.train.launch import _SINGLE_HOST_ENV
+
+    return {**os.environ, **_SINGLE_HOST_ENV, "OMP_NUM_THREADS": "1"}
+
+
+_SHM_WORKER = str(Path(__file__).with_name("_shm_allreduce_worker.py"))
+x86_only = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="the shm path is x86-64 only"
+)
+
+
+@x86_only
+def test_shared_memory_allreduce_matches_gloo_on_three_ranks(tmp_path: Path) -> None:
     # Three real processes under torchrun, 60 buckets of varied sizes: the mean equals gloo's all-reduce / W,
     # every rank gets the same values, a bucket over capacity is refused, and nothing is left in /dev/shm.
     before = set(SHM_DIR.glob("distml-test-*"))
-    worker = Path(__file__).with_name("_shm_allreduce_worker.py")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", str(worker)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        _torchrun(tmp_path, 3, _SHM_WORKER), capture_output=True, text=True, timeout=120, env=_torchrun_env()
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line is not None, proc.stderr[-3000:]
     result = json.loads(line.split(" ", 1)[1])
     assert result["max_abs_diff"] <= 1e-6  # summation order differs from gloo's ring for W=3
     assert result["too_big"] == "refused"
     assert set(SHM_DIR.glob("distml-test-*")) == before
+
+
+def _can_mount_private_tmpfs() -> bool:
+    try:
+        probe = ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /dev/shm"]
+        return subprocess.run(probe, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@x86_only
+@pytest.mark.skipif(not _can_mount_private_tmpfs(), reason="needs unshare -rm (user and mount namespaces)")
+def test_a_too_small_dev_shm_is_a_clear_error_not_a_sigbus(tmp_path: Path) -> None:
+    # A real 1 MiB tmpfs over /dev/shm, in a mount namespace of this test's own; two ranks need 16 MB of slots.
+    # Without the pages reserved up front, rank 1's first write lands past the end of the tmpfs: SIGBUS.
+    command = shlex.join([*_torchrun(tmp_path, 2, _SHM_WORKER), "--capacity", "1000000"])
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {command}"],
+        capture_output=True, text=True, timeout=120, env=_torchrun_env(),
+    )  # fmt: skip
+    errors = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("ERROR "))
+    assert proc.returncode != 0
+    assert len(errors) == 2, f"each rank should report the error\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert errors[0].startswith("ERROR rank 0: cannot reserve 15.3 MiB in /dev/shm for the shared-memory all-reduce")
+    assert "No space left on device" in errors[0] and 'cpu_allreduce = "gloo"' in errors[0]
+    assert errors[1] == "ERROR rank 1: local rank 0 could not create the shared-memory gradient segment (see its error)"
+    assert "SIGBUS" not in proc.stderr
+
+
+def test_a_rank_waiting_for_a_hung_peer_sleeps_and_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distml.errors import TrainingError
+    from distml.train import shm_allreduce
+
+    def rank0() -> shm_allreduce.SharedGradients:
+        flags = np.zeros(2, dtype=np.int64)
+        return shm_allreduce.SharedGradients(0, 2, 1, flags, torch.zeros(2, 2, 1), mmap.mmap(-1, 4096))
+
+    # A peer that arrives late: the wait ends soon after it does (sleeps are a fraction of the time waited).
+    state = rank0()
+    timer = threading.Timer(0.3, lambda: state.flags.__setitem__(1, 1))
+    timer.start()
+    start = time.monotonic()
+    state._barrier(1)
+    assert 0.3 <= time.monotonic() - start < 0.6
+    timer.join()
+
+    # A peer that never arrives: the rank gives up after the timeout, having slept, not spun, all the while.
+    monkeypatch.setattr(shm_allreduce, "WAIT_TIMEOUT_S", 1.5)
+    state = rank0()
+    cpu, start = time.thread_time(), time.monotonic()
+    with pytest.raises(TrainingError, match="rank 0 waited .* s for the other workers"):
+        state._barrier(1)
+    wall, cpu = time.monotonic() - start, time.thread_time() - cpu
+    assert 1.5 <= wall < 3.0
+    assert cpu < 0.25, f"{cpu:.2f} s of CPU in {wall:.2f} s of waiting: a busy wait"
+
+
+def test_a_checkpoint_that_fails_to_save_leaves_no_temp_file(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, {"model": {"w": torch.ones(2)}}, epoch=1, step=10)
+    unsaveable = {"model": {"w": torch.ones(2)}, "lock": threading.Lock()}  # pickling fails midway through
+    with pytest.raises(TypeError, match="lock"):
+        save_checkpoint(tmp_path, unsaveable, epoch=2, step=20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000001-000000010.pt"]

@@ -28,11 +28,17 @@ def save_checkpoint(folder: Path, state: dict[str, Any], *, epoch: int, step: in
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(epoch, step)
     tmp = folder / f".{final.name}.{os.getpid()}.tmp"
-    with tmp.open("wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:
+        with tmp.open("wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        # A full disk or a state that cannot be saved: leave no partial file behind (a run that keeps failing
+        # would otherwise fill the disk with them), and let the error go on.
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

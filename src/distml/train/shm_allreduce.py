@@ -36,6 +36,12 @@ from distml.train.dist import DistContext
 SHM_DIR = Path("/dev/shm")  # noqa: S108 - the POSIX shared-memory filesystem, not a temp folder
 _FLAG_STRIDE = 8  # int64s per flag: one 64-byte cache line each, so ranks do not write to a shared line
 _SPINS_BEFORE_YIELD = 200
+# A peer is usually a few microseconds to a few milliseconds behind: yield the core for up to _YIELD_FOR_S, then
+# sleep, each time for a fraction of the time waited so far (at most 10% late, at most _MAX_SLEEP_S), so a rank
+# that waits long (a checkpoint on rank 0, a hung peer) stops burning a core.
+_YIELD_FOR_S = 0.001
+_MIN_SLEEP_S = 50e-6
+_MAX_SLEEP_S = 0.01
 WAIT_TIMEOUT_S = 600.0  # as the process group's: a peer that never arrives has died, and torchrun ends the job
 
 
@@ -71,16 +77,20 @@ class SharedGradients:
         ``/dev/shm`` whether the job ends or a worker is killed.
         """
         path = SHM_DIR / name
-        flag_bytes = ctx.world_size * _FLAG_STRIDE * 8
-        size = flag_bytes + 2 * ctx.world_size * capacity * 4
+        size = segment_bytes(ctx.world_size, capacity)
+        error = None
         if ctx.local_rank == 0:
-            path.unlink(missing_ok=True)  # a crashed earlier attempt under the same name
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.ftruncate(fd, size)  # zero-filled: every flag starts at 0
-            finally:
-                os.close(fd)
-        dist.barrier()
+                _create_segment(path, size)
+            except TrainingError as exc:
+                error = exc
+        # Every rank learns whether the segment exists (this is also the barrier before mapping it).
+        created = torch.tensor([0 if error else 1], dtype=torch.int32)
+        dist.all_reduce(created, op=dist.ReduceOp.MIN)
+        if error is not None:
+            raise error
+        if not created.item():
+            raise TrainingError("local rank 0 could not create the shared-memory gradient segment (see its error)")
         fd = os.open(path, os.O_RDWR)
         try:
             mapping = mmap.mmap(fd, size)
@@ -89,9 +99,15 @@ class SharedGradients:
         dist.barrier()
         if ctx.local_rank == 0:
             path.unlink(missing_ok=True)
-        flags = np.frombuffer(mapping, dtype=np.int64, count=ctx.world_size * _FLAG_STRIDE)[::_FLAG_STRIDE]
-        slots = torch.frombuffer(mapping, dtype=torch.float32, offset=flag_bytes).view(2, ctx.world_size, capacity)
-        return cls(ctx.rank, ctx.world_size, capacity, flags, slots, mapping)
+        return cls.on(mapping, ctx.rank, ctx.world_size, capacity)
+
+    @classmethod
+    def on(cls, mapping: mmap.mmap, rank: int, world_size: int, capacity: int) -> "SharedGradients":
+        """Rank ``rank``'s view of a mapped segment of :func:`segment_bytes` (zero-filled when new)."""
+        flag_bytes = world_size * _FLAG_STRIDE * 8
+        flags = np.frombuffer(mapping, dtype=np.int64, count=world_size * _FLAG_STRIDE)[::_FLAG_STRIDE]
+        slots = torch.frombuffer(mapping, dtype=torch.float32, offset=flag_bytes).view(2, world_size, capacity)
+        return cls(rank, world_size, capacity, flags, slots, mapping)
 
     def allreduce_mean_(self, grad: torch.Tensor) -> torch.Tensor:
         """Replace ``grad`` (float32, contiguous) on every rank with the mean over the ranks, in place."""
@@ -107,20 +123,48 @@ class SharedGradients:
         return grad
 
     def _barrier(self, seq: int) -> None:
-        """Raise this rank's flag to ``seq`` and wait for every flag: spin briefly, then yield the core."""
-        self.flags[self.rank] = seq
-        spins = 0
-        deadline = 0.0
-        while int(self.flags.min()) < seq:
-            spins += 1
-            if spins < _SPINS_BEFORE_YIELD:
+        """Raise this rank's flag to ``seq`` and wait for every flag: spin briefly, yield the core, then sleep."""
+        flags = self.flags
+        flags[self.rank] = seq
+        for _ in range(_SPINS_BEFORE_YIELD):
+            if int(flags.min()) >= seq:
+                return
+        start = time.monotonic()
+        while int(flags.min()) < seq:
+            waited = time.monotonic() - start
+            if waited < _YIELD_FOR_S:
+                os.sched_yield()  # a waiting rank gives its core to one that is still computing
                 continue
-            os.sched_yield()  # a waiting rank gives its core to one that is still computing
-            if spins % 10_000 == 0:
-                now = time.monotonic()
-                deadline = deadline or now + WAIT_TIMEOUT_S
-                if now > deadline:
-                    raise TrainingError(f"rank {self.rank} waited {WAIT_TIMEOUT_S:.0f} s for the other workers")
+            if waited > WAIT_TIMEOUT_S:
+                raise TrainingError(f"rank {self.rank} waited {WAIT_TIMEOUT_S:.0f} s for the other workers")
+            time.sleep(min(_MAX_SLEEP_S, max(_MIN_SLEEP_S, waited / 10)))
+
+
+def segment_bytes(world_size: int, capacity: int) -> int:
+    """Size of the segment for ``world_size`` ranks and buckets of up to ``capacity`` float32 values."""
+    return world_size * _FLAG_STRIDE * 8 + 2 * world_size * capacity * 4
+
+
+def _create_segment(path: Path, size: int) -> None:
+    """Create the zero-filled segment file with every page reserved, or raise TrainingError saying why not.
+
+    Creating it with ftruncate() alone only sets its length: tmpfs hands out pages when they are first written,
+    and a write past its free space is a SIGBUS that kills the worker mid-step. Reserving them all here turns a
+    /dev/shm too small for the job (a container's default is 64 MB) into an error before training starts.
+    """
+    path.unlink(missing_ok=True)  # a crashed earlier attempt under the same name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)  # also sets the length; the pages read as zeros: every flag starts at 0
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise TrainingError(
+            f"cannot reserve {size / 2**20:.1f} MiB in {SHM_DIR} for the shared-memory all-reduce: {exc.strerror}",
+            hint="give the workers more shared memory (docker run --shm-size, a memory-backed emptyDir at "
+            '/dev/shm on Kubernetes), or set cpu_allreduce = "gloo" in the [train] config',
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def _hook(
