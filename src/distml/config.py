@@ -114,6 +114,7 @@ class ServeConfig(_Section):
     log_file: Path | None = Field(default=None, description="or append them to this JSON-lines file")
     log_mode: Literal["all", "request", "response"] = "all"
     log_buffer: int = Field(default=10_000, ge=1, description="events held for the sink before dropping")
+    log_buffer_bytes: int = Field(default=64 << 20, ge=1024, description="and their bodies' bytes, at most")
     drain_s: float = Field(default=0.0, ge=0, description="after SIGTERM: answer not-ready this long, then stop")
     graceful_timeout_s: float = Field(default=10.0, ge=0, description="then wait this long for requests in flight")
     access_log: bool = False

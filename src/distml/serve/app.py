@@ -122,7 +122,9 @@ class ServeApp:
                 model=self.model.name,
                 version=self.model.version,
                 buffer=self.config.log_buffer,
+                max_buffer_bytes=self.config.log_buffer_bytes,
                 on_outcome=lambda outcome, n: self.metrics.log_events.labels(outcome).inc(n),
+                on_drop=lambda reason, n: self.metrics.log_dropped.labels(reason).inc(n),
             )
         self.ready = True
 
@@ -265,12 +267,17 @@ class ServeApp:
                 decoded = time.perf_counter()
                 result = await self.batcher.submit(images, self.config.request_timeout_s)
                 encode_started = time.perf_counter()
-                header_length = None
+                header_length, max_out = None, self.config.max_response_bytes
                 if v2_request is None:
-                    out = v1.encode_predictions(result.probabilities, self.model.labels)
+                    out = v1.encode_predictions(result.probabilities, self.model.labels, max_bytes=max_out)
                 else:
                     out, header_length = v2.encode_infer(
-                        v2_request, result.probabilities, self.model.labels, self.model.name, self.model.version
+                        v2_request,
+                        result.probabilities,
+                        self.model.labels,
+                        self.model.name,
+                        self.model.version,
+                        max_bytes=max_out,
                     )
                 out_type = JSON
                 if header_length is not None:

@@ -6,8 +6,10 @@
   (build the response) and ``total``;
 - ``distml_batch_size``: images per model run; ``distml_queue_depth``: requests waiting or on their way;
 - ``distml_model_info{model, version, platform}``: 1 for the served model;
-- ``distml_log_events_total{outcome}``: request-log CloudEvents ``sent`` or ``dropped`` (buffer full, sink
-  unreachable after retries, or still unsent at shutdown).
+- ``distml_log_events_total{outcome}``: request-log CloudEvents ``sent`` or ``dropped``;
+- ``distml_log_dropped_total{reason}``: the dropped ones by why: ``buffer_full`` (events or bytes), ``sink_error``
+  (unreachable after retries), ``encode_error`` (an event that cannot be written), ``internal_error``, ``shutdown``
+  (still unsent at the end).
 
 With ``--workers N`` every worker process writes to a shared folder (prometheus-client's multiprocess mode,
 switched on by ``PROMETHEUS_MULTIPROC_DIR`` before the workers start) and any worker's ``/metrics`` reports the
@@ -48,6 +50,8 @@ class Metrics:
         self.model_info = Gauge("distml_model_info", "The served model.", ["model", "version", "platform"],
                                 registry=r, multiprocess_mode="liveall")  # fmt: skip
         self.log_events = Counter("distml_log_events", "Request-log events by outcome.", ["outcome"], registry=r)
+        self.log_dropped = Counter("distml_log_dropped", "Request-log events dropped, by reason.", ["reason"],
+                                   registry=r)  # fmt: skip
         self.model_info.labels(model, version, "onnxruntime").set(1)
         for outcome in ("sent", "dropped"):
             self.log_events.labels(outcome)  # present at 0 from the start, so a reconciliation can read it

@@ -46,6 +46,8 @@ def _load(config: ServeConfig, model_path: Path) -> ServedModel:
         threads=config.threads,
         max_image_side=config.max_image_side,
         max_image_pixels=config.max_image_pixels,
+        max_request_pixels=config.max_request_pixels,
+        decode_timeout_s=config.decode_timeout_s,
     )
 
 
