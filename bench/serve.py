@@ -51,8 +51,9 @@ compares the medians.
 Overload (``distml`` only, V2 UINT8, right after that server's capacity points, so the same run): ``hey`` closed
 loop at ``--overload-concurrency`` (default 1,000) connections for ``--overload-duration`` s (default 10), every
 request's status and latency written by hey (``-o csv``). hey's CSV leaves out requests that got no answer at all,
-so they are counted from the other side: the server's own ``distml_requests_total`` by status before and after,
-and the kernel's listen-queue overflows and drops (``/proc/net/netstat``). Goodput is the 200s per second; the
+so hey sends a fixed number of requests (the c=64 capacity times the duration) and the rows it wrote are
+compared with that number; the server's own ``distml_requests_total`` by status and the kernel's listen-queue
+overflows and drops (``/proc/net/netstat``) are recorded beside it. Goodput is the 200s per second; the
 target compares it with the c=64 capacity (wrk) of the same server in the same run. The server's RSS is read
 before and after.
 
@@ -407,12 +408,15 @@ def served_by_status(base: str) -> dict[str, float]:
     return out
 
 
-def run_overload(server: Server, url: str, body: Path, conns: int, duration: int) -> dict[str, Any]:
-    """hey closed loop at ``conns`` connections; statuses and latencies per request, cross-checked server-side."""
-    cmd = [HEY, "-z", f"{duration}s", "-c", str(conns), "-m", "POST", "-T", "application/json", "-D", str(body),
+def run_overload(server: Server, url: str, body: Path, conns: int, total: int, duration: int) -> dict[str, Any]:
+    """hey closed loop at ``conns`` connections sending ``total`` requests (about ``duration`` s at capacity);
+    statuses and latencies per request. A fixed count rather than hey's ``-z``: hey's CSV leaves out requests
+    that got no answer, so the count is what tells them (``total`` less the rows), and with ``-z`` the requests
+    in flight when time is up would be lost from both sides."""
+    cmd = [HEY, "-n", str(total), "-c", str(conns), "-m", "POST", "-T", "application/json", "-D", str(body),
            "-cpus", "1", "-o", "csv", url]  # fmt: skip
     before, drops_before, rss_before = served_by_status(server.base), listen_drops(), rss_mb(server.proc.pid)
-    out, wall, gen_cpu, server_cpu = _generate(cmd, duration, server)
+    out, wall, gen_cpu, server_cpu = _generate(cmd, 6 * duration, server)
     rss_after, drops_after = rss_mb(server.proc.pid), listen_drops()
     after = served_by_status(server.base)
     statuses: dict[str, int] = {}
@@ -427,15 +431,14 @@ def run_overload(server: Server, url: str, body: Path, conns: int, duration: int
     accepted.sort()
     answered = sum(statuses.values())
     server_side = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after if after.get(k, 0) - before.get(k, 0)}
-    server_total = sum(server_side.values()) - 1  # less this function's own GET /metrics, counted as a 200
     drops = {k: drops_after[k] - drops_before[k] for k in drops_after}
-    unanswered = max(0, server_total - answered) + sum(drops.values())
+    unanswered = total - answered
 
     def pct(q: float) -> float | None:
         return accepted[min(len(accepted) - 1, int(q * len(accepted)))] if accepted else None
 
     ok = set(statuses) <= {"200", "503"} and unanswered == 0
-    return {"concurrency": conns, "seconds": round(wall, 2), "status_codes": statuses,
+    return {"concurrency": conns, "requests": total, "seconds": round(wall, 2), "status_codes": statuses,
             "goodput_req_per_s": len(accepted) / wall, "answered_req_per_s": answered / wall,
             "accepted_p50_ms": pct(0.50), "accepted_p99_ms": pct(0.99), "server_side_status_codes": server_side,
             "listen_queue": drops, "unanswered": unanswered, "rss_mb_before": round(rss_before, 1),
@@ -466,7 +469,10 @@ def measure(
               f"{'' if r['ok'] else '  ERRORS ' + json.dumps(r['errors'])}", flush=True)  # fmt: skip
     overload = None
     if server.name == "distml" and protocol == "v2" and args.overload_concurrency:
-        overload = run_overload(server, url, body, args.overload_concurrency, args.overload_duration)
+        c64 = next((r for r in closed if r["concurrency"] == 64), closed[-1])
+        per_conn = max(5, math.ceil(c64["req_per_s"] * args.overload_duration / args.overload_concurrency))
+        total = per_conn * args.overload_concurrency  # hey sends -n / -c per connection, rounded down
+        overload = run_overload(server, url, body, args.overload_concurrency, total, args.overload_duration)
         print_overload(label, overload)
     good = [r["req_per_s"] for r in closed if r["ok"]]
     peak = max(good) if good else None
@@ -766,7 +772,7 @@ def main() -> None:
             "request_bytes": {p: len(bodies[p]) for p in protocols},
             "wrk": "wrk -t1 -cC -dDs --latency -s SCRIPT URL",
             "hey": "hey -z Ds -c W -q RATE/W -m POST -T application/json -D BODY -cpus 1 URL",
-            "overload": f"hey -z {args.overload_duration}s -c {args.overload_concurrency} -m POST "
+            "overload": f"hey -n (c=64 req/s x {args.overload_duration}) -c {args.overload_concurrency} -m POST "
             "-T application/json -D BODY -cpus 1 -o csv URL",
         },
         "servers": {},

@@ -412,13 +412,16 @@ class _Sink(http.server.ThreadingHTTPServer):
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
+                # Answer first, record after: killed in between, the sender has its 200 and the event is counted
+                # sent; the other order could record an event whose sender never heard back (counted dropped)
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                self.wfile.flush()
                 with sink.lock:
                     sink.events.append(
                         {**{k.lower(): v for k, v in self.headers.items()}, "body": body.decode("latin-1")}
                     )
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -745,12 +748,17 @@ def test_a_worker_that_keeps_dying_is_restarted_with_backoff(champion: tuple[Pat
     try:
         workers = [p for p in _children(proc.proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(workers) == 2
+        deadline = time.monotonic() + 60  # both workers have their model (the first may answer alone before)
+        while not all(b"onnxruntime" in Path(f"/proc/{p}/maps").read_bytes() for p in workers):
+            assert time.monotonic() < deadline, proc.output
+            time.sleep(0.2)
+        time.sleep(1)
         shutil.rmtree(model)  # every new worker now fails to load its model and dies at once
         os.kill(workers[0], signal.SIGKILL)
         deadline = time.monotonic() + 30
         delays: list[float] = []
         while time.monotonic() < deadline and len(delays) < 3:
-            delays = [float(line.split()[-2]) for line in proc.lines if "restarting in" in line]
+            delays = [float(line.split()[-2]) for line in proc.lines if line.startswith("worker 0 (pid")]
             time.sleep(0.2)
         assert delays[:3] == [0.5, 1.0, 2.0], proc.output  # doubling, not a tight respawn loop
         assert "cannot start" in proc.output and "Traceback" not in proc.output

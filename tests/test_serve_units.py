@@ -75,8 +75,8 @@ def _run(coro_fn: Callable[[Batcher], object], recorder: Recorder, **kwargs: flo
 
 
 async def _request(batcher: Batcher, first: int, n: int = 1, timeout_s: float = 5.0) -> Result:
-    with batcher.admit():
-        await asyncio.sleep(0)  # reading and decoding the body
+    async with batcher.place():
+        await asyncio.sleep(0)  # parsing and decoding the body
     return await batcher.submit(_images(first, n), timeout_s)
 
 
@@ -120,16 +120,59 @@ def test_a_full_queue_is_a_503_with_retry_after() -> None:
     recorder = Recorder()
 
     async def go(batcher: Batcher) -> None:
-        holds = [batcher.admit() for _ in range(2)]
+        holds = [batcher.place() for _ in range(2)]
         for hold in holds:
-            hold.__enter__()
+            await hold.__aenter__()
         with pytest.raises(OverloadedError) as info:
-            batcher.admit().__enter__()
+            await batcher.place().__aenter__()
         assert info.value.status == 503 and info.value.headers == {"retry-after": "1"}
         for hold in holds:
-            hold.__exit__(None, None, None)
+            await hold.__aexit__(None, None, None)
 
-    _run(go, recorder, max_queue=2)
+    _run(go, recorder, max_queue=2, max_queue_wait_s=0)
+
+
+def test_a_full_queue_hands_places_to_the_newest_waiter_and_refuses_the_old_ones_late() -> None:
+    # The overload policy: places go newest first, only to a request that has waited at most max_queue_wait_s;
+    # one that gets none is answered 503 refusal_delay_s after it came, not at once.
+    recorder = Recorder()
+
+    async def go(batcher: Batcher) -> None:
+        hold = batcher.place()
+        await hold.__aenter__()  # the one place is held
+        started = time.perf_counter()
+        old = asyncio.create_task(batcher.place().__aenter__())
+        await asyncio.sleep(0.15)  # the old waiter is past max_queue_wait_s (0.1 s) now
+        new = asyncio.create_task(batcher.place().__aenter__())
+        await asyncio.sleep(0.01)
+        await hold.__aexit__(None, None, None)  # a place frees up: the new waiter gets it, not the old one
+        await asyncio.sleep(0.01)
+        assert new.done() and not new.exception() and not old.done()
+        with pytest.raises(OverloadedError, match="no place freed up"):
+            await old
+        assert 0.45 < time.perf_counter() - started < 1.0  # refused at refusal_delay_s, not at once
+
+    _run(go, recorder, max_queue=1, max_queue_wait_s=0.1, refusal_delay_s=0.5)
+
+
+def test_loop_lag_says_late_while_the_loop_is_busy_and_after() -> None:
+    from distml.serve.overload import LoopLag
+
+    async def main() -> list[bool]:
+        lag = LoopLag(target_s=0.05)
+        lag.start()
+        await asyncio.sleep(0.03)
+        seen = [lag.late]
+        time.sleep(0.12)  # a long pass of the loop: late already while it runs
+        seen.append(lag.late)
+        await asyncio.sleep(0.001)
+        seen.append(lag.late)  # the probe that ran late says so
+        await asyncio.sleep(0.05)
+        seen.append(lag.late)  # and the loop has caught up
+        lag.stop()
+        return seen
+
+    assert asyncio.run(main()) == [False, True, True, False]
 
 
 def test_a_request_that_times_out_is_skipped_not_run() -> None:
@@ -167,7 +210,7 @@ def test_close_answers_what_is_queued_then_refuses() -> None:
         await batcher.close()
         assert all(t.done() and not t.exception() for t in tasks)
         with pytest.raises(OverloadedError, match="shutting down"):
-            batcher.admit().__enter__()
+            await batcher.place().__aenter__()
 
     _run(go, recorder)
     assert sum(recorder.batches) == 6

@@ -89,9 +89,15 @@ class ServeConfig(_Section):
     threads: int = Field(default=1, ge=1, le=256, description="ONNX Runtime intra-op threads per worker")
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     max_batch_delay_ms: float = Field(default=2.0, ge=0, le=10_000)
-    max_queue: int = Field(default=256, ge=1, description="requests waiting for the model before 503")
+    max_queue: int = Field(default=64, ge=1, description="requests admitted and waiting for the model")
     max_queue_wait_ms: float = Field(
         default=100.0, ge=0, le=60_000, description="when the queue is full, how long a request waits for a place"
+    )
+    max_loop_lag_ms: float = Field(
+        default=50.0, gt=0, le=60_000, description="refuse new requests while the event loop runs this late"
+    )
+    refusal_delay_ms: float = Field(
+        default=1000.0, ge=0, le=60_000, description="a request refused for a full queue gets its 503 this late"
     )
     request_timeout_s: float = Field(default=30.0, gt=0)
     max_body_bytes: int = Field(default=16 << 20, ge=1024)

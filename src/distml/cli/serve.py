@@ -24,9 +24,21 @@ from distml.config import ServeConfig, _config_error
     type=float,
     help="Longest a batch waits for requests already on their way (never when none are). [default: 2]",
 )
-@click.option("--max-queue", type=int, help="Requests waiting for the model before 503. [default: 256]")
+@click.option("--max-queue", type=int, help="Places for requests admitted and waiting for the model. [default: 64]")
 @click.option(
-    "--max-queue-wait-ms", type=float, help="With the queue full, wait this long for a place, then 503. [default: 100]"
+    "--max-queue-wait-ms",
+    type=float,
+    help="With the queue full, a request may still get a place this long after it came. [default: 100]",
+)
+@click.option(
+    "--max-loop-lag-ms",
+    type=float,
+    help="With more requests in than --max-queue, refuse new ones while the event loop runs this late. [default: 50]",
+)
+@click.option(
+    "--refusal-delay-ms",
+    type=float,
+    help="A refused request gets its 503 this late, give or take half. [default: 1000]",
 )
 @click.option("--request-timeout-s", type=float, help="Longest a request waits for its answer (503). [default: 30]")
 @click.option("--max-body-bytes", type=int, help="Request body limit (413). [default: 16 MiB]")
@@ -34,7 +46,7 @@ from distml.config import ServeConfig, _config_error
 @click.option(
     "--max-request-pixels", type=int, help="Decoded pixels per request, from image headers (413). [default: 32 Mi]"
 )
-@click.option("--decode-timeout-s", type=float, help="Longest one request's images may decode (408). [default: 5]")
+@click.option("--decode-timeout-s", type=float, help="Longest one request's images may decode (503). [default: 5]")
 @click.option(
     "--max-inflight-bytes", type=int, help="Bodies being read or queued, all together (503). [default: 256 MiB]"
 )

@@ -9,8 +9,9 @@ headers that the parser buffers. This protocol adds, per connection:
 - a **header** deadline from a request's first byte until its headers are complete (``408``, connection closed);
 - a **header size** limit on the request line plus headers (``431``, connection closed), checked as bytes arrive,
   so the parser never buffers more than the limit plus one read;
-- a **body** backstop: a request whose body is still arriving when the body deadline has passed (plus a second,
-  so the application's own ``408`` goes first when it is reading the body) loses its connection.
+- a **body** backstop: a request whose body has not started when the body deadline has passed (plus half a
+  second; the application times out a body that has started and stalls, and answers its own ``408``) gets 408
+  here, and its connection is closed; so is one whose answer has gone out while its body still trickles in.
 
 Everything it answers is a pre-built byte string written straight to the transport: refusing a misbehaving client
 costs no ASGI task. Each refusal is reported through ``on_refusal(status)`` (the app counts it in its metrics).
@@ -26,7 +27,8 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-BODY_BACKSTOP_S = 1.0  # after the body deadline: the app answers 408 itself; this only catches what it does not
+BODY_BACKSTOP_S = 0.5  # after the body deadline: the app answers 408 itself; this only catches what it does not
+REFUSED_KEY = "distml.refused"  # the scope key through which this layer tells the app it answered a request
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ def protocol_class(limits: ConnectionLimits, on_refusal: Callable[[int], None]) 
     header_timeout = _raw_response(
         408, "Request Timeout", f"the request headers did not arrive within {limits.header_s:g} s"
     )
+    body_timeout = _raw_response(408, "Request Timeout", f"the body did not arrive within {limits.body_s:g} s")
     too_large = _raw_response(
         431,
         "Request Header Fields Too Large",
@@ -104,8 +107,14 @@ def protocol_class(limits: ConnectionLimits, on_refusal: Callable[[int], None]) 
 
         def _body_expired(self) -> None:
             self._timer = None
-            if not self.transport.is_closing():
-                self.transport.close()  # the app has answered (or will see a disconnect); the body never came
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_started:
+                # No body byte came (the app times out a body that has started): answer 408 for the app, which
+                # sees a disconnect and counts the status it finds in the scope
+                self.scope[REFUSED_KEY] = 408  # type: ignore[literal-required]
+                self.transport.write(body_timeout)
+            self.transport.close()
 
         # -- uvicorn/httptools callbacks -------------------------------------------------------------------------
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
