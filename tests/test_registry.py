@@ -21,9 +21,9 @@ import pytest
 from conftest import make_mnist, run_cli
 from distml.config import TrainConfig
 from distml.data import DatasetStore, ingest, open_dataset
-from distml.data._files import sha256_file
 from distml.data.sources import FashionMnistSource
 from distml.errors import ModelError, NotFoundError, RegistryError, UsageError
+from distml.files import sha256_file
 from distml.registry import CHAMPION, Registry, export_run, find_run, open_artifact, resolve_model
 from distml.registry import export as export_module
 from distml.train import train
@@ -177,7 +177,7 @@ def test_corrupt_or_truncated_onnx_is_refused(home: Path, tmp_path: Path) -> Non
     # Garbage whose hash is recorded (a card rewritten to match): ONNX Runtime's refusal becomes a clear error.
     onnx_file.write_bytes(b"not an onnx graph")
     card = json.loads((tmp_path / "model" / "model.json").read_text())
-    from distml.data._files import sha256_file
+    from distml.files import sha256_file
 
     card["files"]["model.onnx"]["sha256"] = sha256_file(onnx_file)
     (tmp_path / "model" / "model.json").write_text(json.dumps(card))

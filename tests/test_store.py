@@ -16,10 +16,10 @@ import pytest
 
 from conftest import MnistFiles, make_mnist
 from distml.data import DatasetStore, IngestResult, ingest, open_dataset, open_path
-from distml.data._files import write_atomic
 from distml.data.manifest import content_digest
 from distml.data.sources import FashionMnistSource
 from distml.errors import CorruptDatasetError, NotFoundError
+from distml.files import write_atomic
 from distml.workspace import Workspace
 
 

@@ -96,7 +96,7 @@ def register_cmd(app: AppContext, artifact: Path, outputs: Path | None) -> None:
 def _write(folder: Path | None, outputs: dict[str, Any]) -> None:
     if folder is None:
         return
-    from distml.data._files import write_atomic
+    from distml.files import write_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, value in outputs.items():

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from distml.data._files import sha256_file
 from distml.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, parse_manifest
 from distml.data.store import DatasetStore
 from distml.errors import CorruptDatasetError, NotFoundError
+from distml.files import sha256_file
 from distml.workspace import Workspace
 
 if TYPE_CHECKING:

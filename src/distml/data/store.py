@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from distml._proc import pid_alive
-from distml.data._files import HashingWriter, write_atomic
 from distml.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, build_manifest
 from distml.errors import NotFoundError, UsageError, WorkspaceError
+from distml.files import HashingWriter, write_atomic
 from distml.workspace import Workspace, fsync_dir
 
 _TMP_PREFIX = ".tmp-"

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distml.data._files import sha256_file, write_atomic
 from distml.errors import PipelineError
+from distml.files import sha256_file, write_atomic
 
 
 @dataclass(frozen=True)

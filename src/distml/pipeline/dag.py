@@ -112,7 +112,7 @@ def _train_step(
                 note = f"resumed from the {shorter.parts['params']['epochs']}-epoch run {shorter.outputs['run']}"
                 ctx.log(f"{note} instead of starting over")
         with _TRACKING_SETUP:  # concurrent jobs must not race to create the MLflow store and experiment
-            from distml.train import tracking
+            from distml import tracking
 
             tracking.ensure_experiment(workspace.home, f"distml-{ctx.upstream['ingest']['dataset']}")
         proc = start_job(job_cfg, workspace, folder, ctx.threads, ctx.gpus)

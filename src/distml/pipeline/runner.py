@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from distml.data._files import write_atomic
 from distml.errors import DistmlError, PipelineError
+from distml.files import write_atomic
 from distml.pipeline.cache import (
     Entry,
     KeyParts,

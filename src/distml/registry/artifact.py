@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from distml.data._files import sha256_file
 from distml.errors import ModelError, NotFoundError
+from distml.files import sha256_file
 
 ONNX_FILE = "model.onnx"
 CARD_FILE = "model.json"

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from distml.data._files import write_atomic
 from distml.errors import UsageError
+from distml.files import write_atomic
 from distml.registry.artifact import ModelArtifact, probabilities
 from distml.workspace import Workspace
 
@@ -157,7 +157,7 @@ def log_to_mlflow(home: Path, artifact: ModelArtifact, ev: Evaluation) -> str | 
         return None
     from mlflow.entities import Metric
 
-    from distml.train import tracking
+    from distml import tracking
 
     client = tracking.mlflow_client(tracking.tracking_uri(home))
     now = int(time.time() * 1000)
@@ -273,9 +273,9 @@ def select_runs(
     log: Any = print,
 ) -> Selection:
     """Evaluate the finished runs named by ``patterns`` (names, folders or globs), choose, and record the choice."""
+    from distml import tracking
     from distml.errors import NotFoundError
     from distml.registry.export import find_run
-    from distml.train import tracking
 
     run_dirs: list[Path] = []
     for pattern in patterns:

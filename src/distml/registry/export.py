@@ -25,8 +25,8 @@ import numpy as np
 
 from distml import __version__
 from distml.data import open_path
-from distml.data._files import sha256_file, write_atomic
 from distml.errors import ModelError, NotFoundError, UsageError
+from distml.files import sha256_file, write_atomic
 from distml.registry.artifact import CARD_FILE, CHECKPOINT_FILE, FORMAT, ONNX_FILE, ModelArtifact, open_artifact
 from distml.workspace import Workspace
 

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distml.data._files import sha256_file
+from distml import tracking
 from distml.errors import DistmlError, ModelError, NotFoundError, RegistryError
+from distml.files import sha256_file
 from distml.registry.artifact import CARD_FILE, ONNX_FILE, ModelArtifact, card_digest, open_artifact
-from distml.train import tracking
 from distml.workspace import Workspace
 
 CHAMPION = "champion"

@@ -3,8 +3,8 @@
 ``distml train`` (:func:`train`) validates the request, writes ``<home>/runs/<name>/job.json`` and starts
 W workers through torchrun; each worker (:mod:`distml.train.worker`) runs :func:`distml.train.loop.run`.
 
-The names below are loaded on first use, so that importing a light submodule (``distml.train.tracking``, as the
-registry and the model server do) does not import torch: about 1 s of every such command's start-up.
+The names below are loaded on first use, so that importing a light submodule (``distml.train.model_names``, for
+example) does not import torch: about 1 s of every such command's start-up.
 """
 
 from __future__ import annotations

@@ -102,8 +102,8 @@ def run_candidates(
     gpus = _gpu_count()
     cores = usable_cores()
     jobs = plan(configs, cores, gpus, prefix, workspace.home)
+    from distml import tracking
     from distml.data import DatasetStore, open_path
-    from distml.train import tracking
 
     for name in sorted({open_path(DatasetStore(workspace).resolve(c.dataset)).name for c in configs}):
         tracking.ensure_experiment(workspace.home, f"distml-{name}")  # before jobs race to create it

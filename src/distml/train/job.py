@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from distml.config import TrainConfig
-from distml.data._files import write_atomic
 from distml.errors import ResumeError
+from distml.files import write_atomic
 
 JOB_FILE = "job.json"
 # Fields that may change between a checkpoint and the job that resumes it; any other change is incompatible.

@@ -16,12 +16,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from distml import tracking
 from distml._proc import die_with_parent
 from distml.config import TrainConfig
 from distml.data import DatasetStore, open_path
-from distml.data._files import write_atomic
 from distml.errors import TrainingError, UsageError, WorkspaceError
-from distml.train import tracking
+from distml.files import write_atomic
 from distml.train.dist import usable_cores
 from distml.train.job import Job, check_resume
 from distml.train.model_names import check_model_name

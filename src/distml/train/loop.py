@@ -21,8 +21,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from distml.data import open_path
-from distml.data._files import write_atomic
 from distml.errors import ResumeError, TrainingError
+from distml.files import write_atomic
 from distml.train import shm_allreduce
 from distml.train.batches import Batcher, EpochOrder, step_generator
 from distml.train.checkpoint import load_latest, save_checkpoint

@@ -1,90 +1,17 @@
-"""Experiment tracking for a training job: one MLflow run per job (not per rank), TensorBoard event files.
+"""Per-epoch metrics of a training job to MLflow and TensorBoard, from rank 0 only.
 
-The launcher opens the MLflow run before any worker starts and records its id in the job, so every attempt of
-the job (a torchrun restart, or re-running the same ``--run-name``) logs to the same run. Rank 0 logs metrics
-through :class:`RankTracker`; on other ranks it is a tracker that does nothing, so the loop never branches on rank.
-
-The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<workspace>/mlflow.db`` with artifacts in
-``<workspace>/mlartifacts``.
+On other ranks the tracker does nothing, so the loop never branches on rank. Opening and closing the job's MLflow run
+(and the tracking URI) live in :mod:`distml.tracking`, shared with the registry.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
+from distml.tracking import mlflow_client
 from distml.train.dist import DistContext
-
-
-def tracking_uri(home: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.resolve() / 'mlflow.db'}"
-
-
-def mlflow_client(uri: str) -> Any:
-    import logging
-
-    from mlflow.tracking import MlflowClient
-
-    for noisy in ("alembic", "mlflow.store.db.utils"):  # schema creation chatter on a new store
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=uri)
-
-
-def ensure_experiment(home: Path, experiment: str, client: Any = None) -> str:
-    """Create the store (schema) and the experiment if missing; returns the experiment id.
-
-    Call it once before starting jobs that log concurrently: two processes creating a new SQLite store's schema,
-    or the same experiment, at the same moment fail (seen: "duplicate column name" from the schema migration).
-    """
-    client = client or mlflow_client(tracking_uri(home))
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return str(exp.experiment_id)
-    artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (home.resolve() / "mlartifacts").as_uri()
-    return str(client.create_experiment(experiment, artifact_location=artifacts))
-
-
-def open_run(
-    *, home: Path, experiment: str, run_name: str, existing_id: str | None, params: dict[str, Any], tags: dict[str, str]
-) -> tuple[str, str]:
-    """Create (or reopen) the job's MLflow run; returns (tracking URI, run id)."""
-    uri = tracking_uri(home)
-    client = mlflow_client(uri)
-    if existing_id:
-        try:
-            client.update_run(existing_id, status="RUNNING")
-            return uri, existing_id
-        except Exception:  # noqa: S110 - the old run is gone (store replaced): start a new one below
-            pass
-    exp_id = ensure_experiment(home, experiment, client)
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    from mlflow.entities import Param
-
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
-    return uri, run.info.run_id
-
-
-def close_run(uri: str, run_id: str, *, ok: bool, artifacts: list[Path]) -> None:
-    client = mlflow_client(uri)
-    for path in artifacts:
-        if path.is_file():
-            client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
-
-
-def system_info() -> dict[str, str]:
-    import torch
-
-    return {
-        "system.python": platform.python_version(),
-        "system.torch": torch.__version__,
-        "system.platform": platform.platform(),
-        "system.cpu_count": str(os.cpu_count()),
-        "system.cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-    }
 
 
 class RankTracker:

@@ -16,8 +16,8 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 
-from distml.data._files import write_atomic
 from distml.errors import DistmlError
+from distml.files import write_atomic
 
 
 def main(argv: list[str]) -> int:
