@@ -39,12 +39,14 @@ from distml.config import ServeConfig
 from distml.errors import OverloadedError, PayloadTooLargeError, RequestError
 from distml.serve import v1, v2
 from distml.serve.batcher import Batcher
+from distml.serve.http import REFUSED_KEY
 from distml.serve.inputs import Inputs
 from distml.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from distml.serve.metrics import Metrics
 from distml.serve.model import ServedModel
 from distml.serve.overload import LoopLag
 from distml.serve.reqlog import RequestLogger
+from distml.text import clip
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -59,8 +61,7 @@ JSON = b"application/json"
 PARSE_OFFLOAD_BYTES = 256 << 10
 # A request refused before its body was read keeps its connection only when the unread rest is this small.
 KEEP_ALIVE_UNREAD_BYTES = 64 << 10
-CLIP = 80  # characters of a client's value quoted back in an error message
-REFUSED_KEY = "distml.refused"  # set in a request's scope by the HTTP layer when it answered the request itself
+V1_MODELS, V2_MODELS = "/v1/models/", "/v2/models/"  # the two protocols' model routes
 
 
 class _ClientGoneError(Exception):
@@ -177,10 +178,10 @@ class ServeApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        if path.startswith("/v2/models/"):
-            await self._v2_route(path[11:], method, scope, receive, send)
-        elif path.startswith("/v1/models/"):
-            await self._v1_route(path[11:], method, scope, receive, send)
+        if path.startswith(V2_MODELS):
+            await self._v2_route(path.removeprefix(V2_MODELS), method, scope, receive, send)
+        elif path.startswith(V1_MODELS):
+            await self._v1_route(path.removeprefix(V1_MODELS), method, scope, receive, send)
         elif path in ("/v2/health/live", "/v2/health/ready"):
             if await self._allowed(method, "GET", send):
                 if path.endswith("live"):
@@ -196,14 +197,13 @@ class ServeApp:
             if await self._allowed(method, "GET", send):
                 await _respond(send, 200, self.metrics.render(), METRICS_CONTENT_TYPE.encode())
         else:
-            await _respond(
-                send, 404, _error(f"no route {_clip(method)} {_clip(path)}; the APIs are under /v1/models and /v2")
-            )
+            route = f"{clip(method, quote=False)} {clip(path, quote=False)}"
+            await _respond(send, 404, _error(f"no route {route}; the APIs are under /v1/models and /v2"))
 
     # -- routes --------------------------------------------------------------------------------------------
     async def _v1_route(self, rest: str, method: str, scope: Scope, receive: Receive, send: Send) -> None:
-        predict = rest.endswith(":predict")
-        name = rest[:-8] if predict else rest
+        name = rest.removesuffix(":predict")
+        predict = name != rest
         if name != self.model.name:
             await self._not_found(name, None, "v1", send)
         elif predict:
@@ -230,10 +230,14 @@ class ServeApp:
             if await self._allowed(method, "POST", send):
                 await self._infer("v2", scope, receive, send)
         else:
-            await _respond(send, 404, _error(f"no route {_clip(method)} /v2/models/{_clip(rest)}"))
+            await _respond(
+                send, 404, _error(f"no route {clip(method, quote=False)} /v2/models/{clip(rest, quote=False)}")
+            )
 
     async def _not_found(self, name: str, version: str | None, protocol: str, send: Send) -> None:
-        what = f"model {_clip(name)!r}" + (f" version {_clip(version)!r}" if version is not None else "")
+        what = f"model {clip(name, quote=False)!r}" + (
+            f" version {clip(version, quote=False)!r}" if version is not None else ""
+        )
         served = f"{self.model.name!r} version {self.model.version}"
         await _respond(send, 404, _error(f"{what} is not served here; this server serves {served}"))
         self.metrics.request(protocol, "unknown", 404)
@@ -244,7 +248,7 @@ class ServeApp:
         await _respond(
             send,
             405,
-            _error(f"{_clip(method)} is not allowed here; use {allowed}"),
+            _error(f"{clip(method, quote=False)} is not allowed here; use {allowed}"),
             extra=[(b"allow", allowed.encode())],
         )
         return False
@@ -438,11 +442,6 @@ async def _read_body(receive: Receive, limit: int, held: _Held, timeout_s: float
                 message = await receive()
         except TimeoutError:
             raise RequestError(f"the body did not arrive within {timeout_s:g} s", status=408) from None
-
-
-def _clip(value: str, limit: int = CLIP) -> str:
-    """A client's value, shortened for quoting in an error message."""
-    return value if len(value) <= limit else value[:limit] + f"... ({len(value):,} characters)"
 
 
 def _error(message: str) -> bytes:

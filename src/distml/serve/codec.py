@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import reprlib
 import struct
 import time
 import warnings
@@ -51,10 +50,6 @@ _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0
 # the threads that decode, and a leaked filter is process-wide.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
-_repr = reprlib.Repr()
-_repr.maxlevel, _repr.maxstring, _repr.maxother = 2, 60, 60  # bounded depth: no RecursionError on nested input
-_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
-
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -78,17 +73,6 @@ class InputSpec:
 
     def describe(self) -> str:
         return f"{self.height}x{self.width}x{self.channels}"
-
-
-def clip(value: Any, limit: int = 80, *, quote: bool = True) -> str:
-    """``repr(value)`` for an error message, at most ``limit`` characters and never deeper than two levels
-    (``quote=False``: a string as it is, only shortened).
-
-    Every message that quotes what a client sent goes through this: a 10 MB string or a list nested 1,000 deep
-    must neither become the message nor raise ``RecursionError`` while it is formatted.
-    """
-    text = value if isinstance(value, str) and not quote else _repr.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ResponseTooLargeError(RequestError):

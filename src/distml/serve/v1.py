@@ -23,10 +23,10 @@ from distml.serve.codec import (
     InputSpec,
     b64decode,
     check_response_size,
-    clip,
     pixel_instances,
 )
 from distml.serve.inputs import Inputs, load_json
+from distml.text import clip
 
 
 def parse_predict(body: bytes, spec: InputSpec, max_instances: int) -> Inputs:

@@ -32,12 +32,12 @@ from distml.serve.codec import (
     InputSpec,
     b64decode,
     check_response_size,
-    clip,
     nesting,
     pixels_to_uint8,
 )
 from distml.serve.inputs import Inputs, load_json
 from distml.serve.model import INPUT_NAME, OUTPUTS
+from distml.text import clip
 
 HEADER_LENGTH = "inference-header-content-length"
 # Every datatype the protocol defines, so a valid-but-unaccepted one gets a different message from a typo.
