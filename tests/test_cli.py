@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 
 from conftest import SHARED_FASHION, make_image_folder, requires_fashion, run_cli
@@ -221,3 +222,62 @@ def test_run_refuses_bad_serve_options_before_the_pipeline_starts(
     _assert_one_line_error(result.err, message)
     assert "pipeline run" not in result.out
     assert not (home / "pipeline").exists() and not (home / "datasets").exists()  # nothing ran, nothing written
+
+
+def _leaf_commands() -> list[tuple[list[str], click.Command]]:
+    """Every command that runs something, with its path under ``distml``."""
+    from distml.cli.main import cli
+
+    found: list[tuple[list[str], click.Command]] = []
+
+    def walk(path: list[str], command: click.Command) -> None:
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk([*path, name], sub)
+        else:
+            found.append((path, command))
+
+    walk([], cli)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("path", "command"), _leaf_commands(), ids=lambda p: " ".join(p) if isinstance(p, list) else "-"
+)
+def test_help_shows_every_default_and_config_options_take_theirs_from_the_config(
+    path: list[str], command: click.Command
+) -> None:
+    """An option's default in --help is the config field's own, so the two cannot drift apart."""
+    from distml.cli.options import ConfigOption, default_text
+
+    result = run_cli(*path, "--help")
+    assert result.code == 0, result.err
+    shown = "".join(result.out.split())  # click wraps long help lines, at spaces and after hyphens
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.hidden or param.is_flag:
+            continue
+        if isinstance(param, ConfigOption):
+            name = param.key.split(".")[-1]
+            expected = None if param.field.default is None else f"[default: {default_text(name, param.field.default)}]"
+            assert param.default is None  # unset options leave the config file's value alone
+        else:
+            # a real value (click marks "no default" with None or a sentinel of its own)
+            expected = "[default: " if isinstance(param.default, (str, int, float, tuple)) else None
+        if expected is None:
+            continue
+        record = param.get_help_record(click.Context(command))
+        assert record is not None and expected in record[1], (path, param.name, record)
+        assert "".join(record[1].split()) in shown, (path, param.name)
+
+
+def test_config_options_cover_the_fields_they_name() -> None:
+    """Each config option sets the field it is named after (``--max-batch-size`` is ``serve.max_batch_size``)."""
+    from distml.cli.options import ConfigOption
+    from distml.config import DistmlConfig
+
+    options = [p for _, c in _leaf_commands() for p in c.params if isinstance(p, ConfigOption)]
+    assert len(options) > 40
+    for option in options:
+        section, name = option.key.split(".")
+        assert name in type(getattr(DistmlConfig(), section)).model_fields
+        assert option.opts[0] == f"--{name.replace('_', '-')}"

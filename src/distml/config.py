@@ -13,13 +13,14 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distml.errors import ConfigError
+from distml.model_names import MODEL_NAMES, check_model_name
 
 DEFAULT_HOME = Path(".distml")
 HOME_ENV = "DISTML_HOME"
@@ -32,7 +33,9 @@ class _Section(BaseModel):
 class WorkspaceConfig(_Section):
     """Where everything distml writes lives (datasets, downloads; later runs, the MLflow store)."""
 
-    home: Path = DEFAULT_HOME
+    home: Path = Field(
+        default=DEFAULT_HOME, description="Workspace folder for datasets, runs and models (env: DISTML_HOME)"
+    )
 
 
 class DataConfig(_Section):
@@ -43,7 +46,9 @@ class DataConfig(_Section):
         default=40_000_000, ge=1, description="decoded pixels above which an image is a decompression bomb"
     )
     max_image_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
-    on_bad_file: Literal["fail", "skip"] = "fail"
+    on_bad_file: Literal["fail", "skip"] = Field(
+        default="fail", description="Folder datasets: fail on an unreadable image, or skip and list it"
+    )
     download_timeout_s: float = Field(default=60.0, gt=0)
 
 
@@ -53,77 +58,107 @@ class TrainConfig(_Section):
     ``batch_size`` is the global batch; each replica gets ``batch_size / workers``.
     """
 
-    dataset: str = "fashion-mnist"
-    model: str = "cnn"
-    workers: int = Field(default=2, ge=1, le=1024)
-    epochs: int = Field(default=5, ge=1, le=10_000)
-    batch_size: int = Field(default=64, ge=1)
-    lr: float = Field(default=2e-3, gt=0)
+    dataset: str = Field(default="fashion-mnist", description="Dataset name or digest prefix")
+    model: str = Field(default="cnn", description=f"The network: {', '.join(MODEL_NAMES)}")
+    workers: int = Field(default=2, ge=1, le=1024, description="Worker processes (DDP replicas) on this host")
+    epochs: int = Field(default=5, ge=1, le=10_000, description="Passes over the training split")
+    batch_size: int = Field(default=64, ge=1, description="The global batch; each worker gets batch / workers")
+    lr: float = Field(default=2e-3, gt=0, description="Peak learning rate")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(default=5e-4, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    schedule: Literal["constant", "step", "cosine", "onecycle"] = "onecycle"
+    schedule: Literal["constant", "step", "cosine", "onecycle"] = Field(
+        default="onecycle", description="Learning-rate schedule"
+    )
     warmup_epochs: float = Field(default=0.0, ge=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    augment: Literal["none", "crop", "crop+flip"] = "none"  # the seed CNNs reach 91% faster without it
-    seed: int = 0
-    checkpoint_every_steps: int = Field(default=0, ge=0, description="0: only at the end of each epoch")
-    threads_per_worker: int = Field(default=0, ge=0, description="0: cores / workers")
-    allow_oversubscribe: bool = False
-    compile: bool = False
-    max_restarts: int = Field(default=0, ge=0)
+    # "none" by default: the seed CNNs reach 91% faster without it.
+    augment: Literal["none", "crop", "crop+flip"] = Field(
+        default="none", description="Random crop (pad 2) and horizontal flip; helps longer runs of bigger nets"
+    )
+    seed: int = Field(default=0, description="Seeds weights, data order, augmentation and dropout")
+    checkpoint_every_steps: int = Field(
+        default=0, ge=0, description="Also checkpoint every N steps (0: only at the end of each epoch)"
+    )
+    threads_per_worker: int = Field(default=0, ge=0, description="Intra-op threads per worker (0: cores / workers)")
+    allow_oversubscribe: bool = Field(default=False, description="Allow workers x threads > cores")
+    compile: bool = Field(default=False, description="torch.compile the model (GPU)")
+    max_restarts: int = Field(
+        default=0, ge=0, description="torchrun restarts after a worker dies (each resumes from the checkpoint)"
+    )
     bucket_cap_mb: float = Field(default=25.0, gt=0, description="DDP gradient bucket size (MB)")
     cpu_allreduce: Literal["shm", "gloo"] = Field(
         default="shm", description="shm: through shared memory when every CPU worker is on this host; else gloo"
     )
     log_every_steps: int = Field(default=50, ge=1)
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        # check_model_name raises the project's UsageError, which pydantic lets through unchanged: an unknown
+        # model reads the same from the command line, a config file, a [[candidates]] table or code.
+        return check_model_name(name)
+
 
 class ServeConfig(_Section):
     """The model server (``distml serve``): where it listens, how it batches, its limits and request logging."""
 
     model: str | None = Field(default=None, description="path or models:/NAME@ALIAS; None: the dataset's champion")
-    host: str = "127.0.0.1"  # loopback unless asked: a model server on all interfaces is a choice, not a default
-    port: int = Field(default=8080, ge=0, le=65535)
-    workers: int = Field(default=1, ge=1, le=64)
+    # Loopback unless asked: a model server on all interfaces is a choice, not a default.
+    host: str = Field(default="127.0.0.1", description="Interface to listen on; 0.0.0.0 for all")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port to listen on (0 picks a free one)")
+    workers: int = Field(default=1, ge=1, le=64, description="Server processes sharing the port")
     threads: int = Field(default=1, ge=1, le=256, description="ONNX Runtime intra-op threads per worker")
-    max_batch_size: int = Field(default=32, ge=1, le=4096)
-    max_batch_delay_ms: float = Field(default=2.0, ge=0, le=10_000)
-    max_queue: int = Field(default=64, ge=1, description="requests admitted and waiting for the model")
+    max_batch_size: int = Field(default=32, ge=1, le=4096, description="Images per model run, across requests")
+    max_batch_delay_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=10_000,
+        description="Longest a batch waits for requests already on their way (never when none are)",
+    )
+    max_queue: int = Field(default=64, ge=1, description="Places for requests admitted and waiting for the model")
     max_queue_wait_ms: float = Field(
-        default=100.0, ge=0, le=60_000, description="when the queue is full, how long a request waits for a place"
+        default=100.0,
+        ge=0,
+        le=60_000,
+        description="With the queue full, a request may still get a place this long after it came",
     )
     max_loop_lag_ms: float = Field(
-        default=50.0, gt=0, le=60_000, description="refuse new requests while the event loop runs this late"
+        default=50.0,
+        gt=0,
+        le=60_000,
+        description="With more requests in than max_queue, refuse new ones while the event loop runs this late",
     )
     refusal_delay_ms: float = Field(
-        default=1000.0, ge=0, le=60_000, description="a request refused for a full queue gets its 503 this late"
+        default=1000.0, ge=0, le=60_000, description="A refused request gets its 503 this late, give or take half"
     )
-    request_timeout_s: float = Field(default=30.0, gt=0)
-    max_body_bytes: int = Field(default=16 << 20, ge=1024)
-    max_instances: int = Field(default=256, ge=1, description="images per request")
-    max_image_side: int = Field(default=4096, ge=1, description="pixels, either side of an encoded image")
-    max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="width x height of an encoded image")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="Longest a request waits for its answer (503)")
+    max_body_bytes: int = Field(default=16 << 20, ge=1024, description="Request body limit (413)")
+    max_instances: int = Field(default=256, ge=1, description="Images per request (413)")
+    max_image_side: int = Field(default=4096, ge=1, description="Pixels, either side of an encoded image")
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="Width x height of an encoded image")
     max_request_pixels: int = Field(
-        default=2 * 4096 * 4096, ge=1, description="decoded pixels per request, summed from the image headers"
+        default=2 * 4096 * 4096, ge=1, description="Decoded pixels per request, summed from the image headers (413)"
     )
-    decode_timeout_s: float = Field(default=5.0, gt=0, description="longest the images of one request may decode")
-    max_response_bytes: int = Field(default=64 << 20, ge=1024, description="largest answer body (500 past it)")
+    decode_timeout_s: float = Field(default=5.0, gt=0, description="Longest one request's images may decode (503)")
+    max_response_bytes: int = Field(default=64 << 20, ge=1024, description="Largest answer body (500 past it)")
     max_inflight_bytes: int = Field(
-        default=256 << 20, ge=1024, description="bodies being read or queued, all requests together, before 503"
+        default=256 << 20, ge=1024, description="Bodies being read or queued, all requests together (503)"
     )
-    max_header_bytes: int = Field(default=64 << 10, ge=1024, description="request line + headers (431 past it)")
-    header_timeout_s: float = Field(default=5.0, gt=0, description="a request's headers must arrive within this")
-    body_timeout_s: float = Field(default=15.0, gt=0, description="its body must arrive within this (408)")
-    idle_timeout_s: float = Field(default=5.0, gt=0, description="an idle keep-alive connection is closed after")
-    log_url: str | None = Field(default=None, description="send CloudEvents of requests/responses here (HTTP)")
-    log_file: Path | None = Field(default=None, description="or append them to this JSON-lines file")
-    log_mode: Literal["all", "request", "response"] = "all"
-    log_buffer: int = Field(default=10_000, ge=1, description="events held for the sink before dropping")
-    log_buffer_bytes: int = Field(default=64 << 20, ge=1024, description="and their bodies' bytes, at most")
-    drain_s: float = Field(default=0.0, ge=0, description="after SIGTERM: answer not-ready this long, then stop")
-    graceful_timeout_s: float = Field(default=10.0, ge=0, description="then wait this long for requests in flight")
-    access_log: bool = False
+    max_header_bytes: int = Field(default=64 << 10, ge=1024, description="Request line + headers (431)")
+    header_timeout_s: float = Field(default=5.0, gt=0, description="Headers must arrive within this (408)")
+    body_timeout_s: float = Field(default=15.0, gt=0, description="The body must arrive within this (408)")
+    idle_timeout_s: float = Field(default=5.0, gt=0, description="Close an idle keep-alive connection after this")
+    log_url: str | None = Field(
+        default=None, description="Send each request and response as a CloudEvent to this HTTP endpoint"
+    )
+    log_file: Path | None = Field(default=None, description="...or append them to this JSON-lines file")
+    log_mode: Literal["all", "request", "response"] = Field(default="all", description="Which events to log")
+    log_buffer: int = Field(default=10_000, ge=1, description="Events held for the sink before dropping")
+    log_buffer_bytes: int = Field(default=64 << 20, ge=1024, description="And their bodies' bytes, at most")
+    drain_s: float = Field(default=0.0, ge=0, description="After SIGTERM, answer not-ready this long before stopping")
+    graceful_timeout_s: float = Field(default=10.0, ge=0, description="Then wait this long for requests in flight")
+    access_log: bool = Field(default=False, description="One log line per request (costs throughput)")
 
     @model_validator(mode="after")
     def _one_sink(self) -> ServeConfig:
@@ -137,9 +172,11 @@ class ServeConfig(_Section):
 class PipelineConfig(_Section):
     """``distml run``: the dataset it ingests, the candidates it trains (with ``[train]``) and how it chooses."""
 
-    dataset: Literal["fashion-mnist", "cifar10", "folder"] = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "cifar10", "folder"] = Field(
+        default="fashion-mnist", description="What to ingest"
+    )
     source: str | None = Field(
-        default=None, description="a local folder or mirror URL of the dataset's files; for 'folder' the images"
+        default=None, description="A local folder or mirror URL of the dataset's files; for 'folder' the images"
     )
     name: str | None = Field(default=None, description="the dataset's name in the store (default: its kind)")
     image_size: tuple[int, int] = Field(default=(32, 32), description="folder datasets: height, width")
@@ -148,12 +185,14 @@ class PipelineConfig(_Section):
     candidates: tuple[str, ...] = Field(
         default=("cnn", "cnn-dropout", "cnn-batchnorm"),
         min_length=1,
-        description="models to train, each with [train]; [[candidates]] tables replace this list when present",
+        description="Models to train (comma-separated), each with [train]; [[candidates]] tables replace this list",
     )
-    metric: str = "test_accuracy"
-    direction: Literal["max", "min"] = "max"
-    max_latency_ms: float | None = Field(default=None, gt=0)
-    max_params: int | None = Field(default=None, gt=0)
+    metric: str = Field(default="test_accuracy", description="What picks the winner: test_accuracy, macro_f1...")
+    direction: Literal["max", "min"] = Field(default="max", description="Whether the largest or smallest wins")
+    max_latency_ms: float | None = Field(
+        default=None, gt=0, description="Only candidates whose batch-1 latency is at most this"
+    )
+    max_params: int | None = Field(default=None, gt=0, description="Only candidates with at most this many parameters")
 
     @model_validator(mode="after")
     def _source_for_folder(self) -> PipelineConfig:
@@ -165,8 +204,10 @@ class PipelineConfig(_Section):
 class K8sConfig(_Section):
     """``distml k8s render``: how the pipeline runs on Kubernetes (Argo Workflows, Kubeflow Trainer, KServe)."""
 
-    image: str = Field(default="distml:0.1.0", description="the image built from the repo's Dockerfile")
-    namespace: str = Field(default="distml", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    image: str = Field(default="distml:0.1.0", description="The distml image the pods run (the repo's Dockerfile)")
+    namespace: str = Field(
+        default="distml", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", description="Namespace of every object"
+    )
     training: Literal["trainjob", "pytorchjob"] = Field(
         default="trainjob", description="Kubeflow Trainer v2 TrainJob, or the v1 training operator's PyTorchJob"
     )
@@ -268,8 +309,12 @@ class DistmlConfig(_Section):
             if unknown:
                 near = difflib.get_close_matches(unknown[0], list(TrainConfig.model_fields), n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise ValueError(f"candidates[{i}] has an unknown key {unknown[0]!r}{hint}")
-            configs.append(TrainConfig.model_validate({**self.train.model_dump(), **table, **(overrides or {})}))
+                raise ConfigError(f"candidates[{i}] has an unknown key {unknown[0]!r}{hint}")
+            merged = {**self.train.model_dump(), **table, **(overrides or {})}
+            try:
+                configs.append(TrainConfig.model_validate(merged))
+            except ValidationError as exc:
+                raise config_error(exc, source=f"candidates[{i}]") from None
         return configs
 
 
@@ -279,10 +324,11 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> DistmlConfig:
-    """Build the validated config.
+    """Build the validated config: the one place where settings are merged and checked.
 
     ``overrides`` are dotted keys (``{"workspace.home": "/data"}``) from the command line; ``None`` values are
-    ignored so that unset CLI options do not clobber the file.
+    ignored so that unset CLI options do not clobber the file. An invalid value is a :class:`ConfigError`
+    that names where it came from: the file, or the command line (then by the option's name).
     """
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
@@ -290,13 +336,13 @@ def load_config(
         raw = _read_toml(path)
     if env.get(HOME_ENV):
         _set_dotted(raw, "workspace.home", env[HOME_ENV])
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(raw, key, value)
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    for key, value in given.items():
+        _set_dotted(raw, key, value)
     try:
         return DistmlConfig.model_validate(raw)
     except ValidationError as exc:
-        raise _config_error(exc, source=str(path) if path else "command line") from None
+        raise config_error(exc, source=str(path) if path else "command line", given=given) from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -322,15 +368,31 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _config_error(exc: ValidationError, *, source: str) -> ConfigError:
+def config_error(exc: ValidationError, *, source: str | None = None, given: Iterable[str] = ()) -> ConfigError:
+    """The first problem of ``exc`` as one line naming the field, what it accepts and where it came from.
+
+    A value set on the command line (a dotted key in ``given``) is named as the option was (``port=99999 in
+    command line``); one from ``source`` by its full key (``train.epochs='many' in distml.toml``).
+    """
     first = exc.errors()[0]
-    field = ".".join(str(p) for p in first["loc"])
+    loc = tuple(str(p) for p in first["loc"])
+    field = ".".join(loc)
+    dotted = tuple(given)
+    if loc and any(key == field or key.startswith(f"{field}.") for key in dotted):
+        source = "command line"
+        field = loc[-1] if field in dotted else field
+    where = f" in {source}" if source else ""
     if first["type"] == "extra_forbidden":
-        return ConfigError(f"unknown config key {field} in {source}" + _nearest_key(first["loc"]))
+        return ConfigError(f"unknown config key {field}{where}" + _nearest_key(first["loc"]))
     if first["type"] == "value_error":  # a cross-field rule of a section: its message says it all
-        return ConfigError(f"invalid config [{field}] in {source}: {first['msg'].removeprefix('Value error, ')}")
-    given = first.get("input")
-    return ConfigError(f"invalid config value {field}={given!r} in {source}: {first['msg']}")
+        section = f" [{field}]" if field else ""
+        return ConfigError(f"invalid config{section}{where}: {first['msg'].removeprefix('Value error, ')}")
+    given_value = first.get("input")
+    return ConfigError(f"invalid config value {field}={given_value!r}{where}: {first['msg']}")
+
+
+# The name k8s/plan.py still imports; config_error is the public one.
+_config_error = config_error
 
 
 def _nearest_key(loc: tuple[int | str, ...]) -> str:

@@ -10,9 +10,14 @@ from typing import Any
 import click
 import numpy as np
 
-from distml.cli.main import AppContext, pass_app
-from distml.data import Dataset, DatasetStore, ingest, open_path
-from distml.data.sources import Cifar10Source, FashionMnistSource, FolderOptions, FolderSource, Source
+from distml.cli.options import AppContext, config_option, pass_app
+from distml.data.ingest import ingest
+from distml.data.reader import Dataset, open_path
+from distml.data.sources.base import Source
+from distml.data.sources.cifar10 import Cifar10Source
+from distml.data.sources.fashion_mnist import FashionMnistSource
+from distml.data.sources.folder import FolderOptions, FolderSource
+from distml.data.store import DatasetStore
 from distml.errors import CorruptDatasetError, UsageError
 
 
@@ -61,12 +66,7 @@ def data() -> None:
     show_default=True,
     help="folder: share of images (by hash of their path) put in the test split when there is no train/ and test/.",
 )
-@click.option(
-    "--on-bad-file",
-    type=click.Choice(["fail", "skip"]),
-    default=None,
-    help="folder: fail on an unreadable image, or skip and list it. [default: fail]",
-)
+@config_option("data", "on_bad_file")
 @pass_app
 def ingest_cmd(
     app: AppContext,
@@ -77,7 +77,6 @@ def ingest_cmd(
     image_size: tuple[int, int],
     mode: str,
     test_fraction: float,
-    on_bad_file: str | None,
 ) -> None:
     """Ingest DATASET (fashion-mnist, cifar10, or folder PATH) into the store.
 
@@ -101,7 +100,7 @@ def ingest_cmd(
             image_size=image_size,
             mode="L" if mode == "L" else "RGB",
             test_fraction=test_fraction,
-            on_bad_file="skip" if (on_bad_file or cfg.on_bad_file) == "skip" else "fail",
+            on_bad_file=cfg.on_bad_file,
             max_pixels=cfg.max_image_pixels,
             max_file_bytes=cfg.max_image_file_bytes,
         )

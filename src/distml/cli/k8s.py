@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from distml.cli.main import AppContext, pass_app
+from distml.cli.options import AppContext, config_options, pass_app
 from distml.errors import DistmlError
 
 
@@ -24,14 +24,9 @@ def k8s() -> None:
 
 @k8s.command("render")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The folder to write (replaced).")
-@click.option("--image", help="The distml image the pods run. [default: [k8s] image, distml:0.1.0]")
-@click.option("--namespace", help="Namespace of every object. [default: [k8s] namespace, distml]")
-@click.option(
-    "--training", type=click.Choice(["trainjob", "pytorchjob"]),
-    help="Kubeflow Trainer v2 TrainJob, or the training operator's PyTorchJob. [default: trainjob]",
-)  # fmt: skip
+@config_options("k8s", "image", "namespace", "training")
 @pass_app
-def render_cmd(app: AppContext, out: Path, image: str | None, namespace: str | None, training: str | None) -> None:
+def render_cmd(app: AppContext, out: Path) -> None:
     """Write the pipeline as a Kustomize folder: workflow, training jobs, InferenceService, monitoring.
 
     The settings come from the config (--config on 'distml'): [pipeline] and [[candidates]] as for 'distml
@@ -40,8 +35,7 @@ def render_cmd(app: AppContext, out: Path, image: str | None, namespace: str | N
     from distml.k8s.plan import MLFLOW_AUTH_SECRET
     from distml.k8s.render import render
 
-    overrides = {k: v for k, v in {"image": image, "namespace": namespace, "training": training}.items() if v}
-    plan, written = render(app.config, out, overrides)
+    plan, written = render(app.config, out)
     for path in written:
         click.echo(f"  {path}")
     jobs = ", ".join(f"{c.label} ({c.nodes}x{c.procs})" for c in plan.candidates)

@@ -1,66 +1,31 @@
-"""Entry point of the ``distml`` command: the root group, shared options and the one error handler."""
+"""Entry point of the ``distml`` command: the root group and the one error handler."""
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import click
+from pydantic import ValidationError
 
 from distml import __version__
-from distml.config import DistmlConfig, WorkspaceConfig, load_config
+from distml.cli.data import data
+from distml.cli.k8s import k8s
+from distml.cli.models import evaluate_cmd, models, predict_cmd, select_cmd
+from distml.cli.options import config_option, config_path_option
+from distml.cli.run import run_cmd, runs
+from distml.cli.serve import serve_cmd
+from distml.cli.step import step
+from distml.cli.train import train_cmd
+from distml.config import config_error
 from distml.errors import DistmlError
-from distml.workspace import Workspace
-
-
-@dataclass(frozen=True)
-class AppContext:
-    """What every subcommand receives: the resolved config and the workspace built from it."""
-
-    config: DistmlConfig
-
-    @property
-    def workspace(self) -> Workspace:
-        return Workspace(self.config.workspace.home)
-
-
-def pass_app(fn: Callable[..., None]) -> Callable[..., None]:
-    """Give a leaf command the AppContext, and let it take ``--home`` too (``distml data list --home X``)."""
-
-    @click.option("--home", "leaf_home", type=click.Path(path_type=Path, file_okay=False), hidden=True)
-    @click.pass_context
-    @functools.wraps(fn)
-    def wrapper(ctx: click.Context, /, *args: Any, leaf_home: Path | None, **kwargs: Any) -> None:
-        app = ctx.find_object(AppContext)
-        assert app is not None, "the root group sets the AppContext"
-        if leaf_home is not None:
-            home = WorkspaceConfig(home=leaf_home)
-            app = AppContext(app.config.model_copy(update={"workspace": home}))
-        fn(app, *args, **kwargs)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="distml")
-@click.option(
-    "--home",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Workspace folder for datasets, runs and models. [env: DISTML_HOME; default: ./.distml]",
-)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="A distml.toml with settings (command-line options win).",
-)
-@click.pass_context
-def cli(ctx: click.Context, home: Path | None, config_path: Path | None) -> None:
+@config_option("workspace", "home")
+@config_path_option("A distml.toml with settings (command-line options win).")
+def cli() -> None:
     """distml: end-to-end distributed image classification.
 
     \b
@@ -74,34 +39,14 @@ def cli(ctx: click.Context, home: Path | None, config_path: Path | None) -> None
       distml predict models:/fashion-mnist-classifier@champion --dataset fashion-mnist --out preds.parquet
       distml serve    # KServe V1 + V2 on http://127.0.0.1:8080
     """
-    ctx.obj = AppContext(load_config(config_path, overrides={"workspace.home": home}))
 
 
-def _register_commands() -> None:
-    from distml.cli.data import data
-    from distml.cli.k8s import k8s
-    from distml.cli.models import evaluate_cmd, models, predict_cmd, select_cmd
-    from distml.cli.run import run_cmd, runs
-    from distml.cli.serve import serve_cmd
-    from distml.cli.step import step
-    from distml.cli.train import train_cmd
-
-    cli.add_command(data)
-    cli.add_command(train_cmd)
-    cli.add_command(models)
-    cli.add_command(predict_cmd)
-    cli.add_command(evaluate_cmd)
-    cli.add_command(select_cmd)
-    cli.add_command(serve_cmd)
-    cli.add_command(run_cmd)
-    cli.add_command(runs)
-    cli.add_command(step)
-    cli.add_command(k8s)
+for _command in (data, train_cmd, models, predict_cmd, evaluate_cmd, select_cmd, serve_cmd, run_cmd, runs, step, k8s):
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors become one line on stderr and an exit code (2 usage, 1 failure)."""
-    _register_commands()
     debug = bool(os.environ.get("DISTML_DEBUG"))
     try:
         code = cli.main(args=argv, prog_name="distml", standalone_mode=False)
@@ -116,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message(), exc.exit_code)
     except click.Abort:  # click's form of Ctrl-C
         _fail("interrupted", 130)
+    except ValidationError as exc:  # settings checked past load_config (a stage's own model): the same one line
+        if debug:
+            raise
+        _fail(config_error(exc).message, 2)
     except DistmlError as exc:
         if debug:
             raise

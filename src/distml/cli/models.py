@@ -7,8 +7,9 @@ from typing import Literal
 
 import click
 
-from distml.cli.main import AppContext, pass_app
-from distml.registry.export import Parity
+from distml.card import Parity
+from distml.cli.options import AppContext, config_options, pass_app
+from distml.registry.predict import DEFAULT_BATCH
 
 
 @click.group("models")
@@ -27,11 +28,11 @@ def models() -> None:
 @pass_app
 def export_cmd(app: AppContext, run: str, out: Path) -> None:
     """Export the finished training RUN (a run name or folder) to an ONNX artifact folder."""
-    from distml.registry import export_run, find_run
+    from distml.registry.export import export_run, find_run
 
     artifact, parity = export_run(find_run(run, app.workspace), out)
     click.echo(_parity_line(parity))
-    click.echo(f"exported {artifact.name} from run {artifact.card['lineage']['training_run']} -> {artifact.path}")
+    click.echo(f"exported {artifact.name} from run {artifact.card.lineage.training_run} -> {artifact.path}")
 
 
 @models.command("register")
@@ -43,7 +44,8 @@ def register_cmd(app: AppContext, run: str, name: str | None, no_promote: bool) 
     """Export RUN, check parity, add it as a new version and (by default) make it the champion."""
     import tempfile
 
-    from distml.registry import Registry, export_run, find_run
+    from distml.registry.export import export_run, find_run
+    from distml.registry.registry import Registry
 
     run_dir = find_run(run, app.workspace)
     with tempfile.TemporaryDirectory(prefix="distml-export-") as tmp:
@@ -58,7 +60,7 @@ def register_cmd(app: AppContext, run: str, name: str | None, no_promote: bool) 
 @pass_app
 def list_cmd(app: AppContext) -> None:
     """Registered models with their version count and champion."""
-    from distml.registry import Registry
+    from distml.registry.registry import Registry
 
     rows = Registry(app.workspace).models()
     if not rows:
@@ -76,7 +78,7 @@ def list_cmd(app: AppContext) -> None:
 @pass_app
 def show_cmd(app: AppContext, ref: str) -> None:
     """A model's versions (REF = NAME), or one version (NAME@ALIAS, NAME/VERSION, models:/...) in detail."""
-    from distml.registry import Registry
+    from distml.registry.registry import Registry
 
     registry = Registry(app.workspace)
     uri = ref if ref.startswith("models:/") else f"models:/{ref}"
@@ -94,16 +96,19 @@ def show_cmd(app: AppContext, ref: str) -> None:
     card = artifact.card
     click.echo(f"model      {version.name} version {version.version} ({', '.join(version.aliases) or 'no alias'})")
     click.echo(f"artifact   {artifact.path}")
-    click.echo(f"input      {card['input']['dtype']} {card['input']['shape']} ({card['input']['layout']})")
-    click.echo(f"classes    {', '.join(card['class_names'])}")
-    m = card["metrics"]
-    click.echo(
-        f"metrics    test accuracy {m['test_accuracy']:.2%}, test loss {m['test_loss']:.4f}, {m['epochs']} epochs"
-    )
-    click.echo(f"parity     {Parity.from_card(card).describe()}")
-    lineage = card["lineage"]
-    click.echo(f"lineage    run {lineage['training_run']} (MLflow {lineage['mlflow_run_id']}), dataset "
-               f"{lineage['dataset']}@{lineage['dataset_digest'][:12]}, {lineage['config']['model']}")  # fmt: skip
+    click.echo(f"input      {card.input.dtype} {card.input.shape} ({card.input.layout})")
+    click.echo(f"classes    {', '.join(card.class_names)}")
+    m = card.metrics
+    click.echo(f"metrics    test accuracy {_fmt(m.test_accuracy, '.2%')}, test loss {_fmt(m.test_loss, '.4f')}, "
+               f"{m.epochs} epochs")  # fmt: skip
+    click.echo(f"parity     {card.parity.describe()}")
+    lineage = card.lineage
+    click.echo(f"lineage    run {lineage.training_run} (MLflow {lineage.mlflow_run_id}), dataset "
+               f"{lineage.dataset}@{lineage.dataset_digest[:12]}, {lineage.config['model']}")  # fmt: skip
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 @models.command("promote")
@@ -112,7 +117,7 @@ def show_cmd(app: AppContext, ref: str) -> None:
 @pass_app
 def promote_cmd(app: AppContext, name: str, version: str) -> None:
     """Make VERSION of NAME the champion (the old champion becomes 'previous')."""
-    from distml.registry import Registry
+    from distml.registry.registry import Registry
 
     v = Registry(app.workspace).promote(name, version)
     click.echo(f"{name}: champion is now version {v.version}")
@@ -123,7 +128,7 @@ def promote_cmd(app: AppContext, name: str, version: str) -> None:
 @pass_app
 def rollback_cmd(app: AppContext, name: str) -> None:
     """Move NAME's champion back to the version that held it before."""
-    from distml.registry import Registry
+    from distml.registry.registry import Registry
 
     v = Registry(app.workspace).rollback(name)
     click.echo(f"{name}: champion rolled back to version {v.version}")
@@ -139,7 +144,7 @@ def _parity_line(parity: Parity) -> str:
 @click.option("--split", default="test", show_default=True, help="Which split of --dataset.")
 @click.option("--images", type=click.Path(path_type=Path), help="Predict every PNG/JPEG under this folder.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output: .parquet, .jsonl or .csv.")
-@click.option("--batch-size", type=click.IntRange(1, 65536), default=128, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=DEFAULT_BATCH, show_default=True,
               help="ONNX Runtime's batch (small batches stay in cache).")  # fmt: skip
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, help="ONNX Runtime threads. [default: all cores]")
 @click.option("--on-bad-file", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
@@ -147,7 +152,7 @@ def _parity_line(parity: Parity) -> str:
 @pass_app
 def predict_cmd(
     app: AppContext, model: str, dataset: str | None, split: str, images: Path | None, out: Path,
-    batch_size: int, threads: int, on_bad_file: str,
+    batch_size: int, threads: int, on_bad_file: Literal["fail", "skip"],
 ) -> None:  # fmt: skip
     """Batch prediction with MODEL (a folder, models:/NAME@ALIAS or models:/NAME/VERSION) through ONNX Runtime.
 
@@ -156,30 +161,10 @@ def predict_cmd(
       distml predict models:/fashion-mnist-classifier@champion --dataset fashion-mnist --out preds.parquet
       distml predict ./exported-model --images ./photos --out preds.csv
     """
-    from distml.data import DatasetStore, open_path
-    from distml.errors import UsageError
-    from distml.registry import resolve_model
-    from distml.registry.predict import CHUNK, dataset_batches, folder_batches, predict
+    from distml.registry.predict import predict_source
 
-    if (dataset is None) == (images is None):
-        raise UsageError("give exactly one of --dataset and --images")
-    artifact = resolve_model(model, app.workspace)
-    skipped: list[str] = []
-    if dataset is not None:
-        ds = open_path(DatasetStore(app.workspace).resolve(dataset))
-        if split not in ds.splits:
-            raise UsageError(f"dataset {ds.name} has no split {split!r}", hint=f"splits: {', '.join(ds.splits)}")
-        if tuple(ds.image_shape) != artifact.image_shape:
-            raise UsageError(f"dataset {ds.name} has {ds.image_shape} images, the model takes {artifact.image_shape}")
-        arrays = ds.split(split).arrays()
-        batches = dataset_batches(arrays.images, arrays.labels, CHUNK)
-        total: int | None = len(arrays)
-    else:
-        assert images is not None
-        mode: Literal["fail", "skip"] = "fail" if on_bad_file == "fail" else "skip"
-        batches = folder_batches(images, artifact.image_shape, CHUNK, mode, skipped)
-        total = None
-    result = predict(artifact, batches, out, total=total, batch=batch_size, threads=threads, skipped=skipped)
+    result = predict_source(app.workspace, model, out, dataset=dataset, split=split, images=images,
+                            batch=batch_size, threads=threads, on_bad_file=on_bad_file)  # fmt: skip
     acc = f", accuracy {result.accuracy:.2%}" if result.accuracy is not None else ""
     click.echo(f"predicted {result.images:,} images in {result.seconds:.2f} s ({result.images_per_s:,.0f} img/s)"
                f"{acc} -> {result.out}")  # fmt: skip
@@ -209,28 +194,23 @@ def evaluate_cmd(app: AppContext, target: str, dataset: str | None, split: str) 
 
 @click.command("select")
 @click.argument("runs", nargs=-1, required=True)
-@click.option("--metric", default="test_accuracy", show_default=True, help="test_accuracy, test_loss, macro_f1...")
-@click.option("--direction", type=click.Choice(["max", "min"]), default="max", show_default=True)
-@click.option("--max-latency-ms", type=float, help="Only candidates whose batch-1 latency is at most this.")
-@click.option("--max-params", type=int, help="Only candidates with at most this many parameters.")
+@config_options("pipeline", "metric", "direction", "max_latency_ms", "max_params")
 @click.option("--register", "register_", is_flag=True, help="Register the winner and make it the champion.")
 @pass_app
-def select_cmd(
-    app: AppContext, runs: tuple[str, ...], metric: str, direction: str, max_latency_ms: float | None,
-    max_params: int | None, register_: bool,
-) -> None:  # fmt: skip
+def select_cmd(app: AppContext, runs: tuple[str, ...], register_: bool) -> None:
     """Pick the best of the training RUNS (names, folders or globs like 'cand-*') by a declared metric.
 
     Each run is exported and evaluated first if it has not been. Ties go to fewer parameters, then lower
     latency, then the run name. The table and the decision go to <home>/selections/ and to MLflow tags.
     """
-    from distml.registry import Registry
     from distml.registry.evaluate import select_runs
+    from distml.registry.registry import Registry
 
-    selection = select_runs(app.workspace, list(runs), metric=metric, direction=direction,
-                            max_latency_ms=max_latency_ms, max_params=max_params, log=click.echo)  # fmt: skip
+    p = app.config.pipeline
+    selection = select_runs(app.workspace, list(runs), metric=p.metric, direction=p.direction,
+                            max_latency_ms=p.max_latency_ms, max_params=p.max_params, log=click.echo)  # fmt: skip
     click.echo("\n".join(selection.table))
-    click.echo(f"selected {selection.choice.winner['run']} by {metric} ({direction}); report {selection.report}")
+    click.echo(f"selected {selection.choice.winner['run']} by {p.metric} ({p.direction}); report {selection.report}")
     if register_:
         version = Registry(app.workspace).register(selection.winner)
         click.echo(f"registered {version.name} version {version.version} ({', '.join(version.aliases)})")

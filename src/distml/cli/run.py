@@ -2,41 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from pathlib import Path
-from typing import Any
 
 import click
-from pydantic import ValidationError
 
-from distml.cli.main import AppContext, pass_app
-from distml.config import DEFAULT_HOME, ServeConfig, TrainConfig, _config_error, load_config
+from distml.cli.options import AppContext, config_option, config_options, config_path_option, pass_app
+from distml.config import DEFAULT_HOME
 from distml.errors import PipelineError, UsageError
 
 
 @click.command("run")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="A distml.toml ([pipeline], [train], [[candidates]], [serve]).")  # fmt: skip
-@click.option("--dataset", type=click.Choice(["fashion-mnist", "cifar10", "folder"]),
-              help="What to ingest. [default: fashion-mnist]")  # fmt: skip
-@click.option("--source", help="A local folder or mirror URL of the dataset's files (folder: the image folder).")
-@click.option("--candidates", metavar="MODELS", help="Comma-separated models. [default: cnn,cnn-dropout,cnn-batchnorm]")
-@click.option("--epochs", type=int, help="Epochs of every candidate. [default: 5]")
-@click.option("--workers", type=int, help="DDP workers of every candidate. [default: 2]")
+@config_path_option("A distml.toml ([pipeline], [train], [[candidates]], [serve]).")
+@config_options("pipeline", "dataset", "source")
+@config_option("pipeline", "candidates", metavar="MODELS", record=False)
+@config_options("train", "epochs", "workers")
 @click.option("--serve", "serve_", is_flag=True, help="Serve the champion at the end (Ctrl-C stops it).")
-@click.option("--port", type=int, help="With --serve. [default: 8080]")
+@config_option("serve", "port")
 @click.option(
     "--force", multiple=True, metavar="STEP",
     help="Run STEP even on a hit (ingest, train, train[cnn], select, register); repeatable.",
 )  # fmt: skip
 @click.option("--no-cache", is_flag=True, help="Run every step (the results are still cached).")
 @pass_app
-def run_cmd(
-    app: AppContext, config_path: Path | None, dataset: str | None, source: str | None, candidates: str | None,
-    epochs: int | None, workers: int | None, serve_: bool, port: int | None, force: tuple[str, ...], no_cache: bool,
-) -> None:  # fmt: skip
+def run_cmd(app: AppContext, candidates: str | None, serve_: bool, force: tuple[str, ...], no_cache: bool) -> None:
     """Run the pipeline: ingest -> train the candidates (in parallel) -> select -> register (champion).
 
     Every step is cached by content (its code, parameters, inputs and library versions): a step whose key is
@@ -54,26 +43,14 @@ def run_cmd(
     from distml.pipeline.runner import Runner, workspace_lock
     from distml.train.dist import gpu_count, usable_cores
 
-    if config_path is not None:
-        home = app.config.workspace.home
-        app = AppContext(load_config(config_path, overrides={"workspace.home": None if home == DEFAULT_HOME else home}))
-    pipeline_overrides = {k: v for k, v in {"dataset": dataset, "source": source}.items() if v is not None}
-    if pipeline_overrides:
-        raw = {**app.config.pipeline.model_dump(), **pipeline_overrides}
-        try:
-            pipeline = type(app.config.pipeline).model_validate(raw)
-        except ValidationError as exc:
-            raise _config_error(exc, source="command line") from None
-        app = AppContext(app.config.model_copy(update={"pipeline": pipeline}))
-    train_overrides = {k: v for k, v in {"epochs": epochs, "workers": workers}.items() if v is not None}
-    try:
-        TrainConfig.model_validate({**app.config.train.model_dump(), **train_overrides})
-    except ValidationError as exc:
-        raise _config_error(exc, source="command line") from None
-    serve_config = _serve_config(app, serve_, port)  # before anything runs: a bad --port must not cost a pipeline
+    port = app.given_in("serve").get("port")
+    if port is not None and not serve_:  # checked before anything runs: a bad --port must not cost a pipeline
+        raise UsageError(f"--port {port} needs --serve", hint="add --serve, or leave out --port")
     models = [m.strip() for m in candidates.split(",") if m.strip()] if candidates is not None else None
     if models is not None and not models:
         raise UsageError("--candidates needs at least one model", hint="e.g. --candidates cnn,cnn-dropout")
+    # --epochs and --workers apply to every candidate, over its [[candidates]] table too.
+    train_overrides = app.given_in("train")
     workspace = app.workspace
     workspace.ensure()
     cores, gpus = usable_cores(), gpu_count()
@@ -108,79 +85,35 @@ def run_cmd(
         )
     reg = outcomes["register"].outputs
     click.echo(f"\npipeline run {runner.id} done in {took:.1f} s: {reg['name']} version {reg['version']} is champion")
-    if serve_config is None:
-        click.echo(f"serve it:  distml serve {reg['ref']}" + (f" --home {workspace.home}" if app.config.workspace.home
-                                                              != DEFAULT_HOME else ""))  # fmt: skip
-        return
-    _serve(app, reg["ref"], serve_config)
-
-
-def _serve_config(app: AppContext, serve_: bool, port: int | None) -> ServeConfig | None:
-    """The server's config with the command line's --port, validated; None without --serve."""
     if not serve_:
-        if port is not None:
-            raise UsageError(f"--port {port} needs --serve", hint="add --serve, or leave out --port")
-        return None
-    try:
-        return ServeConfig.model_validate({**app.config.serve.model_dump(), **({} if port is None else {"port": port})})
-    except ValidationError as exc:
-        raise _config_error(exc, source="command line") from None
+        home = f" --home {workspace.home}" if app.config.workspace.home != DEFAULT_HOME else ""
+        click.echo(f"serve it:  distml serve {reg['ref']}{home}")
+        return
+    _serve(app, reg["ref"])
 
 
-def _serve(app: AppContext, ref: str, config: ServeConfig) -> None:
+def _serve(app: AppContext, ref: str) -> None:
+    """Serve the champion, and smoke-test it with one real request once it listens."""
     from distml.registry.registry import resolve_model
     from distml.serve.server import serve
+    from distml.serve.smoke import sample_image, smoke_request
 
     artifact = resolve_model(ref, app.workspace)
+
+    def smoke(base_url: str) -> None:
+        line = smoke_request(base_url, artifact, *sample_image(app.workspace, artifact))
+        if line is None:
+            click.echo("smoke prediction: no answer from the server", err=True)
+        else:
+            click.echo(f"{line}; Ctrl-C stops the server")
 
     def announce(line: str) -> None:
         click.echo(line)
         if line.startswith("listening on "):
-            base = line.split()[-1]
-            threading.Thread(target=_smoke, args=(base, artifact), daemon=True).start()
+            threading.Thread(target=smoke, args=(line.split()[-1],), daemon=True).start()
 
-    serve(config, artifact.path, announce=announce)
+    serve(app.config.serve, artifact.path, announce=announce)
     click.echo("stopped")
-
-
-def _smoke(base: str, artifact: Any) -> None:
-    """One real V2 request against the server that just started: the first test image of its dataset."""
-    import urllib.request
-
-    import numpy as np
-
-    from distml.data import DatasetStore, open_path
-    from distml.workspace import Workspace
-
-    try:
-        home = Path(artifact.card["lineage"].get("dataset_path", "")).parents[1]
-        ds = open_path(DatasetStore(Workspace(home)).resolve(artifact.card["lineage"]["dataset_digest"][:16]))
-        split = ds.splits.get("test") or ds.splits["train"]
-        arrays = split.arrays()
-        image, label = np.asarray(arrays.images[0]), int(arrays.labels[0])
-    except Exception:  # no dataset at hand: a blank image still proves the server answers
-        image, label = np.zeros(artifact.image_shape, dtype=np.uint8), -1
-    body = {"id": "smoke-1", "inputs": [{"name": "images", "shape": [1, *image.shape], "datatype": "UINT8",
-                                          "data": image.reshape(-1).tolist()}]}  # fmt: skip
-    request = urllib.request.Request(f"{base}/v2/models/{artifact.name}/infer", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    for _ in range(50):
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                doc = json.loads(response.read())
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        click.echo("smoke prediction: no answer from the server", err=True)
-        return
-    outputs = {o["name"]: o["data"] for o in doc["outputs"]}
-    probs = outputs.get("probabilities") or []
-    top = int(np.argmax(probs)) if probs else -1
-    names = artifact.class_names
-    truth = f" (label: {names[label]})" if 0 <= label < len(names) else ""
-    click.echo(f"smoke prediction: test image 0 -> {names[top] if 0 <= top < len(names) else top} "
-               f"p={max(probs) if probs else 0:.3f}{truth}; Ctrl-C stops the server")  # fmt: skip
 
 
 @click.group("runs")

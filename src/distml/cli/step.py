@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from distml.cli.main import AppContext, pass_app
+from distml.cli.options import AppContext, pass_app
 
 _outputs_option = click.option(
     "--outputs", type=click.Path(path_type=Path, file_okay=False), help="Write each output to DIR/<name>."

@@ -1,39 +1,19 @@
-"""``distml train``: one synchronous data-parallel training job (W workers under torchrun)."""
+"""``distml train``: one synchronous data-parallel training job (W workers under torchrun), or several."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
-from pydantic import ValidationError
 
-from distml.cli.main import AppContext, pass_app
-from distml.config import TrainConfig, _config_error
+from distml.cli.options import AppContext, config_options, pass_app
 
-_SCHEDULES = ["constant", "step", "cosine", "onecycle"]
+_TRAIN_OPTIONS = ("dataset", "model", "workers", "epochs", "batch_size", "lr", "optimizer", "schedule", "augment",
+                  "seed", "checkpoint_every_steps", "threads_per_worker", "allow_oversubscribe", "compile",
+                  "max_restarts")  # fmt: skip
 
 
 @click.command("train")
-@click.option("--dataset", help="Dataset name or digest prefix. [default: fashion-mnist]")
-@click.option("--model", help="cnn, cnn-dropout, cnn-batchnorm, resnet or resnet-small. [default: cnn]")
-@click.option("--workers", type=int, help="Worker processes (DDP replicas) on this host. [default: 2]")
-@click.option("--epochs", type=int, help="[default: 5]")
-@click.option("--batch-size", type=int, help="Global batch; each worker gets batch-size / workers. [default: 64]")
-@click.option("--lr", type=float, help="Peak learning rate. [default: 0.002]")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), help="[default: adamw]")
-@click.option("--schedule", type=click.Choice(_SCHEDULES), help="Learning-rate schedule. [default: onecycle]")
-@click.option(
-    "--augment",
-    type=click.Choice(["none", "crop", "crop+flip"]),
-    help="Random crop (pad 2) and horizontal flip; helps longer runs of bigger nets. [default: none]",
-)
-@click.option("--seed", type=int, help="Seeds weights, data order, augmentation and dropout. [default: 0]")
+@config_options("train", *_TRAIN_OPTIONS)
 @click.option("--run-name", help="Run folder under <home>/runs; the same name again resumes it (one at a time).")
-@click.option("--checkpoint-every-steps", type=int, help="Also checkpoint every N steps (0: epoch ends only).")
-@click.option("--threads-per-worker", type=int, help="Intra-op threads per worker. [default: cores / workers]")
-@click.option("--allow-oversubscribe", is_flag=True, default=None, help="Allow workers x threads > cores.")
-@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model (GPU).")
-@click.option("--max-restarts", type=int, help="torchrun restarts after a worker dies (resume from checkpoint).")
 @click.option(
     "--candidates",
     metavar="MODELS|config",
@@ -49,7 +29,12 @@ _SCHEDULES = ["constant", "step", "cosine", "onecycle"]
 )
 @pass_app
 def train_cmd(
-    app: AppContext, nnodes: int, node_rank: int, rdzv_endpoint: str | None, candidates: str | None, **options: Any
+    app: AppContext,
+    run_name: str | None,
+    candidates: str | None,
+    nnodes: int,
+    node_rank: int,
+    rdzv_endpoint: str | None,
 ) -> None:
     """Train one model with synchronous data-parallel SGD (PyTorch DDP, W workers under torchrun).
 
@@ -67,19 +52,13 @@ def train_cmd(
       distml train --dataset fashion-mnist --model cnn --workers 2 --epochs 5
       distml train --model resnet --epochs 15 --batch-size 256 --lr 0.004 --run-name strong
     """
+    if candidates is not None:
+        _train_candidates(app, candidates, run_name)
+        return
     from distml.train.launch import Rendezvous, train
 
-    overrides = {("compile" if k == "compile_" else k): v for k, v in options.items() if v is not None}
-    run_name = overrides.pop("run_name", None)
-    if candidates is not None:
-        _train_candidates(app, candidates, overrides, run_name)
-        return
-    try:
-        cfg = TrainConfig.model_validate({**app.config.train.model_dump(), **overrides})
-    except ValidationError as exc:
-        raise _config_error(exc, source="command line") from None
-    rdzv = Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=rdzv_endpoint)
-    result = train(cfg, app.workspace, run_name, rdzv)
+    cfg = app.config.train
+    result = train(cfg, app.workspace, run_name, Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=rdzv_endpoint))
     m = result.metrics
     if "epochs" not in m:  # no result.json here: global rank 0 ran on another host, with its own run folder
         click.echo(
@@ -95,7 +74,7 @@ def train_cmd(
     )
 
 
-def _train_candidates(app: AppContext, spec: str, overrides: dict[str, Any], prefix: str | None) -> None:
+def _train_candidates(app: AppContext, spec: str, prefix: str | None) -> None:
     from datetime import datetime
 
     from distml.errors import UsageError
@@ -104,18 +83,14 @@ def _train_candidates(app: AppContext, spec: str, overrides: dict[str, Any], pre
     if spec == "config":
         if not app.config.candidates:
             raise UsageError("--candidates config, but the config has no [[candidates]] tables")
-        tables: list[dict[str, Any]] = [dict(c) for c in app.config.candidates]
+        tables = list(app.config.candidates)
     else:
-        models = [m.strip() for m in spec.split(",") if m.strip()]
-        if not models:
+        tables = [{"model": m.strip()} for m in spec.split(",") if m.strip()]
+        if not tables:
             raise UsageError("--candidates needs at least one model", hint="e.g. --candidates cnn,cnn-dropout")
-        tables = [{"model": m} for m in models]
-    try:
-        configs = app.config.candidate_configs(tables, overrides)
-    except ValidationError as exc:
-        raise _config_error(exc, source="candidates") from None
-    prefix = prefix or f"candidates-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    jobs = run_candidates(configs, app.workspace, prefix)
+    # The command line's [train] options win over each candidate's table.
+    configs = app.config.candidate_configs(tables, app.given_in("train"))
+    jobs = run_candidates(configs, app.workspace, prefix or f"candidates-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     summarise(jobs)
     for job in jobs:
         if job.state == "failed":

@@ -23,6 +23,7 @@ import numpy as np
 
 from distml.errors import BadImageError, UsageError
 from distml.registry.artifact import ModelArtifact, probabilities
+from distml.workspace import Workspace
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv"}
 # ONNX Runtime's batch. Small batches keep activations in cache: for the seed cnn on 2 cores, batch 128 ran at
@@ -96,6 +97,44 @@ def folder_batches(
             if kept:
                 ids = [p.relative_to(root).as_posix() for p, _ in kept]
                 yield Batch(ids, np.stack([a for _, a in kept]), None)
+
+
+def predict_source(
+    workspace: Workspace,
+    model: str,
+    out: Path,
+    *,
+    dataset: str | None = None,
+    split: str = "test",
+    images: Path | None = None,
+    batch: int = DEFAULT_BATCH,
+    threads: int = 0,
+    on_bad_file: Literal["fail", "skip"] = "fail",
+) -> PredictResult:
+    """``distml predict``: MODEL (a folder or ``models:/...``) over one split of ``dataset`` or the ``images`` folder.
+
+    Exactly one of ``dataset`` and ``images``; the dataset's images must have the shape the model takes.
+    """
+    from distml.data.reader import open_path
+    from distml.data.store import DatasetStore
+    from distml.registry.registry import resolve_model  # MLflow: only here, not when the server imports this module
+
+    if (dataset is None) == (images is None):
+        raise UsageError("give exactly one of --dataset and --images")
+    artifact = resolve_model(model, workspace)
+    skipped: list[str] = []
+    if images is not None:
+        batches = folder_batches(images, artifact.image_shape, CHUNK, on_bad_file, skipped)
+        return predict(artifact, batches, out, batch=batch, threads=threads, skipped=skipped)
+    assert dataset is not None
+    ds = open_path(DatasetStore(workspace).resolve(dataset))
+    if split not in ds.splits:
+        raise UsageError(f"dataset {ds.name} has no split {split!r}", hint=f"splits: {', '.join(ds.splits)}")
+    if tuple(ds.image_shape) != artifact.image_shape:
+        raise UsageError(f"dataset {ds.name} has {ds.image_shape} images, the model takes {artifact.image_shape}")
+    arrays = ds.split(split).arrays()
+    batches = dataset_batches(arrays.images, arrays.labels, CHUNK)
+    return predict(artifact, batches, out, total=len(arrays), batch=batch, threads=threads)
 
 
 def predict(
