@@ -165,6 +165,51 @@ def test_the_rendered_pipeline_is_the_local_one(tmp_path: Path) -> None:
     assert {p["title"] for p in dashboard["panels"]} >= {"Error ratio (5xx)", "Latency p50 / p99 (total)"}
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_rendered_dag_is_the_local_runners_dag(tmp_path: Path, variant: str) -> None:
+    """Every step the local runner runs is an Argo task needing the same steps; the only tasks besides are the
+    cluster's own (the ingest's memo key, a multi-pod job's NetworkPolicy, serve after register)."""
+    from distml.pipeline import dag
+    from distml.workspace import Workspace
+
+    out = _render(tmp_path, variant)
+    config = load_config(tmp_path / f"{variant}.toml")
+    local = {s.name: s.needs for s in dag.build(Workspace(tmp_path / "home"), config, cores=64)}
+
+    def task(step: str) -> str:  # train[cnn] -> train-cnn: Argo names are DNS-like
+        return re.sub(r"^train\[(.+)\]$", r"train-\1", step)
+
+    tasks = yaml.safe_load((out / "workflow-template.yaml").read_text())["spec"]["templates"][0]["dag"]["tasks"]
+    depends = {t["name"]: t["depends"].split(" && ") if "depends" in t else [] for t in tasks}
+    networked = {n for n in depends if n.startswith("job-network-")}
+    extras = {"ingest-key": [], **{n: [] for n in networked}, "serve": ["register"]}
+    assert [n for n in depends if n not in extras] == [task(s) for s in local]  # same steps, same order
+    for step, needs in local.items():
+        assert [d for d in depends[task(step)] if d not in extras] == [task(n) for n in needs], step
+    for name, needs in extras.items():
+        assert depends[name] == needs, name
+    # What waits for the extras: the ingest for its memo key, a multi-pod job for its pods' policy.
+    waits = {t: [d for d in ds if d in extras] for t, ds in depends.items() if t not in extras}
+    jobs = {f"train-{n.removeprefix('job-network-')}": [n] for n in networked}
+    assert waits == {**{task(s): [] for s in local}, "ingest": ["ingest-key"], **jobs}
+    assert len(networked) == (2 if variant == "gpu-folder" else 3)  # one per multi-pod job
+
+
+def test_a_render_loads_no_training_code(tmp_path: Path) -> None:
+    """``distml k8s render`` builds the pipeline's shape without the training stage (nor torch or MLflow)."""
+    (tmp_path / "c.toml").write_text(VARIANTS["gpu-folder"][0])
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom distml.config import load_config\n"
+        "from distml.k8s.render import render\n"
+        f"render(load_config(Path({str(tmp_path / 'c.toml')!r})), Path({str(tmp_path / 'out')!r}))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('distml.train', 'torch', 'mlflow'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert (tmp_path / "out" / "workflow-template.yaml").is_file()
+
+
 @requires_crds
 def test_a_broken_manifest_is_caught_with_its_field_path(tmp_path: Path) -> None:
     out = _render(tmp_path, "default")

@@ -13,6 +13,7 @@ from typing import Any
 
 from distml.config import DistmlConfig, K8sConfig, TrainConfig
 from distml.errors import UsageError
+from distml.pipeline.shape import Shape, candidate_configs, pipeline_shape
 
 APP = "distml"
 WORKSPACE_MOUNT = "/workspace"  # the workspace volume, DISTML_HOME of every step
@@ -54,7 +55,8 @@ class Candidate:
 class Plan:
     config: DistmlConfig
     k8s: K8sConfig
-    candidates: tuple[Candidate, ...]
+    shape: Shape  # the pipeline's DAG, which the workflow renders
+    candidates: tuple[Candidate, ...]  # its training nodes as cluster jobs, in the same order
     model_name: str  # the registered model the pipeline makes champion
     mlflow_uri: str
     logger_url: str
@@ -65,6 +67,10 @@ class Plan:
     @property
     def namespace(self) -> str:
         return self.k8s.namespace
+
+    def candidate(self, label: str) -> Candidate:
+        """The cluster job of the pipeline's training node ``label``."""
+        return next(c for c in self.candidates if c.label == label)
 
     @property
     def model_ref(self) -> str:
@@ -133,9 +139,7 @@ def make_plan(config: DistmlConfig, overrides: dict[str, Any] | None = None) -> 
     from pydantic import ValidationError
 
     from distml.config import _config_error
-    from distml.pipeline.dag import candidate_configs
     from distml.registry.export import model_name_for
-    from distml.train.candidates import candidate_labels
 
     try:
         k8s = K8sConfig.model_validate({**config.k8s.model_dump(), **(overrides or {})})
@@ -147,9 +151,9 @@ def make_plan(config: DistmlConfig, overrides: dict[str, Any] | None = None) -> 
             "a folder dataset needs [k8s] source: where the images are inside the cluster",
             hint=f'copy {p.source} onto the workspace volume and set source = "{WORKSPACE_MOUNT}/sources/..."',
         )
-    configs = candidate_configs(config, None, {})
+    shape = pipeline_shape(candidate_configs(config))
     candidates = []
-    for label, cfg in zip(candidate_labels(configs), configs, strict=True):
+    for label, cfg in shape.candidates.items():
         procs = min(k8s.procs_per_node, cfg.workers)
         if cfg.workers % procs:
             raise UsageError(
@@ -171,6 +175,6 @@ def make_plan(config: DistmlConfig, overrides: dict[str, Any] | None = None) -> 
     dataset = p.name or (Path(p.source).name if p.dataset == "folder" and p.source else p.dataset)
     mlflow_uri = k8s.mlflow_uri or f"http://distml-mlflow.{k8s.namespace}.svc.cluster.local:{MLFLOW_PORT}"
     logger_url = k8s.logger_url or f"http://distml-request-log.{k8s.namespace}.svc.cluster.local"
-    return Plan(config, k8s, tuple(candidates), model_name_for(dataset), mlflow_uri, logger_url,
+    return Plan(config, k8s, shape, tuple(candidates), model_name_for(dataset), mlflow_uri, logger_url,
                 render_mlflow=k8s.mlflow_uri is None, render_logsink=k8s.logger_url is None,
                 render_runtime=k8s.training == "trainjob" and k8s.runtime == DISTML_RUNTIME)  # fmt: skip

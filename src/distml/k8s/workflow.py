@@ -17,7 +17,7 @@ init/wait containers report outputs with ``distml-workflow-executor``'s, which c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import assert_never
 
 from distml.k8s.core import EXECUTOR_SA, RESOURCES_SA, WORKFLOW_SA, Obj, config_mount_path
 from distml.k8s.network import job_policy
@@ -25,6 +25,7 @@ from distml.k8s.plan import CONTAINER_SECURITY, OUTPUTS_DIR, POD_SECURITY, Candi
 from distml.k8s.serving import inference_service
 from distml.k8s.training import CONDITIONS, train_job
 from distml.k8s.yamlio import dump
+from distml.pipeline.shape import Node
 
 TEMPLATE_NAME = "distml-pipeline"
 MEMO_CACHE = "distml-memo-cache"  # the ConfigMap Argo keeps memoized outputs in (the controller creates it)
@@ -41,11 +42,15 @@ def _networked(plan: Plan) -> list[Candidate]:
     return [c for c in plan.candidates if c.nodes > 1]
 
 
+def task_name(node: Node) -> str:
+    """A pipeline step's Argo task (and template) name: ``train[cnn]`` -> ``train-cnn`` (Argo names are DNS-like)."""
+    return f"train-{node.label}" if node.kind == "train" else node.name
+
+
 def workflow_template(plan: Plan) -> Obj:
-    templates = [_dag(plan), _ingest_key(plan), _ingest(plan)]
-    templates += [_job_network(plan, c) for c in _networked(plan)]
-    templates += [_train(plan, i) for i in range(len(plan.candidates))]
-    templates += [_select(plan), _register(plan), _serve(plan)]
+    tasks = _tasks(plan)
+    templates = [{"name": "pipeline", "dag": {"tasks": [task for task, _ in tasks]}}]
+    templates += [template for _, template in tasks]
     spec = {
         "entrypoint": "pipeline",
         "serviceAccountName": WORKFLOW_SA,
@@ -70,33 +75,57 @@ def workflow(plan: Plan) -> Obj:
             "spec": {"workflowTemplateRef": {"name": TEMPLATE_NAME}}}  # fmt: skip
 
 
-def _dag(plan: Plan) -> Obj:
-    def param(name: str, value: str) -> dict[str, Any]:
-        return {"parameters": [{"name": name, "value": value}]}
+Task = tuple[Obj, Obj]  # a DAG task and the template it runs (same name)
 
-    trains = [f"train-{c.label}" for c in plan.candidates]
-    networked = {c.label for c in _networked(plan)}
-    tasks: list[Obj] = [
-        {"name": "ingest-key", "template": "ingest-key"},
-        {"name": "ingest", "template": "ingest", "depends": "ingest-key",
-         "arguments": param("key", "{{tasks.ingest-key.outputs.parameters.key}}")},
-    ]  # fmt: skip
-    tasks += [{"name": f"job-network-{c.label}", "template": f"job-network-{c.label}"} for c in _networked(plan)]
-    tasks += [
-        {"name": f"train-{c.label}", "template": f"train-{c.label}",
-         "depends": f"ingest && job-network-{c.label}" if c.label in networked else "ingest",
-         "arguments": param("dataset", "{{tasks.ingest.outputs.parameters.digest16}}")}
-        for c in plan.candidates
-    ]  # fmt: skip
-    tasks += [
-        {"name": "select", "template": "select", "depends": " && ".join(trains)},
-        {"name": "register", "template": "register", "depends": "select",
-         "arguments": param("artifact", "{{tasks.select.outputs.parameters.artifact}}")},
-        {"name": "serve", "template": "serve", "depends": "register",
-         "arguments": {"parameters": [{"name": "ref", "value": "{{tasks.register.outputs.parameters.ref}}"},
-                                      {"name": "version", "value": "{{tasks.register.outputs.parameters.version}}"}]}},
-    ]  # fmt: skip
-    return {"name": "pipeline", "dag": {"tasks": tasks}}
+
+def _tasks(plan: Plan) -> list[Task]:
+    """The pipeline's shape as Argo tasks: each step's own, plus the cluster's extras around them.
+
+    A step runs its ``distml step`` subcommand (a training step: its candidate's job). The extras: ``ingest-key``
+    before ingest (Argo memoizes the ingest on that key), a multi-pod job's NetworkPolicy before its training
+    task, and ``serve`` after register (it rolls the InferenceService to the new champion).
+    """
+    shape = plan.shape
+    names = {node.name: task_name(node) for node in shape.nodes}
+    labels = {node.name: node.label for node in shape.nodes}
+    first_train = shape.of("train")[0]
+    tasks: list[Task] = []
+    for node in shape.nodes:
+        name, needs = names[node.name], [names[n] for n in node.needs]
+        match node.kind:
+            case "ingest":
+                key = _ingest_key(plan, f"{name}-key")
+                tasks.append(_task(key, needs))
+                tasks.append(_task(_ingest(plan, name), [*needs, key["name"]], key=(key["name"], "key")))
+            case "train":
+                if node is first_train:  # the jobs' NetworkPolicies, listed together before the training tasks
+                    tasks += [_task(_job_network(plan, c), []) for c in _networked(plan)]
+                (ingest,) = needs
+                cand = plan.candidate(node.label)
+                if cand.nodes > 1:  # its pods talk to each other only once their policy admits it
+                    needs.append(f"job-network-{cand.label}")
+                tasks.append(_task(_train(plan, name, cand), needs, dataset=(ingest, "digest16")))
+            case "select":
+                runs = [run_name(labels[n]) for n in node.needs]
+                tasks.append(_task(_select(plan, name, runs), needs))
+            case "register":
+                (select,) = needs
+                tasks.append(_task(_register(plan, name), needs, artifact=(select, "artifact")))
+                tasks.append(_task(_serve(plan), [name], ref=(name, "ref"), version=(name, "version")))
+            case _:  # a step added to the pipeline's shape without saying how it runs in the cluster
+                assert_never(node.kind)
+    return tasks
+
+
+def _task(template: Obj, depends: list[str], **arguments: tuple[str, str]) -> Task:
+    """A DAG task running ``template`` after ``depends``; each argument is (task, output parameter) it reads."""
+    task: Obj = {"name": template["name"], "template": template["name"]}
+    if depends:
+        task["depends"] = " && ".join(depends)
+    if arguments:
+        task["arguments"] = {"parameters": [{"name": name, "value": f"{{{{tasks.{t}.outputs.parameters.{o}}}}}"}
+                                            for name, (t, o) in arguments.items()]}  # fmt: skip
+    return task, template
 
 
 def _container_step(plan: Plan, name: str, args: list[str], outputs: list[str], inputs: tuple[str, ...] = ()) -> Obj:
@@ -117,12 +146,12 @@ def _container_step(plan: Plan, name: str, args: list[str], outputs: list[str], 
     return template
 
 
-def _ingest_key(plan: Plan) -> Obj:
-    return _container_step(plan, "ingest-key", ["key", "ingest"], ["key"])
+def _ingest_key(plan: Plan, name: str) -> Obj:
+    return _container_step(plan, name, ["key", "ingest"], ["key"])
 
 
-def _ingest(plan: Plan) -> Obj:
-    template = _container_step(plan, "ingest", ["ingest"], ["digest16", "dataset"], inputs=("key",))
+def _ingest(plan: Plan, name: str) -> Obj:
+    template = _container_step(plan, name, ["ingest"], ["digest16", "dataset"], inputs=("key",))
     template["memoize"] = {
         "key": "ingest-{{inputs.parameters.key}}",
         "maxAge": MEMO_MAX_AGE,
@@ -144,12 +173,11 @@ def _job_network(plan: Plan, cand: Candidate) -> Obj:
             "resource": {"action": "create", "setOwnerReference": True, "manifest": dump(manifest)}}  # fmt: skip
 
 
-def _train(plan: Plan, index: int) -> Obj:
-    cand = plan.candidates[index]
+def _train(plan: Plan, name: str, cand: Candidate) -> Obj:
     manifest = train_job(plan, cand, "{{inputs.parameters.dataset}}", run_name(cand.label))
     success, failure = CONDITIONS[plan.k8s.training]
     return {
-        **_resource_step(f"train-{cand.label}"),
+        **_resource_step(name),
         "inputs": {"parameters": [{"name": "dataset"}]},
         # A job that never finishes (unschedulable pods, a hung rendezvous) fails the step instead of the DAG
         # waiting forever; deleting the step's job goes with it (owner reference).
@@ -164,13 +192,12 @@ def _train(plan: Plan, index: int) -> Obj:
     }
 
 
-def _select(plan: Plan) -> Obj:
-    runs = [run_name(c.label) for c in plan.candidates]
-    return _container_step(plan, "select", ["select", *runs], ["winner", "artifact", "value"])
+def _select(plan: Plan, name: str, runs: list[str]) -> Obj:
+    return _container_step(plan, name, ["select", *runs], ["winner", "artifact", "value"])
 
 
-def _register(plan: Plan) -> Obj:
-    return _container_step(plan, "register", ["register", "{{inputs.parameters.artifact}}"],
+def _register(plan: Plan, name: str) -> Obj:
+    return _container_step(plan, name, ["register", "{{inputs.parameters.artifact}}"],
                            ["name", "version", "ref"], inputs=("artifact",))  # fmt: skip
 
 

@@ -1,8 +1,9 @@
-"""The pipeline's DAG for a config: ingest -> train[candidate] x N -> select -> register.
+"""The pipeline's DAG for a config, as the local runner's steps: ingest -> train[candidate] x N -> select -> register.
 
-This module only wires :mod:`distml.pipeline.steps` together: each step's parameters (what its key hashes),
-how its input digests come from the steps before it, how it runs and how a hit is checked. ``distml k8s``
-renders the same steps (the same subcommands) as an Argo Workflow.
+The shape (which steps, what each needs) is :func:`distml.pipeline.shape.pipeline_shape`'s, the same one
+``distml k8s render`` turns into an Argo Workflow. This module only gives each node its work from
+:mod:`distml.pipeline.steps`: its parameters (what its key hashes), how its input digests come from the steps
+before it, how it runs and how a hit is checked.
 """
 
 from __future__ import annotations
@@ -11,26 +12,18 @@ import json
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from distml.config import DistmlConfig, TrainConfig
 from distml.errors import TrainingError
 from distml.pipeline import steps as S  # noqa: N812 (the steps, read as S.ingest_step, S.TRAIN_CODE)
-from distml.pipeline.cache import verify_files
-from distml.pipeline.runner import Step, StepContext
+from distml.pipeline.cache import Entry, verify_files
+from distml.pipeline.runner import Log, Step, StepContext
+from distml.pipeline.shape import Node, candidate_configs, pipeline_shape
 from distml.train.candidates import plan, start_job
 from distml.workspace import Workspace
 
 _TRACKING_SETUP = threading.Lock()
-
-
-def candidate_configs(config: DistmlConfig, models: list[str] | None, overrides: dict[str, Any]) -> list[TrainConfig]:
-    """``[[candidates]]`` tables when the config has them (else one per model name), each over ``[train]``."""
-    if models is None and config.candidates:
-        tables: list[dict[str, Any]] = [dict(t) for t in config.candidates]
-    else:
-        tables = [{"model": m} for m in (models or config.pipeline.candidates)]
-    return config.candidate_configs(tables, overrides)
 
 
 def build(
@@ -41,40 +34,30 @@ def build(
     train_overrides: dict[str, Any] | None = None,
     cores: int = 1,
     gpus: int = 0,
-    log: Any = print,
+    log: Log = print,
 ) -> list[Step]:
-    p = config.pipeline
-    steps = [ingest(workspace, config, log)]
+    """The runner's steps: the nodes of the pipeline's shape (:func:`pipeline_shape`), each given its work."""
     configs = candidate_configs(config, models, {**(train_overrides or {}), "dataset": "pending"})
-    jobs = plan(configs, cores, gpus, "pl", workspace.home)  # labels, and each job's threads and cores
-    train_names = []
-    for job in jobs:
-        name = f"train[{job.label}]"
-        train_names.append(name)
-        steps.append(_train_step(workspace, name, job.label, job.config, job.threads, job.slots, bool(gpus)))
-
-    select_params = {"metric": p.metric, "direction": p.direction, "max_latency_ms": p.max_latency_ms,
-                     "max_params": p.max_params}  # fmt: skip
-    steps.append(
-        Step(
-            "select", tuple(train_names), S.SELECT_CODE, S.SELECT_LIBS, select_params,
-            inputs=lambda outputs, files: {n: files[n]["checkpoint"]["sha256"] for n in train_names},
-            run=lambda ctx: S.select_step(workspace, config, [ctx.upstream[n]["run_dir"] for n in train_names],
-                                          ctx.log),
-        )
-    )  # fmt: skip
-    steps.append(
-        Step(
-            "register", ("select",), S.REGISTER_CODE, S.REGISTER_LIBS, {},
-            inputs=lambda outputs, files: {"model.onnx": files["select"]["model.onnx"]["sha256"]},
-            run=lambda ctx: S.register_step(workspace, Path(ctx.upstream["select"]["artifact"])),
-            verify=lambda outputs: S.verify_registered(workspace, outputs),
-        )
-    )  # fmt: skip
+    shape = pipeline_shape(configs)
+    jobs = {job.label: job for job in plan(configs, cores, gpus, "pl", workspace.home)}  # each job's threads, cores
+    steps = []
+    for node in shape.nodes:
+        match node.kind:
+            case "ingest":
+                steps.append(ingest(workspace, config, log))
+            case "train":
+                job = jobs[node.label]
+                steps.append(_train_step(workspace, node, job.config, job.threads, job.slots, bool(gpus)))
+            case "select":
+                steps.append(_select_step(workspace, config, node))
+            case "register":
+                steps.append(_register_step(workspace, node))
+            case _:  # a kind added to the shape without saying how it runs here
+                assert_never(node.kind)
     return steps
 
 
-def ingest(workspace: Workspace, config: DistmlConfig, log: Any = print) -> Step:
+def ingest(workspace: Workspace, config: DistmlConfig, log: Log = print) -> Step:
     """The ingest step of the config's ``[pipeline]`` dataset (its key needs only the source)."""
     source = S.make_source(workspace, config)
     p = config.pipeline
@@ -90,14 +73,39 @@ def ingest(workspace: Workspace, config: DistmlConfig, log: Any = print) -> Step
     )  # fmt: skip
 
 
-def _train_step(
-    workspace: Workspace, name: str, label: str, cfg: TrainConfig, threads: int, cores: int, on_gpu: bool
-) -> Step:
+def _select_step(workspace: Workspace, config: DistmlConfig, node: Node) -> Step:
+    """Export and evaluate every candidate's run, choose one; its key covers the checkpoints it read."""
+    p = config.pipeline
+    trains = node.needs
+    params = {"metric": p.metric, "direction": p.direction, "max_latency_ms": p.max_latency_ms,
+              "max_params": p.max_params}  # fmt: skip
+    return Step(
+        node.name, trains, S.SELECT_CODE, S.SELECT_LIBS, params,
+        inputs=lambda outputs, files: {n: files[n]["checkpoint"]["sha256"] for n in trains},
+        run=lambda ctx: S.select_step(workspace, config, [ctx.upstream[n]["run_dir"] for n in trains], ctx.log),
+    )  # fmt: skip
+
+
+def _register_step(workspace: Workspace, node: Node) -> Step:
+    """Register the selected model and make it champion; its key covers the ONNX file it registers."""
+    (select,) = node.needs
+    return Step(
+        node.name, node.needs, S.REGISTER_CODE, S.REGISTER_LIBS, {},
+        inputs=lambda outputs, files: {"model.onnx": files[select]["model.onnx"]["sha256"]},
+        run=lambda ctx: S.register_step(workspace, Path(ctx.upstream[select]["artifact"])),
+        verify=lambda outputs: S.verify_registered(workspace, outputs),
+    )  # fmt: skip
+
+
+def _train_step(workspace: Workspace, node: Node, cfg: TrainConfig, threads: int, cores: int, on_gpu: bool) -> Step:
+    label = node.label
+    (ingested,) = node.needs  # the ingest step: its dataset is what this candidate trains on
+
     def run_dir(key: str) -> Path:
         return workspace.home / "runs" / f"pl-{label}-{key[:10]}"
 
     def run(ctx: StepContext) -> S.StepResult:
-        job_cfg = cfg.model_copy(update={"dataset": ctx.upstream["ingest"]["digest"][:16]})
+        job_cfg = cfg.model_copy(update={"dataset": ctx.upstream[ingested]["digest"][:16]})
         folder = run_dir(ctx.key)
         note = ""
         if ctx.forced and folder.exists():
@@ -114,7 +122,7 @@ def _train_step(
         with _TRACKING_SETUP:  # concurrent jobs must not race to create the MLflow store and experiment
             from distml import tracking
 
-            tracking.ensure_experiment(workspace.home, f"distml-{ctx.upstream['ingest']['dataset']}")
+            tracking.ensure_experiment(workspace.home, f"distml-{ctx.upstream[ingested]['dataset']}")
         proc = start_job(job_cfg, workspace, folder, ctx.threads, ctx.gpus)
         ctx.started(proc)
         code = proc.wait()
@@ -138,17 +146,17 @@ def _train_step(
         return f"epoch {len(history)}/{cfg.epochs}: test accuracy {history[-1].get('test_accuracy', 0):.2%}"
 
     return Step(
-        name, ("ingest",), S.TRAIN_CODE, S.TRAIN_LIBS, S.train_params(cfg),
-        inputs=lambda outputs, files: {"dataset": outputs["ingest"]["digest"]},
+        node.name, node.needs, S.TRAIN_CODE, S.TRAIN_LIBS, S.train_params(cfg),
+        inputs=lambda outputs, files: {"dataset": outputs[ingested]["digest"]},
         run=run, cores=0 if on_gpu else cores, gpus=cfg.workers if on_gpu else 0, threads=threads,
         progress=progress, log_path=lambda key: run_dir(key) / "train.log",
     )  # fmt: skip
 
 
-def _shorter_run(ctx: StepContext, epochs: int) -> Any:
+def _shorter_run(ctx: StepContext, epochs: int) -> Entry | None:
     """The longest verified cache entry of this step that differs from this one only by fewer epochs."""
     want = ctx.parts.to_json()
-    best = None
+    best: Entry | None = None
     for entry in ctx.runner.cache.entries(ctx.name):
         old = entry.parts
         params = dict(old.get("params", {}))

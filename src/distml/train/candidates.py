@@ -28,8 +28,8 @@ from typing import Any, TextIO
 from distml._proc import die_with_parent
 from distml.config import TrainConfig
 from distml.errors import TrainingError, UsageError
+from distml.pipeline.shape import candidate_labels
 from distml.train.dist import usable_cores
-from distml.train.model_names import check_model_name
 from distml.workspace import Workspace
 
 _ETA = re.compile(r"ETA (\d+)m(\d+)s")
@@ -53,21 +53,6 @@ class Candidate:
     @property
     def log(self) -> Path:
         return self.run_dir / "train.log"
-
-
-def candidate_labels(configs: list[TrainConfig]) -> list[str]:
-    """A unique label per candidate: its model name, with -2, -3... for repeats (``cnn``, ``cnn-2``)."""
-    if not configs:
-        raise UsageError("no candidates given", hint="--candidates cnn,cnn-dropout or [[candidates]] in the config")
-    labels: list[str] = []
-    for cfg in configs:
-        check_model_name(cfg.model)
-        label = cfg.model
-        n = 2
-        while label in labels:
-            label, n = f"{cfg.model}-{n}", n + 1
-        labels.append(label)
-    return labels
 
 
 def plan(configs: list[TrainConfig], cores: int, gpus: int, prefix: str, home: Path) -> list[Candidate]:

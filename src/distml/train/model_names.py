@@ -1,15 +1,6 @@
-"""The model names ``distml train --model`` accepts, without importing torch (the pipeline checks them on
-every run, including the warm ones that never train). :mod:`distml.train.models` holds the builders and
-checks at import that the two lists agree."""
+"""Moved to :mod:`distml.model_names` (a leaf the pipeline's shape and ``distml k8s`` import without loading
+``distml.train``); kept so that the training code's imports of it keep working."""
 
-from __future__ import annotations
+from distml.model_names import MODEL_NAMES, check_model_name
 
-from distml.errors import UsageError
-
-MODEL_NAMES = ("cnn", "cnn-dropout", "cnn-batchnorm", "resnet", "resnet-small")
-
-
-def check_model_name(name: str) -> str:
-    if name not in MODEL_NAMES:
-        raise UsageError(f"unknown model {name!r}", hint=f"choose one of {', '.join(MODEL_NAMES)}")
-    return name
+__all__ = ["MODEL_NAMES", "check_model_name"]
