@@ -117,7 +117,8 @@ def main() -> None:
     if args.worker:
         worker(args.home, args.worker)
         return
-    from distml.data import DatasetStore, ingest
+    from distml.data import DatasetStore
+    from distml.data.ingest import ingest
     from distml.data.sources import FashionMnistSource
     from distml.workspace import Workspace
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distml.data import DatasetStore, ingest, open_dataset
+from distml.data import DatasetStore, open_dataset
+from distml.data.ingest import ingest
 from distml.data.sources import FashionMnistSource
 from distml.workspace import Workspace
 

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from distml.config import TrainConfig
-from distml.data import DatasetStore, ingest, open_dataset
+from distml.data import DatasetStore, open_dataset
+from distml.data.ingest import ingest
 from distml.data.sources import FashionMnistSource
 from distml.registry import Registry, export_run, find_run, resolve_model
 from distml.registry.predict import CHUNK, DEFAULT_BATCH, dataset_batches, predict

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from distml.data import DatasetStore, ingest, open_dataset
+from distml.data import DatasetStore, open_dataset
+from distml.data.ingest import ingest
 from distml.data.sources import FashionMnistSource
 from distml.train.launch import _MALLOC_DEFAULTS
 from distml.train.models import ModelSpec, build_model

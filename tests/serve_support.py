@@ -29,7 +29,8 @@ MODEL = "fashion-mnist-classifier"
 def make_champion(root: Path) -> tuple[Path, Path]:
     """A workspace with a 1-epoch ``cnn`` registered as the champion; returns (home, exported artifact folder)."""
     from distml.config import TrainConfig
-    from distml.data import DatasetStore, ingest
+    from distml.data import DatasetStore
+    from distml.data.ingest import ingest
     from distml.data.sources import FashionMnistSource
     from distml.registry import Registry, export_run, find_run
     from distml.train import train

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import make_mnist, run_cli
 from distml.config import TrainConfig
-from distml.data import DatasetStore, ingest
+from distml.data import DatasetStore
+from distml.data.ingest import ingest
 from distml.data.sources import FashionMnistSource
 from distml.errors import TrainingError, UsageError
 from distml.train.candidates import plan, run_candidates, summarise

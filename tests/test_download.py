@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import MnistFiles, make_cifar
-from distml.data import DatasetStore, ingest
+from distml.data import DatasetStore
+from distml.data.ingest import ingest
 from distml.data.sources import Cifar10Source, FashionMnistSource
 from distml.errors import DownloadError
 from distml.workspace import Workspace

@@ -29,7 +29,8 @@ import pytest
 import torch
 
 from conftest import MnistFiles, free_port, make_mnist, run_cli
-from distml.data import DatasetStore, ingest
+from distml.data import DatasetStore
+from distml.data.ingest import ingest
 from distml.data.sources import FashionMnistSource
 from distml.train.checkpoint import load_latest
 from distml.workspace import Workspace

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import MnistFiles, idx_bytes, make_cifar, make_image_folder
-from distml.data import DatasetStore, IngestResult, ingest, open_dataset
+from distml.data import DatasetStore, IngestResult, open_dataset
+from distml.data.ingest import ingest
 from distml.data.sources import Cifar10Source, FashionMnistSource, FolderOptions, FolderSource, Source
 from distml.data.sources.safetar import TarLimits, iter_regular_files
 from distml.errors import BadImageError, ChecksumError, FormatError, SourceNotFoundError, UnsafeArchiveError, UsageError

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import MnistFiles, make_mnist
-from distml.data import DatasetStore, IngestResult, ingest, open_dataset, open_path
+from distml.data import DatasetStore, IngestResult, open_dataset, open_path
+from distml.data.ingest import ingest
 from distml.data.manifest import content_digest
 from distml.data.sources import FashionMnistSource
 from distml.errors import CorruptDatasetError, NotFoundError

@@ -17,7 +17,8 @@ import torch
 
 from conftest import make_mnist, run_cli
 from distml.config import TrainConfig
-from distml.data import DatasetStore, ingest
+from distml.data import DatasetStore
+from distml.data.ingest import ingest
 from distml.data.sources import FashionMnistSource
 from distml.errors import ResumeError, TrainingError, UsageError
 from distml.train import train

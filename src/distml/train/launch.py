@@ -19,7 +19,8 @@ from typing import Any
 from distml import tracking
 from distml._proc import die_with_parent
 from distml.config import TrainConfig
-from distml.data import DatasetStore, open_path
+from distml.data.reader import open_path
+from distml.data.store import DatasetStore
 from distml.errors import TrainingError, UsageError, WorkspaceError
 from distml.files import write_atomic
 from distml.train.dist import usable_cores
