@@ -20,6 +20,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -59,20 +60,29 @@ class Entry:
     note: str = ""  # e.g. "resumed from the 3-epoch run of 1a2b…"
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "key": self.key, "parts": self.parts, "outputs": self.outputs,
-                "files": self.files, "run_id": self.run_id, "seconds": self.seconds, "created": self.created,
-                "note": self.note}  # fmt: skip
+        return {
+            "step": self.step,
+            "key": self.key,
+            "parts": self.parts,
+            "outputs": self.outputs,
+            "files": self.files,
+            "run_id": self.run_id,
+            "seconds": self.seconds,
+            "created": self.created,
+            "note": self.note,
+        }
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Entry:
-        return cls(**{k: doc[k] for k in ("step", "key", "parts", "outputs", "files", "run_id", "seconds")},
-                   created=doc.get("created", 0.0), note=doc.get("note", ""))  # fmt: skip
+        return cls(
+            **{k: doc[k] for k in ("step", "key", "parts", "outputs", "files", "run_id", "seconds")},
+            created=doc.get("created", 0.0),
+            note=doc.get("note", ""),
+        )
 
 
 def library_versions(names: tuple[str, ...]) -> dict[str, str | None]:
     """Installed versions of ``names`` (from package metadata: nothing is imported)."""
-    from importlib import metadata
-
     out: dict[str, str | None] = {}
     for name in names:
         try:
@@ -174,7 +184,7 @@ def explain_miss(parts: KeyParts, previous: Entry | None) -> str:
     return "; ".join(reasons) or "key scheme changed"
 
 
-def _short(value: Any) -> str:
+def _short(value: object) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
     return text if len(text) <= 40 else text[:37] + "..."
 
