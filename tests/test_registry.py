@@ -19,13 +19,14 @@ import onnxruntime as ort
 import pytest
 
 from conftest import make_mnist, run_cli
+from distml import card as card_module
 from distml.config import TrainConfig
-from distml.data import DatasetStore, ingest, open_dataset
+from distml.data import DatasetStore, open_dataset
+from distml.data.ingest import ingest
 from distml.data.sources import FashionMnistSource
 from distml.errors import ModelError, NotFoundError, RegistryError, UsageError
 from distml.files import sha256_file
 from distml.registry import CHAMPION, Registry, export_run, find_run, open_artifact, resolve_model
-from distml.registry import export as export_module
 from distml.train import train
 from distml.workspace import Workspace
 
@@ -96,6 +97,12 @@ def test_export_writes_a_verified_onnx_artifact_that_matches_pytorch(home: Path,
     assert card["lineage"]["config"]["model"] == "cnn-batchnorm"
     assert card["lineage"]["code_version"].startswith("0.")  # the package version (+ the git commit in a checkout)
     assert len(card["class_names"]) == 10 and card["metrics"]["test_accuracy"] is not None
+    # Written as before the card was typed: the fields in this order, indented JSON, a final newline.
+    fields = "format name version task class_names input outputs normalisation metrics parity lineage files created"
+    assert list(card) == fields.split()
+    assert (tmp_path / "model" / "model.json").read_text() == json.dumps(card, indent=2) + "\n"
+    assert card["version"] is None and card["parity"]["limit"] == 1e-4
+    assert set(card["files"]) == {"model.onnx", "checkpoint.pt"}
     assert (tmp_path / "model" / "checkpoint.pt").is_file()
     # Raw uint8 pixels in, any batch size: probabilities sum to one.
     session = ort.InferenceSession(str(artifact.onnx_path), providers=["CPUExecutionProvider"])
@@ -120,8 +127,8 @@ def test_register_promote_and_rollback_move_the_champion(home: Path) -> None:
     assert registry.lookup(f"models:/{NAME}@champion").tags["distml.training_run"] == "run1"
     # Both versions stay resolvable, each to its own verified artifact.
     v1, v2 = resolve_model(f"models:/{NAME}/1", ws), resolve_model(f"models:/{NAME}@champion", ws)
-    assert v1.card["version"] == "1" and v2.card["version"] == "2"
-    assert v1.card["lineage"]["training_run"] == "run0" and v2.card["lineage"]["training_run"] == "run1"
+    assert v1.card.version == "1" and v2.card.version == "2"
+    assert v1.card.lineage.training_run == "run0" and v2.card.lineage.training_run == "run1"
     back = run_cli("--home", home, "models", "rollback", NAME)
     assert back.code == 0 and "rolled back to version 1" in back.out
     assert registry.lookup(f"models:/{NAME}@champion").version == "1"
@@ -137,7 +144,7 @@ def test_register_promote_and_rollback_move_the_champion(home: Path) -> None:
 
 def test_failed_parity_registers_nothing_and_leaves_the_champion(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert run_cli("--home", home, "models", "register", "run0").code == 0
-    monkeypatch.setattr(export_module, "PARITY_MAX_ABS", -1.0)  # no real export can meet this limit
+    monkeypatch.setattr(card_module, "PARITY_MAX_ABS", -1.0)  # no real export can meet this limit
     result = run_cli("--home", home, "models", "register", "run1")
     assert result.code == 1 and "ONNX parity failed on 1000 images" in result.err
     assert "nothing was written or registered" in result.err
@@ -183,6 +190,96 @@ def test_corrupt_or_truncated_onnx_is_refused(home: Path, tmp_path: Path) -> Non
     (tmp_path / "model" / "model.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="cannot be loaded by ONNX Runtime"):
         open_artifact(tmp_path / "model").session()
+
+
+# A card as export wrote it before the card was typed (from a real registered version; class list and config cut
+# short), and the digest the registry recorded for it then: reading and writing it back must keep both.
+_CARD_BEFORE = {
+    "format": 1, "name": "tiny-classifier", "version": "1", "task": "image-classification",
+    "class_names": ["class0", "class1", "class2"],
+    "input": {"name": "images", "dtype": "uint8", "shape": [-1, 28, 28, 1], "layout": "NHWC"},
+    "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 3]},
+                {"name": "probabilities", "dtype": "float32", "shape": [-1, 3]}],
+    "normalisation": {"mean": [0.498535], "std": [0.289996]},
+    "metrics": {"test_accuracy": 0.09166666666666666, "test_loss": 2.3792017110188803, "epochs": 1,
+                "parameters": 347338},
+    "parity": {"images": 1000, "max_abs_diff_probabilities": 1.1920928955078125e-07, "top1_agreement": 1.0,
+               "limit": 0.0001},
+    "lineage": {"dataset": "tiny", "dataset_digest": "92632ed1ea70e50ebc812bea5953bcc16575df7da59049734d2fbb409fd729eb",
+                "training_run": "run0", "mlflow_run_id": "fe58f3a45fab423b9f08b482597d7883",
+                "checkpoint": "ckpt-000001-000000008.pt", "world_size": 1,
+                "config": {"dataset": "tiny", "model": "cnn-batchnorm", "epochs": 1, "lr": 0.002, "warmup_epochs": 0.0,
+                           "allow_oversubscribe": False},
+                "code_version": "0.1.0+gf36931ffd997.dirty"},
+    "files": {"model.onnx": {"sha256": "eb5d39a6f12c731f91f7367d684b495d81ee1459da4aec443a3836699076c934",
+                             "bytes": 1403103},
+              "checkpoint.pt": {"sha256": "f937d10c05d84063eb5d496866e020e8868651a8295973e448d75f6ac912d612"}},
+    "created": "2026-11-29T23:02:40Z",
+}  # fmt: skip
+_CARD_BEFORE_DIGEST = "663e00e69f8b88867e8a3478f9687c8bf68575b26b488e5ca02dffd9e83bb9c6"
+
+
+def test_a_card_written_before_reads_back_and_writes_the_same_bytes_and_digest(tmp_path: Path) -> None:
+    from distml.card import ModelCard
+
+    written = json.dumps(_CARD_BEFORE, indent=2) + "\n"  # exactly how export wrote model.json
+    (tmp_path / "model.json").write_text(written)
+    card = ModelCard.read(tmp_path / "model.json")
+    assert card.dumps() == written
+    assert card.digest() == _CARD_BEFORE_DIGEST  # what existing versions' distml.card_sha256 tags hold
+    assert card.model_copy(update={"version": "7"}).digest() == _CARD_BEFORE_DIGEST  # the registry's own field
+    assert card.onnx_sha256 == _CARD_BEFORE["files"]["model.onnx"]["sha256"]  # type: ignore[index]
+    assert card.image_shape == (28, 28, 1) and card.parity.ok and card.lineage.config["model"] == "cnn-batchnorm"
+    assert "bytes" not in json.loads(card.dumps())["files"]["checkpoint.pt"]  # absent, not null
+
+
+def _card_with(change: Any) -> dict[str, Any]:
+    card = json.loads(json.dumps(_CARD_BEFORE))
+    change(card)
+    return card
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "message"),
+    [
+        (None, NotFoundError, "model.json does not exist"),
+        ("{not json", ModelError, r"model.json is not a valid model card \(JSONDecodeError: "),
+        (json.dumps(_card_with(lambda c: c.update(format=2))), ModelError, "has format 2; this distml reads format 1"),
+        (json.dumps(_card_with(lambda c: c["lineage"].pop("dataset"))), ModelError,
+         r"not a valid model card \(lineage.dataset: Field required\)"),
+        (json.dumps(_card_with(lambda c: c["files"].pop("model.onnx"))), ModelError, "files lists no model.onnx"),
+        (json.dumps(_card_with(lambda c: c.update(extra=1, task="detection"))), ModelError,
+         r"task: Input should be 'image-classification'; and 1 more\)"),
+        ("[1, 2]", ModelError, "the card: Input should be a valid dictionary"),
+    ],
+)  # fmt: skip
+def test_a_missing_or_bad_card_is_one_line_naming_the_problem(
+    tmp_path: Path, text: str | None, error: type[Exception], message: str
+) -> None:
+    from distml.card import ModelCard
+
+    if text is not None:
+        (tmp_path / "model.json").write_text(text)
+    with pytest.raises(error, match=message) as caught:
+        ModelCard.read(tmp_path / "model.json")
+    assert "\n" not in str(caught.value)
+    if text is not None:  # and opening the folder as an artifact says the same
+        (tmp_path / "model.onnx").write_bytes(b"graph")
+        with pytest.raises(error, match=message):
+            open_artifact(tmp_path)
+
+
+def test_the_artifact_reader_is_a_leaf() -> None:
+    """What the server imports to read a model loads the card and file helpers, not the other stages."""
+    code = (
+        "import sys, distml.registry.artifact; "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('distml', 'torch', 'mlflow', 'onnxruntime', 'onnx', 'yaml', 'matplotlib'))))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    allowed = {"distml", "distml.card", "distml.errors", "distml.files", "distml.workspace", "distml.registry"}
+    allowed.add("distml.registry.artifact")
+    assert set(loaded) <= allowed, sorted(set(loaded) - allowed)
 
 
 def test_bad_runs_and_folders(home: Path, tmp_path: Path) -> None:
@@ -297,7 +394,7 @@ def test_evaluate_a_run_writes_the_report_and_logs_to_mlflow(home: Path) -> None
     assert report["metrics"]["latency_b1_ms"] > 0 and report["metrics"]["latency_b64_ms"] > 0
     assert f"accuracy {report['metrics']['test_accuracy']:.2%}" in result.out
     registry = Registry(Workspace(home))
-    run_id = model.card["lineage"]["mlflow_run_id"]
+    run_id = model.card.lineage.mlflow_run_id
     logged = registry.client.get_run(run_id).data.metrics
     assert logged["eval.test_accuracy"] == pytest.approx(report["metrics"]["test_accuracy"])
     assert {a.path for a in registry.client.list_artifacts(run_id, "evaluation")} >= {
@@ -318,7 +415,7 @@ def test_select_picks_the_best_by_the_declared_metric_and_registers_it(home: Pat
     registry = Registry(Workspace(home))
     champion = registry.lookup(f"models:/{NAME}@champion")
     assert champion.tags["distml.training_run"] == winner
-    run_id = open_artifact(home / "runs" / winner / "model").card["lineage"]["mlflow_run_id"]
+    run_id = open_artifact(home / "runs" / winner / "model").card.lineage.mlflow_run_id
     assert registry.client.get_run(run_id).data.tags["distml.selection"].startswith("winner")
     assert list((home / "selections").glob("selection-*.md"))
     # The opposite direction on the same metric picks the other run (unless they tie).
@@ -434,7 +531,7 @@ def test_a_changed_local_copy_is_replaced_by_the_registered_one(two_versions: Pa
     (first.path / "model.json").write_text(json.dumps(card))
     again = resolve_model(f"models:/{NAME}/1", ws)
     assert again.path == first.path and sha256_file(again.onnx_path) == registered
-    assert again.card["files"]["model.onnx"]["sha256"] == registered
+    assert again.card.onnx_sha256 == registered
     assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]  # no temp or stale folder left
 
 
@@ -509,7 +606,7 @@ def test_a_promote_cut_short_between_its_alias_writes_leaves_a_consistent_pair(
     reader = Registry(ws)
     pair = (reader.lookup(f"models:/{NAME}@champion").version, reader.lookup(f"models:/{NAME}@previous").version)
     assert pair == ("2", "1")
-    assert resolve_model(f"models:/{NAME}@champion", ws).card["version"] == "2"
+    assert resolve_model(f"models:/{NAME}@champion", ws).card.version == "2"
     shown = run_cli("--home", two_versions, "models", "show", NAME)
     assert [line.split()[:2] for line in shown.out.splitlines()[1:]] == [["1", "previous"], ["2", "champion"]]
     # Running the promote again finishes the move in MLflow itself, and the champion history is whole.

@@ -1,8 +1,9 @@
 """The one exception tree of distml.
 
 Every error a user can cause or fix is a :class:`DistmlError`. The CLI prints its message on one line (no
-traceback) and exits with :attr:`DistmlError.exit_code`; later, the model server maps the same classes to HTTP
-status codes in one handler. Messages name the offending value and, through ``hint``, the fix.
+traceback) and exits with :attr:`DistmlError.exit_code`; the model server answers a :class:`RequestError` with
+its ``status`` and ``{"error": message}`` in one handler. Messages name the offending value and, through
+``hint``, the fix.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ class ConfigError(UsageError):
 
 
 class NotFoundError(UsageError):
-    """A dataset (or later: run, model) reference that resolves to nothing, or to more than one thing."""
+    """A reference that resolves to nothing, or to more than one thing.
+
+    Datasets, training runs, model folders, and registered models with their versions and aliases.
+    """
 
 
 class WorkspaceError(DistmlError):
@@ -108,12 +112,6 @@ class RequestError(DistmlError):
         if status is not None:
             self.status = status
         self.headers = headers or {}
-
-
-class ModelNotFoundError(RequestError):
-    """The request names a model or version this server does not serve (404)."""
-
-    status = 404
 
 
 class PayloadTooLargeError(RequestError):

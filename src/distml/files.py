@@ -21,15 +21,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def hash_stream(fh: BinaryIO, *algorithms: str) -> dict[str, str]:
-    """Read ``fh`` to the end, returning ``{algorithm: hexdigest}`` for each algorithm."""
-    hashers = {name: hashlib.new(name) for name in algorithms}
-    while chunk := fh.read(CHUNK):
-        for h in hashers.values():
-            h.update(chunk)
-    return {name: h.hexdigest() for name, h in hashers.items()}
-
-
 class HashingWriter:
     """A write-only file object that hashes what passes through it (so a file is never read back to hash)."""
 

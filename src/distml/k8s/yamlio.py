@@ -1,4 +1,4 @@
-"""YAML out (block style, keys in the order built, multi-line strings as literal blocks) and safely in."""
+"""YAML out: block style, keys in the order built, multi-line strings as literal blocks."""
 
 from __future__ import annotations
 
@@ -26,8 +26,3 @@ def dump(obj: Any) -> str:
 
 def dump_all(objs: list[Any]) -> str:
     return str(yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000))
-
-
-def load_all(text: str) -> list[Any]:
-    """Every document of ``text`` (safe loader: plain data only); empty documents are dropped."""
-    return [doc for doc in yaml.safe_load_all(text) if doc is not None]

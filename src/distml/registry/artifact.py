@@ -1,29 +1,26 @@
 """The model artifact: a folder with ``model.onnx`` and ``model.json``, what ``predict`` and ``serve`` load.
 
-``model.onnx`` takes raw ``uint8`` images N x H x W x C (dynamic N) and normalises inside the graph; it outputs
-``logits`` and ``probabilities`` (N x classes, float32). ``model.json`` says what the graph expects and where it
-came from: class names, the input spec, test metrics, the parity check it passed, and its lineage (dataset
-digest, training run, MLflow run id, config, code version). It also holds the sha256 of ``model.onnx``, so a
-truncated or replaced graph is caught before anything runs it.
+What the graph takes and returns, and what the card holds, is :mod:`distml.card`. Opening an artifact checks
+the sha256 of ``model.onnx`` against its card, so a truncated or replaced graph is caught before anything runs it.
+
+A leaf: the standard library, NumPy, the card and the file helpers (ONNX Runtime only when a session is asked
+for). The server imports this module, so it must never reach the training stage, torch or MLflow.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from distml.card import CARD_FILE, INPUT_NAME, ONNX_FILE, PROBABILITIES, ModelCard
 from distml.errors import ModelError, NotFoundError
 from distml.files import sha256_file
 
-ONNX_FILE = "model.onnx"
-CARD_FILE = "model.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT = 1
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,7 @@ class ModelArtifact:
     """A verified artifact folder (see :func:`open_artifact`)."""
 
     path: Path
-    card: dict[str, Any]
+    card: ModelCard
 
     @property
     def onnx_path(self) -> Path:
@@ -39,18 +36,17 @@ class ModelArtifact:
 
     @property
     def name(self) -> str:
-        return str(self.card["name"])
+        return self.card.name
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.card["class_names"])
+        return list(self.card.class_names)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        h, w, c = self.card["input"]["shape"][1:]
-        return int(h), int(w), int(c)
+        return self.card.image_shape
 
-    def session(self, threads: int = 0) -> Any:
+    def session(self, threads: int = 0) -> InferenceSession:
         """An ONNX Runtime session for the graph (``threads`` 0: ONNX Runtime's default)."""
         import onnxruntime as ort
 
@@ -64,21 +60,15 @@ class ModelArtifact:
 
 
 def open_artifact(path: Path) -> ModelArtifact:
-    """Open and verify an artifact folder: ``model.json`` readable, ``model.onnx`` present with its recorded hash."""
+    """Open and verify an artifact folder: a valid ``model.json``, and ``model.onnx`` with the hash it records."""
     card_path, onnx_path = path / CARD_FILE, path / ONNX_FILE
     if not card_path.is_file() or not onnx_path.is_file():
         raise NotFoundError(
             f"{path} is not a model artifact (needs {CARD_FILE} and {ONNX_FILE})",
             hint="pass an exported model folder or models:/NAME@ALIAS",
         )
-    try:
-        card = json.loads(card_path.read_text())
-        expected = card["files"][ONNX_FILE]["sha256"]
-        if card.get("format") != FORMAT:
-            raise ModelError(f"{card_path} has format {card.get('format')!r}; this distml reads format {FORMAT}")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{card_path} is not a valid model card ({type(exc).__name__}: {exc})") from None
-    actual = sha256_file(onnx_path)
+    card = ModelCard.read(card_path)
+    expected, actual = card.onnx_sha256, sha256_file(onnx_path)
     if actual != expected:
         raise ModelError(
             f"{onnx_path} is corrupt: its sha256 is {actual[:12]}, {CARD_FILE} records {expected[:12]}",
@@ -87,15 +77,7 @@ def open_artifact(path: Path) -> ModelArtifact:
     return ModelArtifact(path, card)
 
 
-def card_digest(card: dict[str, Any]) -> str:
-    """The sha256 of a model card as registered: canonical JSON, without ``version`` (the registry fills it in)."""
-    content = {key: value for key, value in card.items() if key != "version"}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def probabilities(session: Any, images: np.ndarray, batch: int) -> np.ndarray:
-    """The graph's ``probabilities`` for ``uint8`` N x H x W x C images, run ``batch`` images at a time."""
-    return np.concatenate(
-        [session.run(["probabilities"], {"images": np.ascontiguousarray(images[i : i + batch])})[0]
-         for i in range(0, len(images), batch)]
-    )  # fmt: skip
+def probabilities(session: InferenceSession, images: np.ndarray, batch: int) -> np.ndarray:
+    """The graph's probabilities for ``uint8`` N x H x W x C images, run ``batch`` images at a time."""
+    chunks = (np.ascontiguousarray(images[i : i + batch]) for i in range(0, len(images), batch))
+    return np.concatenate([session.run([PROBABILITIES], {INPUT_NAME: chunk})[0] for chunk in chunks])

@@ -16,27 +16,36 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import numpy as np
 
+from distml.card import CARD_FILE, INPUT_NAME, PROBABILITIES
 from distml.errors import UsageError
 from distml.files import write_atomic
 from distml.registry.artifact import ModelArtifact, probabilities
 from distml.workspace import Workspace
 
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
+
+    from distml.data.sources.base import Log
+
 EVAL_BATCH = 128
 LATENCY_REPEATS = 50
+
+
+ClassScores = TypedDict("ClassScores", {"class": str, "precision": float, "recall": float, "f1": float, "support": int})
 
 
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict[str, float]
-    per_class: list[dict[str, Any]]
+    per_class: list[ClassScores]
     confusion: np.ndarray
     folder: Path
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {"metrics": self.metrics, "per_class": self.per_class, "confusion": self.confusion.tolist()}
 
 
@@ -50,21 +59,22 @@ def evaluate(artifact: ModelArtifact, images: np.ndarray, labels: np.ndarray, ou
     labels = np.asarray(labels, dtype=np.int64)
     pred = probs.argmax(1)
     confusion = np.bincount(labels * k + pred, minlength=k * k).reshape(k, k)  # rows: true, columns: predicted
-    per_class = []
+    per_class: list[ClassScores] = []
     for c, name in enumerate(artifact.class_names):
         tp = int(confusion[c, c])
         precision = tp / max(1, int(confusion[:, c].sum()))
         recall = tp / max(1, int(confusion[c, :].sum()))
         f1 = 2 * precision * recall / max(1e-12, precision + recall)
-        per_class.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
-                          "support": int(confusion[c, :].sum())})  # fmt: skip
+        per_class.append(
+            {"class": name, "precision": precision, "recall": recall, "f1": f1, "support": int(confusion[c, :].sum())}
+        )
     metrics = {
         "test_accuracy": float((pred == labels).mean()),
         "test_loss": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()),
         "macro_f1": float(np.mean([r["f1"] for r in per_class])),
         "latency_b1_ms": _latency_ms(session, images, 1),
         "latency_b64_ms": _latency_ms(session, images, 64),
-        "parameters": float(artifact.card["metrics"].get("parameters") or 0),
+        "parameters": float(artifact.card.metrics.parameters or 0),
         "images": float(len(labels)),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -75,15 +85,15 @@ def evaluate(artifact: ModelArtifact, images: np.ndarray, labels: np.ndarray, ou
     return evaluation
 
 
-def _latency_ms(session: Any, images: np.ndarray, batch: int) -> float:
+def _latency_ms(session: InferenceSession, images: np.ndarray, batch: int) -> float:
     """Median wall time of one ``session.run`` at ``batch`` images, after a warm-up."""
     x = np.ascontiguousarray(images[:batch])
     for _ in range(5):
-        session.run(["probabilities"], {"images": x})
+        session.run([PROBABILITIES], {INPUT_NAME: x})
     times = []
     for _ in range(LATENCY_REPEATS):
         start = time.perf_counter()
-        session.run(["probabilities"], {"images": x})
+        session.run([PROBABILITIES], {INPUT_NAME: x})
         times.append(time.perf_counter() - start)
     return float(np.median(times) * 1000)
 
@@ -105,8 +115,9 @@ def _plots(ev: Evaluation, classes: list[str]) -> None:
     for i in range(k):
         for j in range(k):
             value = int(ev.confusion[i, j])
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                    color="white" if value > peak / 2 else "black")  # fmt: skip
+            ax.text(
+                j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > peak / 2 else "black"
+            )
     ax.set_title(f"confusion matrix, accuracy {ev.metrics['test_accuracy']:.2%}")
     fig.tight_layout()
     fig.savefig(ev.folder / "confusion_matrix.png", dpi=100)
@@ -114,7 +125,8 @@ def _plots(ev: Evaluation, classes: list[str]) -> None:
 
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * k), 4))
     x = np.arange(k)
-    for offset, key in ((-0.27, "precision"), (0.0, "recall"), (0.27, "f1")):
+    scores: tuple[Literal["precision", "recall", "f1"], ...] = ("precision", "recall", "f1")
+    for offset, key in zip((-0.27, 0.0, 0.27), scores, strict=True):
         ax.bar(x + offset, [r[key] for r in ev.per_class], width=0.27, label=key)
     ax.set_xticks(x, classes, rotation=45, ha="right")
     ax.set_ylim(0, 1)
@@ -126,33 +138,34 @@ def _plots(ev: Evaluation, classes: list[str]) -> None:
 
 
 def _markdown(artifact: ModelArtifact, ev: Evaluation) -> str:
-    m = ev.metrics
+    m, lineage = ev.metrics, artifact.card.lineage
     lines = [
-        f"# Evaluation: {artifact.name} (run {artifact.card['lineage']['training_run']})",
+        f"# Evaluation: {artifact.name} (run {lineage.training_run})",
         "",
         f"- images: {int(m['images'])}, accuracy **{m['test_accuracy']:.2%}**, loss {m['test_loss']:.4f}, "
         f"macro F1 {m['macro_f1']:.4f}",
         f"- ONNX Runtime latency (median of {LATENCY_REPEATS}): batch 1 {m['latency_b1_ms']:.3f} ms, "
         f"batch 64 {m['latency_b64_ms']:.3f} ms",
-        f"- dataset {artifact.card['lineage']['dataset']}@{artifact.card['lineage']['dataset_digest'][:12]}, "
-        f"model {artifact.card['lineage']['config']['model']}",
+        f"- dataset {lineage.dataset}@{lineage.dataset_digest[:12]}, model {lineage.config['model']}",
         "",
         "| class | precision | recall | F1 | support |",
         "| --- | ---: | ---: | ---: | ---: |",
-        *(f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |"
-          for r in ev.per_class),
+        *(
+            f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |"
+            for r in ev.per_class
+        ),
         "",
         "![confusion matrix](confusion_matrix.png)",
         "",
         "![per class](per_class.png)",
         "",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)
 
 
 def log_to_mlflow(home: Path, artifact: ModelArtifact, ev: Evaluation) -> str | None:
     """Metrics (``eval.*``) and the report files to the training run's MLflow run, when it has one."""
-    run_id = artifact.card["lineage"].get("mlflow_run_id")
+    run_id = artifact.card.lineage.mlflow_run_id
     if not run_id:
         return None
     from mlflow.entities import Metric
@@ -206,16 +219,16 @@ def select(
     return Choice(rows, rows[0], metric, direction)
 
 
-# -- orchestration: what `distml evaluate` and `distml select` (and later the pipeline) call ----------------------
+# -- orchestration: what `distml evaluate`, `distml select` and the pipeline call ---------------------------------
 
 
-def run_artifact(run_dir: Path, log: Any = print) -> ModelArtifact:
+def run_artifact(run_dir: Path, log: Log = print) -> ModelArtifact:
     """The run's exported artifact in ``<run>/model``, exported (with the parity check) on first use."""
     from distml.registry.artifact import open_artifact
     from distml.registry.export import export_run
 
     folder = run_dir / "model"
-    if (folder / "model.json").is_file():
+    if (folder / CARD_FILE).is_file():
         return open_artifact(folder)
     artifact, parity = export_run(run_dir, folder)
     log(f"exported {run_dir.name}: parity ok: {parity.describe()}")
@@ -223,10 +236,11 @@ def run_artifact(run_dir: Path, log: Any = print) -> ModelArtifact:
 
 
 def evaluate_target(
-    workspace: Workspace, target: str, dataset: str | None = None, split: str = "test", log: Any = print
+    workspace: Workspace, target: str, dataset: str | None = None, split: str = "test", log: Log = print
 ) -> tuple[ModelArtifact, Evaluation]:
     """Evaluate a training run (its exported graph) or a model (folder or ``models:/``), and log to MLflow."""
-    from distml.data import DatasetStore, open_path
+    from distml.data.reader import open_path
+    from distml.data.store import DatasetStore
     from distml.errors import NotFoundError
     from distml.registry.export import find_run
     from distml.registry.registry import resolve_model
@@ -240,8 +254,8 @@ def evaluate_target(
         out = run_dir / "evaluation"
     else:
         artifact = resolve_model(target, workspace)
-        out = workspace.home / "evaluations" / f"{artifact.name}-{artifact.card.get('version') or 'local'}"
-    ds = open_path(DatasetStore(workspace).resolve(dataset or artifact.card["lineage"]["dataset_digest"][:16]))
+        out = workspace.home / "evaluations" / f"{artifact.name}-{artifact.card.version or 'local'}"
+    ds = open_path(DatasetStore(workspace).resolve(dataset or artifact.card.lineage.dataset_digest[:16]))
     if split not in ds.splits:
         raise UsageError(f"dataset {ds.name} has no split {split!r}", hint=f"splits: {', '.join(ds.splits)}")
     arrays = ds.split(split).arrays()
@@ -270,7 +284,7 @@ def select_runs(
     direction: str = "max",
     max_latency_ms: float | None = None,
     max_params: int | None = None,
-    log: Any = print,
+    log: Log = print,
 ) -> Selection:
     """Evaluate the finished runs named by ``patterns`` (names, folders or globs), choose, and record the choice."""
     from distml import tracking
@@ -294,24 +308,32 @@ def select_runs(
         artifact, ev = evaluate_target(workspace, str(run_dir), log=log)
         artifacts[run_dir.name] = artifact
         candidates.append({"run": run_dir.name, **ev.metrics})
-    choice = select(candidates, metric=metric, direction=direction, max_latency_ms=max_latency_ms,
-                    max_params=max_params)  # fmt: skip
+    choice = select(
+        candidates, metric=metric, direction=direction, max_latency_ms=max_latency_ms, max_params=max_params
+    )
     table = [f"{'RUN':<32} {metric:>14} {'PARAMS':>10} {'B1 MS':>7}  DECISION"]
     for r in choice.rows:
         decision = "winner" if r is choice.winner else ("eligible" if r["eligible"] else f"excluded: {r['reason']}")
-        table.append(f"{r['run']:<32} {r[metric]:>14.4f} {int(r['parameters']):>10,} {r['latency_b1_ms']:>7.3f}  "
-                     f"{decision}")  # fmt: skip
+        table.append(
+            f"{r['run']:<32} {r[metric]:>14.4f} {int(r['parameters']):>10,} {r['latency_b1_ms']:>7.3f}  {decision}"
+        )
     folder = workspace.home / "selections"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    doc = {"metric": metric, "direction": direction, "max_latency_ms": max_latency_ms, "max_params": max_params,
-           "winner": choice.winner["run"], "rows": choice.rows}  # fmt: skip
+    doc = {
+        "metric": metric,
+        "direction": direction,
+        "max_latency_ms": max_latency_ms,
+        "max_params": max_params,
+        "winner": choice.winner["run"],
+        "rows": choice.rows,
+    }
     write_atomic(folder / f"selection-{stamp}.json", (json.dumps(doc, indent=2) + "\n").encode())
     report = folder / f"selection-{stamp}.md"
     write_atomic(report, ("```\n" + "\n".join(table) + "\n```\n").encode())
     client = tracking.mlflow_client(tracking.tracking_uri(workspace.home))
     for r in choice.rows:
-        run_id = artifacts[r["run"]].card["lineage"].get("mlflow_run_id")
+        run_id = artifacts[r["run"]].card.lineage.mlflow_run_id
         if run_id:
             verdict = "winner" if r is choice.winner else ("runner-up" if r["eligible"] else "excluded")
             client.set_tag(run_id, "distml.selection", f"{verdict} ({metric} {direction}, {stamp})")

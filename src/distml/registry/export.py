@@ -17,44 +17,45 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from distml import __version__
-from distml.data import open_path
+from distml.card import (
+    CARD_FILE,
+    CHECKPOINT_FILE,
+    FORMAT,
+    INPUT_NAME,
+    ONNX_FILE,
+    OUTPUT_NAMES,
+    PARITY_MAX_ABS,
+    PROBABILITIES,
+    FileEntry,
+    ImageInput,
+    Lineage,
+    Metrics,
+    ModelCard,
+    Normalisation,
+    Parity,
+    TensorSpec,
+)
+from distml.data.reader import open_path
 from distml.errors import ModelError, NotFoundError, UsageError
 from distml.files import sha256_file, write_atomic
-from distml.registry.artifact import CARD_FILE, CHECKPOINT_FILE, FORMAT, ONNX_FILE, ModelArtifact, open_artifact
+from distml.registry.artifact import ModelArtifact, open_artifact
 from distml.workspace import Workspace
 
-PARITY_MAX_ABS = 1e-4
+if TYPE_CHECKING:
+    from pydantic import JsonValue
+
+    from distml.data.reader import Dataset
+    from distml.train.job import Job
+    from distml.train.models import UInt8Classifier
+
 PARITY_IMAGES = 1000
 OPSET = 18
-
-
-@dataclass(frozen=True)
-class Parity:
-    images: int
-    max_abs_diff_probabilities: float
-    top1_agreement: float
-
-    @property
-    def ok(self) -> bool:
-        return self.max_abs_diff_probabilities <= PARITY_MAX_ABS and self.top1_agreement == 1.0
-
-    @classmethod
-    def from_card(cls, card: dict[str, Any]) -> Parity:
-        p = card["parity"]
-        return cls(int(p["images"]), float(p["max_abs_diff_probabilities"]), float(p["top1_agreement"]))
-
-    def describe(self) -> str:
-        return (
-            f"{self.images} images, max |p_onnx - p_torch| {self.max_abs_diff_probabilities:.2e}, "
-            f"top-1 agreement {self.top1_agreement:.2%}"
-        )
 
 
 def find_run(ref: str | Path, workspace: Workspace) -> Path:
@@ -93,8 +94,10 @@ def export_run(
     ckpt_path, state = loaded
     dataset = open_path(job.dataset_path)
     if dataset.digest != job.dataset_digest:
-        raise ModelError(f"run {run.name} was trained on {job.dataset_digest[:12]}, {job.dataset_path} now holds "
-                         f"{dataset.digest[:12]}")  # fmt: skip
+        raise ModelError(
+            f"run {run.name} was trained on {job.dataset_digest[:12]}, {job.dataset_path} now holds "
+            f"{dataset.digest[:12]}"
+        )
     h, w, c = dataset.image_shape
     torch.manual_seed(0)
     net = build_model(job.config.model, ModelSpec(c, h, w, dataset.num_classes))
@@ -120,7 +123,7 @@ def export_run(
             shutil.copyfile(ckpt_path, tmp / CHECKPOINT_FILE)
         metrics = json.loads(result_file.read_text())
         card = _card(name or model_name_for(dataset.name), job, dataset, metrics, ckpt_path, parity, tmp)
-        write_atomic(tmp / CARD_FILE, (json.dumps(card, indent=2) + "\n").encode())
+        write_atomic(tmp / CARD_FILE, card.dumps().encode())
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,7 +131,7 @@ def export_run(
     return open_artifact(out), parity
 
 
-def _export_onnx(wrapper: Any, path: Path, shape: tuple[int, int, int]) -> None:
+def _export_onnx(wrapper: UInt8Classifier, path: Path, shape: tuple[int, int, int]) -> None:
     import torch
 
     # The exporter logs that torchvision's ops are skipped; we do not use torchvision.
@@ -143,9 +146,9 @@ def _export_onnx(wrapper: Any, path: Path, shape: tuple[int, int, int]) -> None:
                 wrapper,
                 (example,),
                 dynamo=True,
-                input_names=["images"],
-                output_names=["logits", "probabilities"],
-                dynamic_shapes={"images": {0: batch}},
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={INPUT_NAME: {0: batch}},
                 opset_version=OPSET,
                 external_data=False,
             )
@@ -155,7 +158,7 @@ def _export_onnx(wrapper: Any, path: Path, shape: tuple[int, int, int]) -> None:
         raise ModelError(f"ONNX export failed: {type(exc).__name__}: {exc}\n{chatter.getvalue()[-2000:]}") from None
 
 
-def check_parity(wrapper: Any, onnx_path: Path, images: np.ndarray, batch: int = 256) -> Parity:
+def check_parity(wrapper: UInt8Classifier, onnx_path: Path, images: np.ndarray, batch: int = 256) -> Parity:
     """Run ONNX Runtime and PyTorch on the same uint8 images; compare probabilities and top-1 classes."""
     import onnxruntime as ort
     import torch
@@ -164,55 +167,47 @@ def check_parity(wrapper: Any, onnx_path: Path, images: np.ndarray, batch: int =
     worst, agree = 0.0, 0
     for start in range(0, len(images), batch):
         chunk = np.ascontiguousarray(images[start : start + batch])
-        _, p_onnx = session.run(None, {"images": chunk})
+        (p_onnx,) = session.run([PROBABILITIES], {INPUT_NAME: chunk})
         with torch.no_grad():
             _, p_torch = wrapper(torch.from_numpy(np.array(chunk)))  # a copy: the store's arrays are read-only
         p_ref = p_torch.numpy()
         worst = max(worst, float(np.abs(p_onnx - p_ref).max()))
         agree += int((p_onnx.argmax(1) == p_ref.argmax(1)).sum())
-    return Parity(len(images), worst, agree / max(1, len(images)))
+    return Parity(images=len(images), max_abs_diff_probabilities=worst, top1_agreement=agree / max(1, len(images)))
 
 
 def _card(
-    name: str, job: Any, dataset: Any, metrics: dict[str, Any], ckpt: Path, parity: Parity, folder: Path
-) -> dict[str, Any]:
+    name: str, job: Job, dataset: Dataset, metrics: dict[str, JsonValue], ckpt: Path, parity: Parity, folder: Path
+) -> ModelCard:
     h, w, c = dataset.image_shape
     k = dataset.num_classes
-    files = {ONNX_FILE: {"sha256": sha256_file(folder / ONNX_FILE), "bytes": (folder / ONNX_FILE).stat().st_size}}
+    files = {ONNX_FILE: FileEntry(sha256=sha256_file(folder / ONNX_FILE), bytes=(folder / ONNX_FILE).stat().st_size)}
     if (folder / CHECKPOINT_FILE).is_file():
-        files[CHECKPOINT_FILE] = {"sha256": sha256_file(folder / CHECKPOINT_FILE)}
-    return {
-        "format": FORMAT,
-        "name": name,
-        "version": None,  # set by the registry
-        "task": "image-classification",
-        "class_names": list(dataset.manifest.class_names),
-        "input": {"name": "images", "dtype": "uint8", "shape": [-1, h, w, c], "layout": "NHWC"},
-        "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": [-1, k]},
-            {"name": "probabilities", "dtype": "float32", "shape": [-1, k]},
-        ],
-        "normalisation": {"mean": dataset.manifest.stats["mean"], "std": dataset.manifest.stats["std"]},
-        "metrics": {key: metrics.get(key) for key in ("test_accuracy", "test_loss", "epochs", "parameters")},
-        "parity": {
-            "images": parity.images,
-            "max_abs_diff_probabilities": parity.max_abs_diff_probabilities,
-            "top1_agreement": parity.top1_agreement,
-            "limit": PARITY_MAX_ABS,
-        },
-        "lineage": {
-            "dataset": dataset.name,
-            "dataset_digest": dataset.digest,
-            "training_run": job.run_dir.name,
-            "mlflow_run_id": job.mlflow_run_id,
-            "checkpoint": ckpt.name,
-            "world_size": job.world_size,
-            "config": job.config.model_dump(mode="json"),
-            "code_version": _code_version(),
-        },
-        "files": files,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+        files[CHECKPOINT_FILE] = FileEntry(sha256=sha256_file(folder / CHECKPOINT_FILE))
+    return ModelCard(
+        format=FORMAT,
+        name=name,
+        version=None,  # set by the registry
+        task="image-classification",
+        class_names=list(dataset.manifest.class_names),
+        input=ImageInput(name=INPUT_NAME, dtype="uint8", shape=[-1, h, w, c], layout="NHWC"),
+        outputs=[TensorSpec(name=output, dtype="float32", shape=[-1, k]) for output in OUTPUT_NAMES],
+        normalisation=Normalisation(mean=dataset.manifest.stats["mean"], std=dataset.manifest.stats["std"]),
+        metrics=Metrics.model_validate({key: metrics.get(key) for key in Metrics.model_fields}),
+        parity=parity,
+        lineage=Lineage(
+            dataset=dataset.name,
+            dataset_digest=dataset.digest,
+            training_run=job.run_dir.name,
+            mlflow_run_id=job.mlflow_run_id,
+            checkpoint=ckpt.name,
+            world_size=job.world_size,
+            config=job.config.model_dump(mode="json"),
+            code_version=_code_version(),
+        ),
+        files=files,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 def _code_version() -> str:
@@ -221,10 +216,16 @@ def _code_version() -> str:
 
     repo = Path(__file__).resolve().parents[3]
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return __version__
     return f"{__version__}+g{commit[:12]}{'.dirty' if dirty else ''}" if commit else __version__

@@ -29,13 +29,17 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 from distml import tracking
+from distml.card import CARD_FILE, ONNX_FILE, ModelCard
 from distml.errors import DistmlError, ModelError, NotFoundError, RegistryError
-from distml.files import sha256_file
-from distml.registry.artifact import CARD_FILE, ONNX_FILE, ModelArtifact, card_digest, open_artifact
+from distml.files import sha256_file, write_atomic
+from distml.registry.artifact import ModelArtifact, open_artifact
 from distml.workspace import Workspace
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -46,6 +50,19 @@ _HISTORY_TAG = "distml.champion_history"
 _MOVE_TAG = "distml.champion_move"  # a champion/previous move recorded before its alias writes
 _REF = re.compile(r"^models:/(?P<name>[A-Za-z0-9._-]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 _SHOWN = 80  # characters of a user-given value echoed in an error message
+
+
+class ModelRow(TypedDict):
+    """One registered model as :meth:`Registry.models` lists it."""
+
+    name: str
+    versions: int
+    champion: str | None
+    champion_test_accuracy: float | None
+
+
+# A champion move as recorded before its alias writes ("from" is the champion it moves away from).
+_Move = TypedDict("_Move", {"champion": str, "previous": str | None, "history": list[str], "from": str | None})
 
 
 @dataclass(frozen=True)
@@ -78,24 +95,22 @@ class Registry:
     # -- writing -------------------------------------------------------------------------------------------
     def register(self, artifact: ModelArtifact, *, promote: bool = True) -> Version:
         """Add ``artifact`` as a new version of its model; make it champion unless ``promote`` is False."""
-        from distml.registry.export import Parity
-
         card = artifact.card
         name = artifact.name
-        run_id = card["lineage"].get("mlflow_run_id") or self._holding_run(card)
-        sha = card["files"][ONNX_FILE]["sha256"]  # open_artifact checked it against the file
+        run_id = card.lineage.mlflow_run_id or self._holding_run(card)
+        sha = card.onnx_sha256  # open_artifact checked it against the file
         path = f"model/{sha[:16]}"
         self.client.log_artifacts(run_id, str(artifact.path), artifact_path=path)
         self._ensure_model(name, card)
         tags = {
             # What resolving checks the stored copy against, whatever that copy's own model.json says.
             ONNX_SHA_TAG: sha,
-            CARD_SHA_TAG: card_digest(card),
-            PARITY_TAG: "passed" if Parity.from_card(card).ok else "failed",
-            "distml.parity_max_abs_diff": f"{card['parity']['max_abs_diff_probabilities']:.3e}",
-            "distml.test_accuracy": str(card["metrics"].get("test_accuracy")),
-            "distml.dataset_digest": card["lineage"]["dataset_digest"],
-            "distml.training_run": card["lineage"]["training_run"],
+            CARD_SHA_TAG: card.digest(),
+            PARITY_TAG: "passed" if card.parity.ok else "failed",
+            "distml.parity_max_abs_diff": f"{card.parity.max_abs_diff_probabilities:.3e}",
+            "distml.test_accuracy": str(card.metrics.test_accuracy),
+            "distml.dataset_digest": card.lineage.dataset_digest,
+            "distml.training_run": card.lineage.training_run,
         }
         mv = self.client.create_model_version(name, source=f"runs:/{run_id}/{path}", run_id=run_id, tags=tags)
         if promote:
@@ -140,9 +155,9 @@ class Registry:
         return self.version(name, back.version)
 
     # -- reading -------------------------------------------------------------------------------------------
-    def models(self) -> list[dict[str, Any]]:
+    def models(self) -> list[ModelRow]:
         """Every registered model with its version count and champion."""
-        rows = []
+        rows: list[ModelRow] = []
         for rm in sorted(self.client.search_registered_models(), key=lambda m: m.name):
             champion = self._alias(rm.name, CHAMPION)
             versions = self.client.search_model_versions(f"name='{rm.name}'")
@@ -194,14 +209,12 @@ class Registry:
 
         What ``serve``, ``predict`` and ``evaluate`` load: the check runs here, before anything starts.
         """
-        from distml.registry.export import Parity
-
         version = self.lookup(ref)
         refusal = _parity_refusal(version)
         if refusal:
             raise ModelError(f"{refusal}; refusing to load it")
         artifact = self.fetch(version)
-        if not Parity.from_card(artifact.card).ok:
+        if not artifact.card.parity.ok:
             raise ModelError(f"{version.label}: its model card records a failed ONNX parity check; refusing to load it")
         return artifact
 
@@ -245,11 +258,10 @@ class Registry:
                 raise ModelError(f"{version.label}: cannot download {version.source}: {first[:200]}") from None
             card_file = downloaded / CARD_FILE
             try:
-                card = json.loads(card_file.read_text())
-                card["version"] = version.version
-                card_file.write_text(json.dumps(card, indent=2) + "\n")
-            except (OSError, ValueError, TypeError):
-                pass  # no readable card: the check below says so
+                card = ModelCard.read(card_file).model_copy(update={"version": version.version})
+                write_atomic(card_file, card.dumps().encode())
+            except DistmlError:
+                pass  # no valid card: the check below says so
             self._verified(version, downloaded, where="the registry's artifact store")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -273,7 +285,7 @@ class Registry:
         except DistmlError as exc:
             raise ModelError(f"{version.label}: {where} is not a valid artifact: {exc.message}") from None
         recorded = version.tags.get(CARD_SHA_TAG)  # absent on versions registered before it was recorded
-        if recorded and card_digest(artifact.card) != recorded:
+        if recorded and artifact.card.digest() != recorded:
             raise ModelError(f"{version.label}: {CARD_FILE} in {where} is not the card registered; {refuse}")
         return artifact
 
@@ -283,11 +295,11 @@ class Registry:
         The move is recorded first, in one tag write; readers (:func:`_aliases`) see the recorded pair from then
         on, and the next promote or rollback finishes a move that was cut short (:meth:`_finish_move`).
         """
-        move = {"champion": champion, "previous": previous, "history": history, "from": was}
+        move: _Move = {"champion": champion, "previous": previous, "history": history, "from": was}
         self.client.set_registered_model_tag(name, _MOVE_TAG, json.dumps(move))
         self._apply(name, move)
 
-    def _apply(self, name: str, move: dict[str, Any]) -> None:
+    def _apply(self, name: str, move: _Move) -> None:
         # previous before champion: MLflow's own readers, who do not know the recorded move, then see the old
         # champion until the very last alias write instead of a new champion with a stale previous.
         if move["previous"] is None:
@@ -308,12 +320,12 @@ class Registry:
             return
         self._apply(name, move)
 
-    def _holding_run(self, card: dict[str, Any]) -> str:
+    def _holding_run(self, card: ModelCard) -> str:
         """An MLflow run to hold an artifact whose training run was not tracked."""
         _, run_id = tracking.open_run(
             home=self.workspace.home,
-            experiment=f"distml-{card['lineage']['dataset']}",
-            run_name=f"register-{card['name']}",
+            experiment=f"distml-{card.lineage.dataset}",
+            run_name=f"register-{card.name}",
             existing_id=None,
             params={},
             tags={"distml.kind": "registration"},
@@ -321,27 +333,26 @@ class Registry:
         self.client.set_terminated(run_id)
         return run_id
 
-    def _ensure_model(self, name: str, card: dict[str, Any]) -> None:
+    def _ensure_model(self, name: str, card: ModelCard) -> None:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.create_registered_model(
-                name, description=f"distml image classifier for {card['lineage']['dataset']}"
-            )
+            self.client.create_registered_model(name, description=f"distml image classifier for {card.lineage.dataset}")
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
 
-    def _require_model(self, name: str) -> Any:
+    def _require_model(self, name: str) -> RegisteredModel:
         """The registered model ``name`` (MLflow's object), or a :class:`NotFoundError` listing the known ones."""
         try:
-            return self.client.get_registered_model(name)
+            model: RegisteredModel = self.client.get_registered_model(name)
         except Exception:
             names = sorted(m.name for m in self.client.search_registered_models())
             known = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
             raise NotFoundError(
                 f"no registered model {_clip(name)!r}", hint=f"registered: {known or 'none yet'}"
             ) from None
+        return model
 
     def _alias(self, name: str, alias: str) -> Version | None:
         try:
@@ -358,7 +369,7 @@ class Registry:
             return []
 
 
-def _recorded_move(rm: Any) -> dict[str, Any] | None:
+def _recorded_move(rm: RegisteredModel) -> _Move | None:
     """The move recorded on registered model ``rm`` and not yet applied, if it still applies.
 
     It applies while the champion alias is where the move left it or where it takes it; anything else means the
@@ -376,11 +387,11 @@ def _recorded_move(rm: Any) -> dict[str, Any] | None:
     now = (rm.aliases or {}).get(CHAMPION)
     if (str(now) if now is not None else None) not in (was, champion):
         return None
-    return {"champion": str(champion), "previous": None if previous is None else str(previous),
-            "history": history, "from": was}  # fmt: skip
+    previous = None if previous is None else str(previous)
+    return {"champion": str(champion), "previous": previous, "history": history, "from": was}
 
 
-def _aliases(rm: Any) -> dict[str, str]:
+def _aliases(rm: RegisteredModel) -> dict[str, str]:
     """Alias -> version of registered model ``rm``, with a recorded but unfinished champion move applied."""
     aliases = {str(a): str(v) for a, v in (rm.aliases or {}).items()}
     move = _recorded_move(rm)
@@ -393,13 +404,13 @@ def _aliases(rm: Any) -> dict[str, str]:
     return aliases
 
 
-def _to_version(mv: Any, aliases: dict[str, str]) -> Version:
+def _to_version(mv: ModelVersion, aliases: dict[str, str]) -> Version:
     return Version(
         name=mv.name,
         version=str(mv.version),
         aliases=sorted(a for a, v in aliases.items() if v == str(mv.version)),
         run_id=mv.run_id,
-        source=mv.source,
+        source=mv.source or "",  # none recorded: _download refuses it as an unexpected source
         tags=dict(mv.tags or {}),
     )
 

@@ -1,22 +1,28 @@
 """The served model: an ONNX Runtime session over a verified model artifact, and what the protocols say about it.
 
-Only ONNX Runtime, NumPy and the artifact's JSON card are needed here: the serving path never imports torch.
+Only ONNX Runtime, NumPy and the artifact's card are needed here (:mod:`distml.registry.artifact` is a leaf): the
+serving path never imports torch, MLflow or the training stage.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from distml.card import INPUT_NAME, PROBABILITIES
 from distml.errors import ModelError
-from distml.registry.artifact import ModelArtifact, open_artifact
+from distml.registry.artifact import open_artifact
 from distml.serve.codec import DECODE_TIMEOUT_S, MAX_REQUEST_PIXELS, InputSpec
 
-INPUT_NAME = "images"
-OUTPUTS = ("probabilities", "class_id", "label")  # what V2 can return; V1 returns all three per instance
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
+
+# What V2 can return (the graph's probabilities, and the class id and label read off them); V1 returns all three
+# per instance. The request's one input is the graph's, INPUT_NAME.
+OUTPUTS = (PROBABILITIES, "class_id", "label")
 
 
 @dataclass(frozen=True)
@@ -27,7 +33,7 @@ class ServedModel:
     version: str
     class_names: tuple[str, ...]
     spec: InputSpec
-    session: Any
+    session: InferenceSession
     path: Path
 
     @property
@@ -36,10 +42,10 @@ class ServedModel:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """``uint8`` N x H x W x C -> float32 N x classes probabilities."""
-        probabilities: np.ndarray = self.session.run(["probabilities"], {INPUT_NAME: images})[0]
+        probabilities: np.ndarray = self.session.run([PROBABILITIES], {INPUT_NAME: images})[0]
         return probabilities
 
-    def metadata_v2(self) -> dict[str, Any]:
+    def metadata_v2(self) -> dict[str, object]:
         """The V2 model metadata document (``GET /v2/models/{name}``)."""
         h, w, c = self.spec.shape
         return {
@@ -48,7 +54,7 @@ class ServedModel:
             "platform": "onnxruntime_onnx",
             "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, h, w, c]}],
             "outputs": [
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.class_names)]},
+                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(self.class_names)]},
                 {"name": "class_id", "datatype": "INT64", "shape": [-1]},
                 {"name": "label", "datatype": "BYTES", "shape": [-1]},
             ],
@@ -75,7 +81,7 @@ def load_model(
     """
     import onnxruntime as ort
 
-    artifact: ModelArtifact = open_artifact(path)
+    artifact = open_artifact(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -85,7 +91,7 @@ def load_model(
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; any failure means unusable
         raise ModelError(f"{artifact.onnx_path} cannot be loaded by ONNX Runtime: {exc}") from None
     h, w, c = artifact.image_shape
-    version = str(artifact.card.get("version") or "1")  # the registry's version; an unregistered export is "1"
+    version = artifact.card.version or "1"  # the registry's version; an unregistered export is "1"
     return ServedModel(
         name=artifact.name,
         version=version,

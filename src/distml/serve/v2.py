@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from distml.card import INPUT_NAME
 from distml.errors import PayloadTooLargeError, RequestError
 from distml.serve.codec import (
     MAX_RESPONSE_BYTES,
@@ -36,7 +37,7 @@ from distml.serve.codec import (
     pixels_to_uint8,
 )
 from distml.serve.inputs import Inputs, load_json
-from distml.serve.model import INPUT_NAME, OUTPUTS
+from distml.serve.model import OUTPUTS
 from distml.text import clip
 
 HEADER_LENGTH = "inference-header-content-length"
