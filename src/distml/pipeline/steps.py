@@ -177,11 +177,11 @@ def select_step(workspace: Workspace, config: DistmlConfig, runs: list[str], log
 def register_step(workspace: Workspace, artifact_dir: Path) -> StepResult:
     """Make the artifact the champion: promote the version that already holds it, else register a new one."""
     from distml.registry import Registry
-    from distml.registry.artifact import ONNX_FILE, open_artifact
+    from distml.registry.artifact import open_artifact
 
     artifact = open_artifact(artifact_dir)
     registry = Registry(workspace)
-    sha = artifact.card["files"][ONNX_FILE]["sha256"]
+    sha = artifact.card.onnx_sha256
     existing = None
     if any(m["name"] == artifact.name for m in registry.models()):
         existing = next((v for v in registry.versions(artifact.name) if v.tags.get("distml.onnx_sha256") == sha), None)
