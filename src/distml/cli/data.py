@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import click
-import numpy as np
 
 from distml.cli.options import AppContext, config_option, pass_app
-from distml.data.ingest import ingest
-from distml.data.reader import Dataset, open_path
-from distml.data.sources.base import Source
-from distml.data.sources.cifar10 import Cifar10Source
-from distml.data.sources.fashion_mnist import FashionMnistSource
-from distml.data.sources.folder import FolderOptions, FolderSource
+from distml.data import report
+from distml.data.reader import open_path
 from distml.data.store import DatasetStore
 from distml.errors import CorruptDatasetError, UsageError
 
@@ -89,6 +82,12 @@ def ingest_cmd(
       distml data ingest cifar10
       distml data ingest folder ./flowers --image-size 64x64 --on-bad-file skip
     """
+    from distml.data.ingest import ingest
+    from distml.data.sources.base import Source
+    from distml.data.sources.cifar10 import Cifar10Source
+    from distml.data.sources.fashion_mnist import FashionMnistSource
+    from distml.data.sources.folder import FolderOptions, FolderSource
+
     cfg = app.config.data
     src: Source
     if kind == "folder":
@@ -96,28 +95,20 @@ def ingest_cmd(
             raise UsageError(
                 "'distml data ingest folder' needs the image folder", hint="pass PATH (ROOT/<class>/<image>)"
             )
-        options = FolderOptions(
-            image_size=image_size,
-            mode="L" if mode == "L" else "RGB",
-            test_fraction=test_fraction,
-            on_bad_file=cfg.on_bad_file,
-            max_pixels=cfg.max_image_pixels,
-            max_file_bytes=cfg.max_image_file_bytes,
-        )
+        options = FolderOptions(image_size=image_size, mode="L" if mode == "L" else "RGB", test_fraction=test_fraction,
+                                on_bad_file=cfg.on_bad_file, max_pixels=cfg.max_image_pixels,
+                                max_file_bytes=cfg.max_image_file_bytes)  # fmt: skip
         src = FolderSource(path, options)
+    elif path is not None:
+        raise UsageError(f"{kind} takes no PATH (got {path})", hint=f"use --source {path} for a local copy")
     else:
-        if path is not None:
-            raise UsageError(f"{kind} takes no PATH (got {path})", hint=f"use --source {path} for a local copy")
-        downloads = app.workspace.downloads / kind
-        if kind == "fashion-mnist":
-            src = FashionMnistSource(downloads, location=source, timeout_s=cfg.download_timeout_s)
-        else:
-            src = Cifar10Source(downloads, location=source, timeout_s=cfg.download_timeout_s)
+        kind_of = FashionMnistSource if kind == "fashion-mnist" else Cifar10Source
+        src = kind_of(app.workspace.downloads / kind, location=source, timeout_s=cfg.download_timeout_s)
     _progress(f"ingesting {kind}" + (f" from {source or path}" if (source or path) else ""))
     result = ingest(src, store=_store(app), name=name, log=_progress)
     ds = result.dataset
     verb = "already ingested, reused" if result.reused else "ingested"
-    click.echo(f"{ds.name}@{ds.manifest.short_digest} {verb} in {result.seconds:.2f} s: {_brief(ds)}")
+    click.echo(f"{ds.name}@{ds.manifest.short_digest} {verb} in {result.seconds:.2f} s: {report.brief(ds)}")
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} bad file(s):")
         for rel, reason in result.skipped:
@@ -129,21 +120,10 @@ def ingest_cmd(
 def list_cmd(app: AppContext) -> None:
     """List the dataset versions in the store, newest first."""
     store = _store(app)
-    versions = store.versions()
-    if not versions:
-        click.echo(f"no datasets in {store.root}; add one with 'distml data ingest fashion-mnist'")
-        return
-    rows = [("NAME", "DIGEST", "SHAPE", "CLASSES", "SPLITS", "SIZE", "CREATED", "STATUS")]
-    for v in versions:
-        try:
-            ds = open_path(v.path)
-        except CorruptDatasetError as exc:
-            rows.append((v.name or "?", v.digest[:12], "", "", "", "", v.created_at, f"damaged: {exc.message}"))
-            continue
-        m = ds.manifest
-        splits = " ".join(f"{k}={s.num_samples}" for k, s in m.splits.items())
-        rows.append((m.name, m.short_digest, _shape(ds), str(ds.num_classes), splits, _size(ds), m.created_at, "ok"))
-    _table(rows)
+    lines = report.listing(store)
+    click.echo(
+        "\n".join(lines) if lines else f"no datasets in {store.root}; add one with 'distml data ingest fashion-mnist'"
+    )
 
 
 @data.command("show")
@@ -156,21 +136,7 @@ def show_cmd(app: AppContext, ref: str, as_json: bool) -> None:
     if as_json:
         click.echo(ds.manifest.to_json(), nl=False)
         return
-    m = ds.manifest
-    click.echo(f"dataset   {m.name}")
-    click.echo(f"digest    {m.digest}")
-    click.echo(f"path      {ds.path}")
-    click.echo(f"created   {m.created_at}")
-    click.echo(f"source    {m.source.get('kind')}")
-    click.echo(f"images    {_shape(ds)} uint8, {_size(ds)} on disk")
-    click.echo(f"pixels    mean {_floats(m.stats.get('mean'))}, std {_floats(m.stats.get('std'))} (train, [0, 1])")
-    for split_name, split in ds.splits.items():
-        click.echo(f"{split_name:<9} {len(split)} samples in {len(split.info.shards)} shard(s)")
-    counts = {name: _class_counts(ds, name) for name in ds.splits}
-    rows: list[tuple[str, ...]] = [("", "CLASS", *(s.upper() for s in counts))]
-    for i, cls in enumerate(ds.class_names):
-        rows.append((str(i), cls, *(str(c[i]) for c in counts.values())))
-    _table(rows, indent="  ")
+    click.echo("\n".join(report.describe(ds)))
 
 
 @data.command("verify")
@@ -186,32 +152,3 @@ def verify_cmd(app: AppContext, ref: str) -> None:
             hint="re-ingest the dataset",
         )
     click.echo(f"{ds.name}@{ds.manifest.short_digest}: all {len(ds.manifest.files)} files match the manifest")
-
-
-def _brief(ds: Dataset) -> str:
-    splits = " / ".join(f"{s.num_samples} {k}" for k, s in ds.manifest.splits.items())
-    return f"{splits}, {_shape(ds)}, {ds.num_classes} classes"
-
-
-def _shape(ds: Dataset) -> str:
-    return "x".join(str(v) for v in ds.image_shape)
-
-
-def _size(ds: Dataset) -> str:
-    total = sum(int(f["bytes"]) for f in ds.manifest.files.values())
-    return f"{total / 1e6:.1f} MB"
-
-
-def _floats(values: Any) -> str:
-    return "[" + ", ".join(f"{v:.4f}" for v in values or []) + "]"
-
-
-def _class_counts(ds: Dataset, split: str) -> list[int]:
-    labels = ds.split(split).arrays().labels
-    return np.bincount(np.asarray(labels), minlength=ds.num_classes).tolist()  # type: ignore[no-any-return]
-
-
-def _table(rows: Sequence[Sequence[str]], indent: str = "") -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo(indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

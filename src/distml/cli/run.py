@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import click
 
 from distml.cli.options import AppContext, config_option, config_options, config_path_option, pass_app
 from distml.config import DEFAULT_HOME
-from distml.errors import PipelineError, UsageError
+from distml.errors import UsageError
 
 
 @click.command("run")
@@ -39,9 +38,7 @@ def run_cmd(app: AppContext, candidates: str | None, serve_: bool, force: tuple[
       distml run --epochs 8 --serve
       distml run --config distml.toml --candidates cnn,resnet-small --force train
     """
-    from distml.pipeline import dag, record
-    from distml.pipeline.runner import Runner, workspace_lock
-    from distml.train.dist import gpu_count, usable_cores
+    from distml.pipeline.run import run_pipeline
 
     port = app.given_in("serve").get("port")
     if port is not None and not serve_:  # checked before anything runs: a bad --port must not cost a pipeline
@@ -50,43 +47,14 @@ def run_cmd(app: AppContext, candidates: str | None, serve_: bool, force: tuple[
     if models is not None and not models:
         raise UsageError("--candidates needs at least one model", hint="e.g. --candidates cnn,cnn-dropout")
     # --epochs and --workers apply to every candidate, over its [[candidates]] table too.
-    train_overrides = app.given_in("train")
-    workspace = app.workspace
-    workspace.ensure()
-    cores, gpus = usable_cores(), gpu_count()
-
-    with workspace_lock(workspace.home):
-        steps = dag.build(workspace, app.config, models=models, train_overrides=train_overrides, cores=cores,
-                          gpus=gpus, log=lambda m: click.echo(f"  ingest: {m.strip()}"))  # fmt: skip
-        names = [s.name for s in steps]
-        unknown = [f for f in force if f not in names and f not in {n.split("[")[0] for n in names}]
-        if unknown:
-            raise UsageError(f"--force {unknown[0]}: no such step", hint=f"steps: {', '.join(names)}")
-        runner = Runner(steps, home=workspace.home, config=app.config.model_dump(mode="json"), force=set(force),
-                        no_cache=no_cache, cores=cores, gpus=gpus)  # fmt: skip
-        started = time.perf_counter()
-        click.echo(f"pipeline run {runner.id}: {len(steps)} steps, workspace {workspace.home}, "
-                   f"{gpus or cores} {'GPU(s)' if gpus else 'cores'}")  # fmt: skip
-        try:
-            outcomes = runner.execute()
-        except KeyboardInterrupt:
-            click.echo(f"\ninterrupted; run the same command again to resume (record: {runner.dir / 'run.json'})")
-            raise
-        took = time.perf_counter() - started
-    click.echo("")
-    click.echo("\n".join(record.summary_table(runner.record["steps"])))
-    unfinished = [n for n, o in outcomes.items() if o.status != "done"]
-    if unfinished:  # the champion exists only if every step finished: name the first that failed
-        name = next((n for n in unfinished if outcomes[n].status == "failed"), unfinished[0])
-        first = outcomes[name]
-        raise PipelineError(
-            f"step {name} {first.status} after {took:.1f} s: {first.error or first.why}",
-            hint=(f"log: {first.log}; " if first.log else "") + f"record: {runner.dir / 'run.json'}",
-        )
-    reg = outcomes["register"].outputs
-    click.echo(f"\npipeline run {runner.id} done in {took:.1f} s: {reg['name']} version {reg['version']} is champion")
+    done = run_pipeline(app.workspace, app.config, models=models, train_overrides=app.given_in("train"),
+                        force=force, no_cache=no_cache, log=click.echo)  # fmt: skip
+    reg = done.champion
+    click.echo(
+        f"\npipeline run {done.id} done in {done.seconds:.1f} s: {reg['name']} version {reg['version']} is champion"
+    )
     if not serve_:
-        home = f" --home {workspace.home}" if app.config.workspace.home != DEFAULT_HOME else ""
+        home = f" --home {app.config.workspace.home}" if app.config.workspace.home != DEFAULT_HOME else ""
         click.echo(f"serve it:  distml serve {reg['ref']}{home}")
         return
     _serve(app, reg["ref"])
@@ -125,21 +93,10 @@ def runs() -> None:
 @pass_app
 def runs_list(app: AppContext) -> None:
     """Every pipeline run of the workspace, oldest first."""
-    from distml.pipeline import record
+    from distml.pipeline.run import listing
 
-    docs = record.list_records(app.workspace.home)
-    if not docs:
-        click.echo("no pipeline runs yet (distml run)")
-        return
-    click.echo(f"{'RUN':<24} {'STATUS':<12} {'TOOK':>8}  {'RAN':>3} {'HIT':>3}  CHAMPION")
-    for d in docs:
-        steps = d.get("steps", {})
-        ran = sum(s.get("cache") == "ran" and s.get("status") == "done" for s in steps.values())
-        hit = sum(s.get("cache") == "hit" for s in steps.values())
-        took = (d.get("ended") or time.time()) - d["started"]
-        model = (d.get("lineage") or {}).get("model")
-        champion = f"{model['name']} v{model['version']}" if model else "-"
-        click.echo(f"{d['id']:<24} {d['status']:<12} {took:>7.1f}s  {ran:>3} {hit:>3}  {champion}")
+    lines = listing(app.workspace.home)
+    click.echo("\n".join(lines) if lines else "no pipeline runs yet (distml run)")
 
 
 @runs.command("show")
