@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -24,8 +25,10 @@ from typing import Any
 import pytest
 
 from conftest import make_image_folder, run_cli
+from distml.data.sources.folder import FolderOptions, FolderSource
+from distml.pipeline import steps as S  # noqa: N812 (as pipeline/dag.py reads them)
 from distml.pipeline.cache import Entry, KeyParts, StepCache, explain_miss, file_record, verify_files
-from distml.pipeline.codever import closure, code_version
+from distml.pipeline.codever import ROOT, closure, code_version
 from distml.pipeline.runner import workspace_lock
 
 FAST = ["--epochs", "1", "--workers", "1"]
@@ -273,6 +276,77 @@ def test_code_version_follows_imports_not_names() -> None:
     assert {"distml.train.loop", "distml.train.batches", "distml.data.reader"} <= set(mods)
     assert "distml.serve.app" not in mods and "distml.cli.main" not in mods
     assert set(code_version(("distml.train.worker",))) == set(mods)
+
+
+def _copy_of_the_package(tmp_path: Path) -> Path:
+    """A copy of the distml package to edit (the real sources stay as they are): ``<returned>/distml``."""
+    shutil.copytree(ROOT, tmp_path / "code" / "distml", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path / "code"
+
+
+def _edit(path: Path) -> None:
+    """A change to a module that is not a change of behaviour: the key must still see it, or not reach it."""
+    path.write_text(path.read_text() + "\n# an edit\n")
+
+
+def test_a_step_code_version_covers_only_the_modules_it_can_run(tmp_path: Path) -> None:
+    train = closure(S.TRAIN_CODE)
+    assert {"distml.train.loop", "distml.train.worker", "distml.data.reader", "distml.data.store"} <= set(train)
+    outside = ("distml.data.sources", "distml.data.ingest", "distml.registry", "distml.serve", "distml.cli")
+    assert [m for m in train if m.startswith(outside)] == []
+    folder = FolderSource(tmp_path, FolderOptions(image_size=(8, 8), mode="L", test_fraction=0.25))
+    ingest = closure(S.ingest_code(folder))
+    assert "distml.data.sources.folder" in ingest and "distml.data.ingest" in ingest
+    assert [m for m in ingest if m.endswith(("cifar10", "fashion_mnist", "safetar", "idx"))] == []
+    assert "distml.registry.export" in closure(S.SELECT_CODE)  # select exports each run to ONNX: it runs the exporter
+
+    code = _copy_of_the_package(tmp_path) / "distml"
+    code_version.cache_clear()  # read once per process; here the same roots are read again after each edit
+    before = code_version(S.TRAIN_CODE, code)
+    assert before == code_version(S.TRAIN_CODE)  # the copy is the same code
+    _edit(code / "data" / "sources" / "cifar10.py")
+    code_version.cache_clear()
+    assert code_version(S.TRAIN_CODE, code) == before
+    _edit(code / "train" / "loop.py")
+    code_version.cache_clear()
+    after = code_version(S.TRAIN_CODE, code)
+    assert sorted(m for m in after if after[m] != before[m]) == ["distml.train.loop"]
+
+
+def test_the_register_key_does_not_cover_the_training_code() -> None:
+    assert [m for m in closure(S.REGISTER_CODE) if m.startswith("distml.train")] == []
+
+
+def test_an_edit_the_step_cannot_run_is_a_hit_and_one_it_can_run_says_which(home: Path, tmp_path: Path) -> None:
+    """The real pipeline, run from an edited copy of the package (PYTHONPATH), so the real sources stay as they are."""
+    images = make_image_folder(tmp_path / "images", per_class=8)
+    config = _config(tmp_path, images)
+    code = _copy_of_the_package(tmp_path)
+
+    def run() -> dict[str, str]:
+        argv = ["--home", str(home), "run", "--config", str(config), "--candidates", "cnn", *FAST]
+        env = {**os.environ, "PYTHONPATH": str(code)}
+        result = subprocess.run(
+            [sys.executable, "-m", "distml", *argv], capture_output=True, text=True, env=env, timeout=600, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return _decisions(result.stdout)
+
+    cold = run()
+    assert cold["train[cnn]"].startswith("ran: no earlier run"), cold
+    _edit(code / "distml" / "data" / "sources" / "cifar10.py")  # another dataset's reader: nothing here runs it
+    after_cifar = run()
+    assert all(d.startswith("hit: ") for d in after_cifar.values()), after_cifar
+    _edit(code / "distml" / "train" / "loop.py")
+    after_loop = run()
+    assert after_loop["ingest"].startswith("hit: "), after_loop
+    assert after_loop["train[cnn]"] == "ran: code of distml.train.loop changed", after_loop
+    records = [json.loads(p.read_text()) for p in (home / "pipeline" / "runs").glob("*/run.json")]
+    last = max(records, key=lambda r: r["started"])
+    assert last["steps"]["train[cnn]"]["why"] == "code of distml.train.loop changed"
+    newest = StepCache(home / "pipeline" / "cache").entries("train[cnn]")[0]  # keyed by the copy's code
+    edited = hashlib.sha256((code / "distml" / "train" / "loop.py").read_bytes()).hexdigest()
+    assert newest.parts["code"]["distml.train.loop"] == edited != code_version(S.TRAIN_CODE)["distml.train.loop"]
 
 
 def test_explain_miss_names_each_change(tmp_path: Path) -> None:

@@ -17,17 +17,33 @@ before trusting a hit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distml.card import CARD_FILE, ONNX_FILE
 from distml.config import DistmlConfig, TrainConfig
+from distml.data.ingest import ingest
+from distml.data.reader import open_path
+from distml.data.sources.base import Log, Source
+from distml.data.sources.cifar10 import Cifar10Source
+from distml.data.sources.fashion_mnist import FashionMnistSource
+from distml.data.sources.folder import FolderOptions, FolderSource
+from distml.data.store import DatasetStore
+from distml.errors import DistmlError
+from distml.registry.artifact import open_artifact
+from distml.registry.evaluate import select_runs
+from distml.registry.registry import Registry
+from distml.train.job import RESUMABLE_CHANGES
 from distml.workspace import Workspace
 
-INGEST_CODE = ("distml.data.ingest", "distml.data.sources.fashion_mnist", "distml.data.sources.cifar10",
-               "distml.data.sources.folder")  # fmt: skip
+# Each step's root modules: its code version covers them and what they import (:mod:`distml.pipeline.codever`).
+INGEST_MODULE = "distml.data.ingest"  # and the module of the source it reads: see ingest_code
+# Every source: what pipeline/dag.py keyed ingest with before it called ingest_code. Remove once dag.py is committed.
+INGEST_CODE = (INGEST_MODULE, *(f"distml.data.sources.{s}" for s in ("fashion_mnist", "cifar10", "folder")))
 INGEST_LIBS = ("numpy", "pillow")
 TRAIN_CODE = ("distml.train.launch", "distml.train.worker", "distml.train.candidates")
 TRAIN_LIBS = ("torch", "numpy")
@@ -46,35 +62,39 @@ class StepResult:
 
 
 # -- ingest -------------------------------------------------------------------------------------------------
-def make_source(workspace: Workspace, config: DistmlConfig) -> Any:
+def make_source(workspace: Workspace, config: DistmlConfig) -> Source:
     """The data source the ``[pipeline]`` section names (nothing read yet)."""
-    from distml.data.sources import Cifar10Source, FashionMnistSource, FolderOptions, FolderSource
-
     p, d = config.pipeline, config.data
     if p.dataset == "folder":
         assert p.source is not None  # the config refuses a folder dataset without one
-        options = FolderOptions(image_size=p.image_size, mode=p.mode, test_fraction=p.test_fraction,
-                                on_bad_file=d.on_bad_file, max_pixels=d.max_image_pixels,
-                                max_file_bytes=d.max_image_file_bytes)  # fmt: skip
+        options = FolderOptions(
+            image_size=p.image_size,
+            mode=p.mode,
+            test_fraction=p.test_fraction,
+            on_bad_file=d.on_bad_file,
+            max_pixels=d.max_image_pixels,
+            max_file_bytes=d.max_image_file_bytes,
+        )
         return FolderSource(Path(p.source), options)
     downloads = workspace.downloads / p.dataset
     kind = FashionMnistSource if p.dataset == "fashion-mnist" else Cifar10Source
     return kind(downloads, location=p.source, timeout_s=d.download_timeout_s)
 
 
-def source_digest(source: Any, log: Any) -> str:
-    """Fetch/locate and verify the source's files, then digest their raw bytes (the ingest step's input)."""
-    import hashlib
+def ingest_code(source: Source) -> tuple[str, ...]:
+    """The ingest step's root modules: the ingest itself and the module of the one source it reads."""
+    return (INGEST_MODULE, type(source).__module__)
 
+
+def source_digest(source: Source, log: Log) -> str:
+    """Fetch/locate and verify the source's files, then digest their raw bytes (the ingest step's input)."""
     source.prepare(log)
     doc = {"kind": source.kind, "fingerprint": source.fingerprint()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def ingest_step(workspace: Workspace, config: DistmlConfig, source: Any, log: Any = print) -> StepResult:
-    from distml.data import DatasetStore
-    from distml.data.ingest import ingest
-
+def ingest_step(workspace: Workspace, config: DistmlConfig, source: Source, log: Log = print) -> StepResult:
+    """Ingest ``source`` into the workspace's dataset store (a version the store already holds is reused)."""
     store = DatasetStore(workspace, shard_bytes=config.data.shard_bytes)
     result = ingest(source, store=store, name=config.pipeline.name, log=log)
     ds = result.dataset
@@ -89,9 +109,6 @@ def ingest_step(workspace: Workspace, config: DistmlConfig, source: Any, log: An
 
 def verify_dataset(outputs: dict[str, Any]) -> str | None:
     """A cached ingest is good only while every shard still matches the manifest."""
-    from distml.data import open_path
-    from distml.errors import DistmlError
-
     try:
         ds = open_path(Path(outputs["path"]))
     except DistmlError as exc:
@@ -105,8 +122,6 @@ def verify_dataset(outputs: dict[str, Any]) -> str | None:
 # -- train --------------------------------------------------------------------------------------------------
 def train_params(cfg: TrainConfig) -> dict[str, Any]:
     """The settings that change a training run's weights (the dataset is an input, not a parameter)."""
-    from distml.train.job import RESUMABLE_CHANGES
-
     ignored = (RESUMABLE_CHANGES - {"epochs"}) | {"dataset"}
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ignored}
 
@@ -117,7 +132,7 @@ def extend_from(earlier_run: Path, run_dir: Path) -> None:
     Training then resumes there (the epoch count may grow on resume) instead of starting over. A new MLflow run
     is opened for the longer job: the shorter run's stays as it was.
     """
-    from distml.train.checkpoint import list_checkpoints
+    from distml.train.checkpoint import list_checkpoints  # here, not above: it imports torch
 
     newest = list_checkpoints(earlier_run / "checkpoints")[-1:]
     tmp = run_dir.with_name(f".{run_dir.name}.seeding")
@@ -133,7 +148,7 @@ def extend_from(earlier_run: Path, run_dir: Path) -> None:
 
 def run_outputs(run_dir: Path) -> StepResult:
     """A finished training run as a step result: its metrics, and its final checkpoint as the output file."""
-    from distml.train.checkpoint import list_checkpoints
+    from distml.train.checkpoint import list_checkpoints  # here, not above: it imports torch
 
     result = json.loads((run_dir / "result.json").read_text())
     final = list_checkpoints(run_dir / "checkpoints")[-1]
@@ -152,12 +167,18 @@ def run_outputs(run_dir: Path) -> StepResult:
 
 
 # -- select and register ------------------------------------------------------------------------------------
-def select_step(workspace: Workspace, config: DistmlConfig, runs: list[str], log: Any = print) -> StepResult:
-    from distml.registry.evaluate import select_runs
-
+def select_step(workspace: Workspace, config: DistmlConfig, runs: list[str], log: Log = print) -> StepResult:
+    """Export and evaluate every run, and choose the best by the ``[pipeline]`` metric and limits."""
     p = config.pipeline
-    selection = select_runs(workspace, runs, metric=p.metric, direction=p.direction,
-                            max_latency_ms=p.max_latency_ms, max_params=p.max_params, log=log)  # fmt: skip
+    selection = select_runs(
+        workspace,
+        runs,
+        metric=p.metric,
+        direction=p.direction,
+        max_latency_ms=p.max_latency_ms,
+        max_params=p.max_params,
+        log=log,
+    )
     winner = selection.winner
     value = selection.choice.winner[p.metric]
     return StepResult(
@@ -169,16 +190,13 @@ def select_step(workspace: Workspace, config: DistmlConfig, runs: list[str], log
             "table": selection.table,
             "report": str(selection.report),
         },
-        files={"model.onnx": winner.onnx_path, "model.json": winner.path / "model.json"},
+        files={ONNX_FILE: winner.onnx_path, CARD_FILE: winner.path / CARD_FILE},
         metric=f"{selection.choice.winner['run']}: {p.metric} {value:.4f}",
     )
 
 
 def register_step(workspace: Workspace, artifact_dir: Path) -> StepResult:
     """Make the artifact the champion: promote the version that already holds it, else register a new one."""
-    from distml.registry import Registry
-    from distml.registry.artifact import open_artifact
-
     artifact = open_artifact(artifact_dir)
     registry = Registry(workspace)
     sha = artifact.card.onnx_sha256
@@ -205,9 +223,6 @@ def register_step(workspace: Workspace, artifact_dir: Path) -> StepResult:
 
 def verify_registered(workspace: Workspace, outputs: dict[str, Any]) -> str | None:
     """A cached registration is good only while the champion is still that version."""
-    from distml.errors import DistmlError
-    from distml.registry import Registry
-
     try:
         current = Registry(workspace).lookup(outputs["ref"])
     except DistmlError as exc:
