@@ -34,10 +34,14 @@ SINK_PORT = 8080
 def namespace(plan: Plan) -> Obj:
     """The namespace, with Kubernetes' Pod Security admission enforcing ``[k8s] pod_security`` (restricted)."""
     pss = "pod-security.kubernetes.io"
-    labels = {**plan.labels("namespace"),
-              f"{pss}/enforce": plan.k8s.pod_security, f"{pss}/enforce-version": "latest",
-              # Even where baseline is enforced, what would break restricted is reported.
-              f"{pss}/warn": "restricted", f"{pss}/audit": "restricted"}  # fmt: skip
+    labels = {
+        **plan.labels("namespace"),
+        f"{pss}/enforce": plan.k8s.pod_security,
+        f"{pss}/enforce-version": "latest",
+        # Even where baseline is enforced, what would break restricted is reported.
+        f"{pss}/warn": "restricted",
+        f"{pss}/audit": "restricted",
+    }
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": plan.namespace, "labels": labels}}
 
 
@@ -56,8 +60,7 @@ def config_map(plan: Plan) -> Obj:
         train = cand.config.model_dump(mode="json")
         header = f"candidate {cand.label}: {cand.nodes} pod(s) x {cand.procs} DDP worker(s)"
         files[cand.config_file] = dumps_toml({"data": doc["data"], "train": train}, header=header)
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": plan.meta("distml-config", "config"),
-            "data": files}  # fmt: skip
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": plan.meta("distml-config", "config"), "data": files}
 
 
 def workspace_claim(plan: Plan) -> Obj:
@@ -67,26 +70,44 @@ def workspace_claim(plan: Plan) -> Obj:
     }
     if plan.k8s.storage_class:
         spec["storageClassName"] = plan.k8s.storage_class
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": plan.meta("distml-workspace", "workspace"), "spec": spec}  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": plan.meta("distml-workspace", "workspace"),
+        "spec": spec,
+    }
 
 
 def rbac(plan: Plan) -> list[Obj]:
     """A service account per role, none with an automounted token; Roles for the two that use the API."""
     accounts = [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": plan.meta(name, component),
-         "automountServiceAccountToken": False}
-        for name, component in ((WORKFLOW_SA, "workflow"), (EXECUTOR_SA, "workflow"), (RESOURCES_SA, "workflow"),
-                                ("distml-train", "train"), ("distml-serve", "serve"))
-    ]  # fmt: skip
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": plan.meta(name, component),
+            "automountServiceAccountToken": False,
+        }
+        for name, component in (
+            (WORKFLOW_SA, "workflow"),
+            (EXECUTOR_SA, "workflow"),
+            (RESOURCES_SA, "workflow"),
+            ("distml-train", "train"),
+            ("distml-serve", "serve"),
+        )
+    ]
     # Argo mounts an executor's token from the Secret '<account>.service-account-token' (Kubernetes >= 1.24
     # creates none by itself); the control plane fills in the token, so nothing secret is rendered here.
     tokens = [
-        {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
-         "metadata": plan.meta(f"{sa}.service-account-token", "workflow",
-                               annotations={"kubernetes.io/service-account.name": sa})}
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/service-account-token",
+            "metadata": plan.meta(
+                f"{sa}.service-account-token", "workflow", annotations={"kubernetes.io/service-account.name": sa}
+            ),
+        }
         for sa in (EXECUTOR_SA, RESOURCES_SA)
-    ]  # fmt: skip
+    ]
     # Argo's executor (emissary, Argo >= 3.4) reports each step's outputs through WorkflowTaskResults.
     task_results = {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]}
     job = ("trainer.kubeflow.org", "trainjobs") if plan.k8s.training == "trainjob" else ("kubeflow.org", "pytorchjobs")
@@ -97,25 +118,35 @@ def rbac(plan: Plan) -> list[Obj]:
         # ...each with the NetworkPolicy that lets its own pods (and only those) reach each other...
         {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "get", "delete"]},
         # ...and create or patch the InferenceService with the new champion.
-        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
-         "verbs": ["create", "get", "list", "watch", "patch", "update"]},
-    ]  # fmt: skip
+        {
+            "apiGroups": ["serving.kserve.io"],
+            "resources": ["inferenceservices"],
+            "verbs": ["create", "get", "list", "watch", "patch", "update"],
+        },
+    ]
     roles: list[Obj] = []
     for sa, rules in ((EXECUTOR_SA, [task_results]), (RESOURCES_SA, resources_rules)):
         roles += _role(plan, sa, rules, [{"kind": "ServiceAccount", "name": sa, "namespace": plan.namespace}])
     # Argo's controller keeps memoized outputs in a ConfigMap of the workflow's namespace; its stock roles
     # cannot create or update ConfigMaps, so the ingest would never be memoized without this grant.
     controller_ns, controller_sa = plan.k8s.argo_controller.split(":")
-    roles += _role(plan, "distml-argo-memoize",
-                   [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]}],
-                   [{"kind": "ServiceAccount", "name": controller_sa, "namespace": controller_ns}])  # fmt: skip
+    roles += _role(
+        plan,
+        "distml-argo-memoize",
+        [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]}],
+        [{"kind": "ServiceAccount", "name": controller_sa, "namespace": controller_ns}],
+    )
     return [*accounts, *tokens, *roles]
 
 
 def _role(plan: Plan, name: str, rules: list[Obj], subjects: list[Obj]) -> list[Obj]:
     """A Role and the RoleBinding that grants it to ``subjects``."""
-    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": plan.meta(name, "workflow"), "rules": rules}  # fmt: skip
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": plan.meta(name, "workflow"),
+        "rules": rules,
+    }
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
@@ -141,9 +172,15 @@ def _deployment(plan: Plan, name: str, component: str, pod: Obj, replicas: int =
 
 
 def _service(
-    plan: Plan, name: str, component: str, port: int, target: int, *,
-    selector: dict[str, str] | None = None, port_name: str = "http",
-) -> Obj:  # fmt: skip
+    plan: Plan,
+    name: str,
+    component: str,
+    port: int,
+    target: int,
+    *,
+    selector: dict[str, str] | None = None,
+    port_name: str = "http",
+) -> Obj:
     """A Service over the pods of ``component`` (or ``selector``)."""
     return {
         "apiVersion": "v1",
@@ -176,48 +213,69 @@ def mlflow(plan: Plan) -> list[Obj]:
     A pipeline that outgrows SQLite points ``[k8s] mlflow_uri`` at a server with a database instead, and this
     is not rendered.
     """
-    claim: Obj = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": plan.meta("distml-mlflow", "mlflow"),
-             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}}}  # fmt: skip
+    claim: Obj = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": plan.meta("distml-mlflow", "mlflow"),
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}},
+    }
     if plan.k8s.storage_class:
         claim["spec"]["storageClassName"] = plan.k8s.storage_class
-    auth_config = {"apiVersion": "v1", "kind": "ConfigMap",
-                   "metadata": plan.meta("distml-mlflow-auth-config", "mlflow"),
-                   "data": {"basic_auth.ini": MLFLOW_AUTH_INI}}  # fmt: skip
+    auth_config = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": plan.meta("distml-mlflow-auth-config", "mlflow"),
+        "data": {"basic_auth.ini": MLFLOW_AUTH_INI},
+    }
     health = {"httpGet": {"path": "/health", "port": MLFLOW_PORT}, "timeoutSeconds": 5}  # /health needs no login
 
     def secret(name: str, key: str) -> Obj:
         return {"name": name, "valueFrom": {"secretKeyRef": {"name": MLFLOW_AUTH_SECRET, "key": key}}}
 
+    args = ["--host", "0.0.0.0", "--port", str(MLFLOW_PORT),  # noqa: S104 (a pod listens on its IP)
+            "--backend-store-uri", "sqlite:////mlflow/mlflow.db",
+            "--artifacts-destination", "/mlflow/artifacts", "--serve-artifacts",
+            "--app-name", "basic-auth",
+            # One worker: SQLite has one writer anyway, and each worker is a whole MLflow app in memory.
+            "--workers", "1",
+            # MLflow refuses Host headers it does not know (DNS-rebinding guard): allow the Service's names.
+            "--allowed-hosts", "distml-mlflow,distml-mlflow:*,distml-mlflow.*,localhost:*,127.0.0.1:*"]  # fmt: skip
     container = {
         "name": "mlflow",
         "image": plan.k8s.image,
         "command": ["mlflow", "server"],
-        "args": ["--host", "0.0.0.0", "--port", str(MLFLOW_PORT),  # noqa: S104 (a pod listens on its IP)
-                 "--backend-store-uri", "sqlite:////mlflow/mlflow.db",
-                 "--artifacts-destination", "/mlflow/artifacts", "--serve-artifacts",
-                 "--app-name", "basic-auth",
-                 # One worker: SQLite has one writer anyway, and each worker is a whole MLflow app in memory.
-                 "--workers", "1",
-                 # MLflow refuses Host headers it does not know (DNS-rebinding guard): allow the Service's names.
-                 "--allowed-hosts", "distml-mlflow,distml-mlflow:*,distml-mlflow.*,localhost:*,127.0.0.1:*"],
-        "env": [{"name": "MLFLOW_AUTH_CONFIG_PATH", "value": f"{MLFLOW_AUTH_MOUNT}/basic_auth.ini"},
-                secret("MLFLOW_AUTH_ADMIN_USERNAME", "username"), secret("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
-                # The auth app signs its CSRF tokens with this; a fixed key keeps them valid across restarts.
-                secret("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key"), *scratch_env()],
+        "args": args,
+        "env": [
+            {"name": "MLFLOW_AUTH_CONFIG_PATH", "value": f"{MLFLOW_AUTH_MOUNT}/basic_auth.ini"},
+            secret("MLFLOW_AUTH_ADMIN_USERNAME", "username"),
+            secret("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+            # The auth app signs its CSRF tokens with this; a fixed key keeps them valid across restarts.
+            secret("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key"),
+            *scratch_env(),
+        ],
         "ports": [{"name": "http", "containerPort": MLFLOW_PORT}],
         # Starting takes a while on a busy node (the app imports a lot): up to 5 minutes before liveness counts.
         "startupProbe": {**health, "periodSeconds": 5, "failureThreshold": 60},
         "readinessProbe": {**health, "periodSeconds": 10},
         "livenessProbe": {**health, "periodSeconds": 20, "failureThreshold": 3},
         "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
-        "volumeMounts": [{"name": "data", "mountPath": "/mlflow"},
-                         {"name": "auth-config", "mountPath": MLFLOW_AUTH_MOUNT, "readOnly": True}, scratch_mount()],
+        "volumeMounts": [
+            {"name": "data", "mountPath": "/mlflow"},
+            {"name": "auth-config", "mountPath": MLFLOW_AUTH_MOUNT, "readOnly": True},
+            scratch_mount(),
+        ],
         "securityContext": CONTAINER_SECURITY,
-    }  # fmt: skip
-    pod = {"containers": [container], "automountServiceAccountToken": False, "securityContext": POD_SECURITY,
-           "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "distml-mlflow"}},
-                       {"name": "auth-config", "configMap": {"name": "distml-mlflow-auth-config"}},
-                       scratch_volume()]}  # fmt: skip
+    }
+    pod = {
+        "containers": [container],
+        "automountServiceAccountToken": False,
+        "securityContext": POD_SECURITY,
+        "volumes": [
+            {"name": "data", "persistentVolumeClaim": {"claimName": "distml-mlflow"}},
+            {"name": "auth-config", "configMap": {"name": "distml-mlflow-auth-config"}},
+            scratch_volume(),
+        ],
+    }
     deployment = _deployment(plan, "distml-mlflow", "mlflow", pod)
     deployment["spec"]["strategy"] = {"type": "Recreate"}  # one writer of the SQLite file at a time
     return [claim, auth_config, deployment, _service(plan, "distml-mlflow", "mlflow", MLFLOW_PORT, MLFLOW_PORT)]
@@ -240,11 +298,16 @@ def request_log_sink(plan: Plan) -> list[Obj]:
         "volumeMounts": [scratch_mount()],
         "securityContext": {**CONTAINER_SECURITY, **user},
     }
-    pod = {"containers": [container], "automountServiceAccountToken": False,
-           "securityContext": {"runAsNonRoot": True, **user, "seccompProfile": SECCOMP},
-           "volumes": [scratch_volume()]}  # fmt: skip
-    return [_deployment(plan, "distml-request-log", "request-log", pod),
-            _service(plan, "distml-request-log", "request-log", 80, SINK_PORT)]  # fmt: skip
+    pod = {
+        "containers": [container],
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, **user, "seccompProfile": SECCOMP},
+        "volumes": [scratch_volume()],
+    }
+    return [
+        _deployment(plan, "distml-request-log", "request-log", pod),
+        _service(plan, "distml-request-log", "request-log", 80, SINK_PORT),
+    ]
 
 
 def config_mount_path(name: str) -> str:

@@ -51,8 +51,15 @@ def _namespace(name: str) -> dict[str, Any]:
     return {"matchLabels": {"kubernetes.io/metadata.name": name}}
 
 
-def _policy(plan: Plan, name: str, component: str, selector: dict[str, Any], *,
-            ingress: list[Obj] | None = None, egress: list[Obj] | None = None) -> Obj:  # fmt: skip
+def _policy(
+    plan: Plan,
+    name: str,
+    component: str,
+    selector: dict[str, Any],
+    *,
+    ingress: list[Obj] | None = None,
+    egress: list[Obj] | None = None,
+) -> Obj:
     spec: Obj = {"podSelector": selector, "policyTypes": []}
     if ingress is not None:
         spec["policyTypes"].append("Ingress")
@@ -60,8 +67,12 @@ def _policy(plan: Plan, name: str, component: str, selector: dict[str, Any], *,
     if egress is not None:
         spec["policyTypes"].append("Egress")
         spec["egress"] = egress
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": plan.meta(name, component), "spec": spec}  # fmt: skip
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": plan.meta(name, component),
+        "spec": spec,
+    }
 
 
 def url_port(url: str) -> int:
@@ -93,9 +104,12 @@ def _source_ports(source: str | None) -> tuple[int, ...]:
 def policies(plan: Plan) -> list[Obj]:
     """The namespace's NetworkPolicies (the per-job ones are the workflow's: :func:`job_policy`)."""
     k = plan.k8s
-    dns = {"to": [{"namespaceSelector": _namespace("kube-system"),
-                   "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
-           "ports": _ports(53, protocol="UDP") + _ports(53)}  # fmt: skip
+    dns = {
+        "to": [
+            {"namespaceSelector": _namespace("kube-system"), "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+        ],
+        "ports": _ports(53, protocol="UDP") + _ports(53),
+    }
     # Argo's executor reports outputs and the resource steps create jobs through the API server; its address is
     # outside any pod network, so [k8s] api_server_cidr (all by default) and its two usual ports pin it.
     api = {"to": [{"ipBlock": {"cidr": k.api_server_cidr}}], "ports": _ports(443, 6443)}
@@ -112,25 +126,49 @@ def policies(plan: Plan) -> list[Obj]:
         }
         out.append(_policy(plan, "distml-ingest", "workflow", ingest, egress=[{"ports": _ports(*ports)}]))
     if plan.render_mlflow:
-        clients = {"matchLabels": {"app.kubernetes.io/name": APP},
-                   "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In",
-                                         "values": ["workflow", "train"]}]}  # fmt: skip
-        admitted = {"from": [{"podSelector": clients}, {"podSelector": {"matchLabels": PREDICTOR_PODS}}],
-                    "ports": _ports(MLFLOW_PORT)}  # fmt: skip
+        clients = {
+            "matchLabels": {"app.kubernetes.io/name": APP},
+            "matchExpressions": [
+                {"key": "app.kubernetes.io/component", "operator": "In", "values": ["workflow", "train"]}
+            ],
+        }
+        admitted = {
+            "from": [{"podSelector": clients}, {"podSelector": {"matchLabels": PREDICTOR_PODS}}],
+            "ports": _ports(MLFLOW_PORT),
+        }
         out.append(_policy(plan, "distml-mlflow", "mlflow", _pods("mlflow"), ingress=[admitted]))
     out.append(_policy(plan, "distml-train", "train", _pods("train"), egress=[_mlflow_egress(plan)]))
     serve_in: list[Obj] = []
     if k.ingress_namespaces:
-        serve_in.append({
-            "from": [{"namespaceSelector": {"matchExpressions": [
-                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": list(k.ingress_namespaces)}]}}],
-            "ports": _ports(*QUEUE_PROXY_PORTS, SERVE_PORT),
-        })  # fmt: skip
-    serve_in.append({  # Prometheus scrapes /metrics on the server's port
-        "from": [{"namespaceSelector": _namespace(k.prometheus_namespace),
-                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
-        "ports": _ports(SERVE_PORT),
-    })  # fmt: skip
+        serve_in.append(
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {
+                            "matchExpressions": [
+                                {
+                                    "key": "kubernetes.io/metadata.name",
+                                    "operator": "In",
+                                    "values": list(k.ingress_namespaces),
+                                }
+                            ]
+                        }
+                    }
+                ],
+                "ports": _ports(*QUEUE_PROXY_PORTS, SERVE_PORT),
+            }
+        )
+    serve_in.append(
+        {  # Prometheus scrapes /metrics on the server's port
+            "from": [
+                {
+                    "namespaceSelector": _namespace(k.prometheus_namespace),
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ],
+            "ports": _ports(SERVE_PORT),
+        }
+    )
     sink = (
         {"to": [{"podSelector": _pods("request-log")}], "ports": _ports(SINK_PORT)}
         if plan.render_logsink
@@ -147,8 +185,15 @@ def policies(plan: Plan) -> list[Obj]:
 def job_policy(plan: Plan, cand: Candidate, run_name: str) -> Obj:
     """A multi-pod job's pods to and from each other, and only them (``run_name``: the job's name)."""
     own = {"podSelector": {"matchLabels": {JOB_LABEL[plan.k8s.training]: run_name}}}
-    meta = {"name": run_name, "namespace": plan.namespace,
-            "labels": {**plan.labels("train"), "distml.io/candidate": cand.label}}  # fmt: skip
-    spec = {"podSelector": own["podSelector"], "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [own]}], "egress": [{"to": [own]}]}  # fmt: skip
+    meta = {
+        "name": run_name,
+        "namespace": plan.namespace,
+        "labels": {**plan.labels("train"), "distml.io/candidate": cand.label},
+    }
+    spec = {
+        "podSelector": own["podSelector"],
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": [own]}],
+        "egress": [{"to": [own]}],
+    }
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta, "spec": spec}

@@ -28,13 +28,24 @@ DISTML_RUNTIME = "distml-torch-distributed"  # the ClusterTrainingRuntime the re
 # The image's user (uid 1000); fsGroup makes the volumes it mounts writable to it (chown only when needed).
 # With CONTAINER_SECURITY, what Kubernetes' "restricted" Pod Security Standard asks for.
 SECCOMP = {"type": "RuntimeDefault"}
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": SECCOMP}  # fmt: skip
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": SECCOMP,
+}
 # Complete on its own (non-root, seccomp), so that a container whose pod-level context is not ours (KServe's
 # predictor under Knative, which refuses most pod-level fields) is still restricted. The root filesystem is
 # read-only: what a process writes goes to the volumes or to the scratch emptyDir at /tmp.
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                      "readOnlyRootFilesystem": True, "runAsNonRoot": True, "seccompProfile": SECCOMP}  # fmt: skip
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "seccompProfile": SECCOMP,
+}
 
 
 @dataclass(frozen=True)
@@ -77,8 +88,11 @@ class Plan:
         return f"models:/{self.model_name}@champion"
 
     def labels(self, component: str) -> dict[str, str]:
-        return {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": component,
-                "app.kubernetes.io/part-of": APP}  # fmt: skip
+        return {
+            "app.kubernetes.io/name": APP,
+            "app.kubernetes.io/component": component,
+            "app.kubernetes.io/part-of": APP,
+        }
 
     def meta(self, name: str, component: str, **extra: Any) -> dict[str, Any]:
         return {"name": name, "namespace": self.namespace, "labels": self.labels(component), **extra}
@@ -97,9 +111,13 @@ class Plan:
         """MLflow's client reads these for HTTP basic auth. The rendered server cannot start without the Secret;
         an existing server (``mlflow_uri``) may have no auth, so there the Secret is optional."""
         optional = not self.render_mlflow
-        return [{"name": f"MLFLOW_TRACKING_{key.upper()}",
-                 "valueFrom": {"secretKeyRef": {"name": MLFLOW_AUTH_SECRET, "key": key, "optional": optional}}}
-                for key in ("username", "password")]  # fmt: skip
+        return [
+            {
+                "name": f"MLFLOW_TRACKING_{key.upper()}",
+                "valueFrom": {"secretKeyRef": {"name": MLFLOW_AUTH_SECRET, "key": key, "optional": optional}},
+            }
+            for key in ("username", "password")
+        ]
 
     def mounts(self) -> list[dict[str, Any]]:
         return [
@@ -161,8 +179,10 @@ def make_plan(config: DistmlConfig, overrides: dict[str, Any] | None = None) -> 
                 hint="make workers a multiple of procs_per_node",
             )
         if k8s.gpus_per_node and procs > k8s.gpus_per_node:
-            raise UsageError(f"candidate {label}: {procs} workers per pod but {k8s.gpus_per_node} GPUs per pod",
-                             hint="NCCL runs one worker per GPU: procs_per_node <= gpus_per_node")  # fmt: skip
+            raise UsageError(
+                f"candidate {label}: {procs} workers per pod but {k8s.gpus_per_node} GPUs per pod",
+                hint="NCCL runs one worker per GPU: procs_per_node <= gpus_per_node",
+            )
         # Each worker gets the cores its pod asks for, so the job never oversubscribes the pod's CPU limit.
         sized = cfg.model_copy(update={"threads_per_worker": cfg.threads_per_worker or k8s.cpu_per_worker})
         candidates.append(Candidate(label, sized, cfg.workers // procs, procs))
@@ -175,6 +195,15 @@ def make_plan(config: DistmlConfig, overrides: dict[str, Any] | None = None) -> 
     dataset = p.name or (Path(p.source).name if p.dataset == "folder" and p.source else p.dataset)
     mlflow_uri = k8s.mlflow_uri or f"http://distml-mlflow.{k8s.namespace}.svc.cluster.local:{MLFLOW_PORT}"
     logger_url = k8s.logger_url or f"http://distml-request-log.{k8s.namespace}.svc.cluster.local"
-    return Plan(config, k8s, shape, tuple(candidates), model_name_for(dataset), mlflow_uri, logger_url,
-                render_mlflow=k8s.mlflow_uri is None, render_logsink=k8s.logger_url is None,
-                render_runtime=k8s.training == "trainjob" and k8s.runtime == DISTML_RUNTIME)  # fmt: skip
+    return Plan(
+        config,
+        k8s,
+        shape,
+        tuple(candidates),
+        model_name_for(dataset),
+        mlflow_uri,
+        logger_url,
+        render_mlflow=k8s.mlflow_uri is None,
+        render_logsink=k8s.logger_url is None,
+        render_runtime=k8s.training == "trainjob" and k8s.runtime == DISTML_RUNTIME,
+    )

@@ -63,8 +63,12 @@ def build(plan: Plan) -> dict[str, list[Obj] | str]:
     # The InferenceService is the workflow's to create (with a champion to serve) and the Workflow is created
     # per run, so neither is part of 'kubectl apply -k'.
     resources = [p for p in files if p.endswith(".yaml") and p != "inference-service.yaml"]
-    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                     "namespace": plan.namespace, "resources": resources}  # fmt: skip
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": plan.namespace,
+        "resources": resources,
+    }
     files["kustomization.yaml"] = [kustomization]
     files["workflow.yaml"] = [workflow.workflow(plan)]
     return files

@@ -21,29 +21,43 @@ PREDICTOR_PODS = {"serving.kserve.io/inferenceservice": ISVC_NAME}  # KServe lab
 
 def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
     k = plan.k8s
-    probe = {"httpGet": {"path": "/v2/health/ready", "port": SERVE_PORT}, "periodSeconds": 5, "timeoutSeconds": 2,
-             "failureThreshold": 3}  # fmt: skip
+    probe = {
+        "httpGet": {"path": "/v2/health/ready", "port": SERVE_PORT},
+        "periodSeconds": 5,
+        "timeoutSeconds": 2,
+        "failureThreshold": 3,
+    }
+    args = ["--config", config_mount_path("distml.toml"), "serve", ref,
+            "--host", "0.0.0.0", "--port", str(SERVE_PORT), "--drain-s", "5"]  # fmt: skip  # noqa: S104
     container = {
         "name": "kserve-container",
         "image": k.image,
         "command": ["distml"],
         # --drain-s: after SIGTERM answer not-ready while the endpoints drop the pod, then finish what is in flight.
-        "args": ["--config", config_mount_path("distml.toml"), "serve", ref, "--host", "0.0.0.0",  # noqa: S104
-                 "--port", str(SERVE_PORT), "--drain-s", "5"],
+        "args": args,
         "env": plan.env(),
         "ports": [{"name": "http1", "containerPort": SERVE_PORT, "protocol": "TCP"}],
         "readinessProbe": probe,
-        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": SERVE_PORT}, "periodSeconds": 10,
-                          "timeoutSeconds": 2, "initialDelaySeconds": 10},
-        "resources": {"requests": {"cpu": k.serve_cpu, "memory": k.serve_memory},
-                      "limits": {"cpu": k.serve_cpu, "memory": k.serve_memory}},
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": SERVE_PORT},
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+            "initialDelaySeconds": 10,
+        },
+        "resources": {
+            "requests": {"cpu": k.serve_cpu, "memory": k.serve_memory},
+            "limits": {"cpu": k.serve_cpu, "memory": k.serve_memory},
+        },
         # The champion is downloaded from MLflow into a pod-local workspace: replicas share no volume.
-        "volumeMounts": [{"name": "workspace", "mountPath": WORKSPACE_MOUNT},
-                         {"name": "config", "mountPath": "/etc/distml", "readOnly": True}, scratch_mount()],
+        "volumeMounts": [
+            {"name": "workspace", "mountPath": WORKSPACE_MOUNT},
+            {"name": "config", "mountPath": "/etc/distml", "readOnly": True},
+            scratch_mount(),
+        ],
         # All in the container's own context: Knative refuses most pod-level security fields (fsGroup, seccomp)
         # unless its feature flags allow them, so the container is restricted by itself.
         "securityContext": {**CONTAINER_SECURITY, "runAsUser": 1000, "runAsGroup": 1000},
-    }  # fmt: skip
+    }
     predictor: Obj = {
         "serviceAccountName": "distml-serve",
         "minReplicas": k.serve_min_replicas,
@@ -53,9 +67,12 @@ def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
         "annotations": {"distml.io/model-version": version},  # a new champion version rolls a new revision
         "logger": {"mode": plan.config.serve.log_mode, "url": plan.logger_url},
         "containers": [container],
-        "volumes": [{"name": "workspace", "emptyDir": {"sizeLimit": "2Gi"}},
-                    {"name": "config", "configMap": {"name": "distml-config"}}, scratch_volume()],
-    }  # fmt: skip
+        "volumes": [
+            {"name": "workspace", "emptyDir": {"sizeLimit": "2Gi"}},
+            {"name": "config", "configMap": {"name": "distml-config"}},
+            scratch_volume(),
+        ],
+    }
     annotations = {
         "distml.io/model": ref,
         # Knative's autoscaler reads these (KServe's scaleMetric/scaleTarget set the same in its own API).
@@ -65,8 +82,12 @@ def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
     if k.serve_scale_metric == "cpu":  # Knative's own autoscaler knows concurrency and rps; cpu is the HPA's
         annotations["autoscaling.knative.dev/class"] = "hpa.autoscaling.knative.dev"
     meta = plan.meta(ISVC_NAME, "serve", annotations=annotations)
-    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta,
-            "spec": {"predictor": predictor}}  # fmt: skip
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": meta,
+        "spec": {"predictor": predictor},
+    }
 
 
 def metrics_service(plan: Plan) -> Obj:
@@ -97,21 +118,39 @@ P99 = 'histogram_quantile(0.99, sum by (le) (rate(distml_request_seconds_bucket{
 
 def prometheus_rule(plan: Plan, *, max_error_ratio: float = 0.01, max_p99_s: float = 0.25) -> Obj:
     rules = [
-        {"alert": "DistmlHighErrorRate", "expr": f"{ERROR_RATIO} > {max_error_ratio}", "for": "5m",
-         "labels": {"severity": "page"},
-         "annotations": {"summary": f"distml: more than {max_error_ratio:.0%} of requests fail (5xx)",
-                         "description": "{{ $value | humanizePercentage }} of requests answered 5xx over 5 minutes."}},
-        {"alert": "DistmlHighP99Latency", "expr": f"{P99} > {max_p99_s}", "for": "10m",
-         "labels": {"severity": "warn"},
-         "annotations": {"summary": f"distml: p99 inference latency above {max_p99_s * 1000:.0f} ms",
-                         "description": "p99 of distml_request_seconds{stage=\"total\"} is {{ $value }} s."}},
-        {"alert": "DistmlRequestLogDropping", "expr": "increase(distml_log_events_total{outcome=\"dropped\"}[15m]) > 0",
-         "labels": {"severity": "warn"},
-         "annotations": {"summary": "distml: request-log events are being dropped"}},
-    ]  # fmt: skip
-    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
-            "metadata": plan.meta("distml-serve", "serve"),
-            "spec": {"groups": [{"name": "distml-serve", "rules": rules}]}}  # fmt: skip
+        {
+            "alert": "DistmlHighErrorRate",
+            "expr": f"{ERROR_RATIO} > {max_error_ratio}",
+            "for": "5m",
+            "labels": {"severity": "page"},
+            "annotations": {
+                "summary": f"distml: more than {max_error_ratio:.0%} of requests fail (5xx)",
+                "description": "{{ $value | humanizePercentage }} of requests answered 5xx over 5 minutes.",
+            },
+        },
+        {
+            "alert": "DistmlHighP99Latency",
+            "expr": f"{P99} > {max_p99_s}",
+            "for": "10m",
+            "labels": {"severity": "warn"},
+            "annotations": {
+                "summary": f"distml: p99 inference latency above {max_p99_s * 1000:.0f} ms",
+                "description": 'p99 of distml_request_seconds{stage="total"} is {{ $value }} s.',
+            },
+        },
+        {
+            "alert": "DistmlRequestLogDropping",
+            "expr": 'increase(distml_log_events_total{outcome="dropped"}[15m]) > 0',
+            "labels": {"severity": "warn"},
+            "annotations": {"summary": "distml: request-log events are being dropped"},
+        },
+    ]
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": plan.meta("distml-serve", "serve"),
+        "spec": {"groups": [{"name": "distml-serve", "rules": rules}]},
+    }
 
 
 def dashboard() -> dict[str, Any]:
@@ -120,29 +159,54 @@ def dashboard() -> dict[str, Any]:
 
     def panel(i: int, title: str, exprs: list[tuple[str, str]], unit: str) -> dict[str, Any]:
         return {
-            "id": i + 1, "type": "timeseries", "title": title, "datasource": ds,
+            "id": i + 1,
+            "type": "timeseries",
+            "title": title,
+            "datasource": ds,
             "gridPos": {"h": 8, "w": 12, "x": (i % 2) * 12, "y": (i // 2) * 8},
             "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-            "targets": [{"refId": chr(65 + j), "datasource": ds, "expr": e, "legendFormat": legend}
-                        for j, (e, legend) in enumerate(exprs)],
-        }  # fmt: skip
+            "targets": [
+                {"refId": chr(65 + j), "datasource": ds, "expr": e, "legendFormat": legend}
+                for j, (e, legend) in enumerate(exprs)
+            ],
+        }
 
     panels = [
-        panel(0, "Requests per second by status",
-              [("sum by (status) (rate(distml_requests_total[1m]))", "{{status}}")], "reqps"),
+        panel(
+            0,
+            "Requests per second by status",
+            [("sum by (status) (rate(distml_requests_total[1m]))", "{{status}}")],
+            "reqps",
+        ),
         panel(1, "Error ratio (5xx)", [(ERROR_RATIO, "errors")], "percentunit"),
-        panel(2, "Latency p50 / p99 (total)",
-              [(P99.replace("0.99", "0.5"), "p50"), (P99, "p99")], "s"),
-        panel(3, "p99 latency by stage",
-              [('histogram_quantile(0.99, sum by (le, stage) (rate(distml_request_seconds_bucket[5m])))',
-                "{{stage}}")], "s"),
-        panel(4, "Mean batch size",
-              [("sum(rate(distml_batch_size_sum[5m])) / clamp_min(sum(rate(distml_batch_size_count[5m])), 1e-9)",
-                "images per model run")], "short"),
-        panel(5, "Queue depth and request-log drops",
-              [("sum(distml_queue_depth)", "queue"),
-               ('sum(increase(distml_log_events_total{outcome="dropped"}[5m]))', "log events dropped")], "short"),
-    ]  # fmt: skip
+        panel(2, "Latency p50 / p99 (total)", [(P99.replace("0.99", "0.5"), "p50"), (P99, "p99")], "s"),
+        panel(
+            3,
+            "p99 latency by stage",
+            [("histogram_quantile(0.99, sum by (le, stage) (rate(distml_request_seconds_bucket[5m])))", "{{stage}}")],
+            "s",
+        ),
+        panel(
+            4,
+            "Mean batch size",
+            [
+                (
+                    "sum(rate(distml_batch_size_sum[5m])) / clamp_min(sum(rate(distml_batch_size_count[5m])), 1e-9)",
+                    "images per model run",
+                )
+            ],
+            "short",
+        ),
+        panel(
+            5,
+            "Queue depth and request-log drops",
+            [
+                ("sum(distml_queue_depth)", "queue"),
+                ('sum(increase(distml_log_events_total{outcome="dropped"}[5m]))', "log events dropped"),
+            ],
+            "short",
+        ),
+    ]
     return {
         "title": "distml model server",
         "uid": "distml-serve",
@@ -162,5 +226,9 @@ def dashboard_config_map(plan: Plan) -> Obj:
     """The dashboard for Grafana's sidecar, which loads ConfigMaps labelled ``grafana_dashboard``."""
     meta = plan.meta("distml-grafana-dashboard", "monitoring")
     meta["labels"]["grafana_dashboard"] = "1"
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-            "data": {"distml-serve.json": json.dumps(dashboard(), indent=2) + "\n"}}  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {"distml-serve.json": json.dumps(dashboard(), indent=2) + "\n"},
+    }

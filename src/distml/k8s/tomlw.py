@@ -19,8 +19,9 @@ def dumps_toml(doc: dict[str, dict[str, Any]], *, header: str = "") -> str:
         lines += [f"{key} = {_value(v)}" for key, v in table.items() if v is not None]
     text = "\n".join(lines).lstrip("\n") + "\n"
     back = tomllib.loads(text)
-    want = {s: {k: list(v) if isinstance(v, tuple) else v for k, v in t.items() if v is not None}
-            for s, t in doc.items()}  # fmt: skip
+    want = {
+        s: {k: list(v) if isinstance(v, tuple) else v for k, v in t.items() if v is not None} for s, t in doc.items()
+    }
     assert back == want, f"TOML round trip changed the config: {back} != {want}"
     return text
 

@@ -30,9 +30,11 @@ CONDITIONS = {
     "trainjob": ("status.jobsStatus.0.succeeded > 0", "status.jobsStatus.0.failed > 0"),
     # Pods restart Never, so a failed worker shows as failed (OnFailure restarts it in place until the operator
     # gives up and deletes the pods, and the counts never move). Failure requirements are OR-ed by Argo.
-    "pytorchjob": ("status.replicaStatuses.Master.succeeded > 0",
-                   "status.replicaStatuses.Master.failed > 0, status.replicaStatuses.Worker.failed > 0"),
-}  # fmt: skip
+    "pytorchjob": (
+        "status.replicaStatuses.Master.succeeded > 0",
+        "status.replicaStatuses.Master.failed > 0, status.replicaStatuses.Worker.failed > 0",
+    ),
+}
 
 
 def train_args(plan: Plan, cand: Candidate, dataset: str, run_name: str) -> list[str]:
@@ -118,9 +120,11 @@ def training_runtime(plan: Plan) -> Obj:
     node = {
         "name": TRAINJOB_NODE,
         # Trainer finds the replicated job that runs the trainer by this label (and by its name in older releases).
-        "template": {"metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
-                     "spec": {"template": pod}},
-    }  # fmt: skip
+        "template": {
+            "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+            "spec": {"template": pod},
+        },
+    }
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "ClusterTrainingRuntime",
@@ -144,11 +148,18 @@ def _pytorchjob(plan: Plan, cand: Candidate, dataset: str, run_name: str) -> Obj
             "volumeMounts": [*plan.mounts(), _shm_mount()],
             "securityContext": CONTAINER_SECURITY,
         }
-        pod = {"serviceAccountName": "distml-train", "automountServiceAccountToken": False,
-               "securityContext": POD_SECURITY, "containers": [container],
-               "volumes": [*plan.volumes(), _shm()]}  # fmt: skip
-        return {"replicas": count, "restartPolicy": "Never",
-                "template": {"metadata": {"labels": _labels(plan, cand)}, "spec": pod}}  # fmt: skip
+        pod = {
+            "serviceAccountName": "distml-train",
+            "automountServiceAccountToken": False,
+            "securityContext": POD_SECURITY,
+            "containers": [container],
+            "volumes": [*plan.volumes(), _shm()],
+        }
+        return {
+            "replicas": count,
+            "restartPolicy": "Never",
+            "template": {"metadata": {"labels": _labels(plan, cand)}, "spec": pod},
+        }
 
     replicas: dict[str, Any] = {"Master": replica(1)}
     if cand.nodes > 1:

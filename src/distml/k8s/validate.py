@@ -119,9 +119,17 @@ def structural_to_jsonschema(node: Any) -> Any:
         return node
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in ("description", "format", "x-kubernetes-validations", "x-kubernetes-list-type",
-                   "x-kubernetes-list-map-keys", "x-kubernetes-map-type", "x-kubernetes-embedded-resource",
-                   "example", "externalDocs"):  # fmt: skip
+        if key in (
+            "description",
+            "format",
+            "x-kubernetes-validations",
+            "x-kubernetes-list-type",
+            "x-kubernetes-list-map-keys",
+            "x-kubernetes-map-type",
+            "x-kubernetes-embedded-resource",
+            "example",
+            "externalDocs",
+        ):
             continue
         if key in ("properties", "patternProperties", "definitions"):
             out[key] = {name: structural_to_jsonschema(sub) for name, sub in value.items()}
@@ -192,8 +200,9 @@ def _check(doc: Any, file: str, where: str, prefix: str, schemas: Schemas, k8s_v
         schema, against = custom
         problems = list(_schema_problems(doc, schema))
     elif "." in api.split("/")[0] and api.split("/")[0] not in _CORE_GROUPS:
-        report.problems.append(Problem(file, obj, _join(prefix, "apiVersion"),
-                                       f"no schema for {api} {kind} (not in {schemas.crd_dir})"))  # fmt: skip
+        report.problems.append(
+            Problem(file, obj, _join(prefix, "apiVersion"), f"no schema for {api} {kind} (not in {schemas.crd_dir})")
+        )
         return
     else:
         against = f"Kubernetes {k8s_version} OpenAPI (strict)"
@@ -202,8 +211,9 @@ def _check(doc: Any, file: str, where: str, prefix: str, schemas: Schemas, k8s_v
     report.checked.append(
         f"{file}: {kind}/{name}" + (f" in {where} {prefix}" if prefix else "") + f" (against {against})"
     )
-    for i, template in enumerate(((doc.get("spec") or {}).get("templates") or []) if kind.startswith("Workflow")
-                                 else []):  # fmt: skip
+    for i, template in enumerate(
+        ((doc.get("spec") or {}).get("templates") or []) if kind.startswith("Workflow") else []
+    ):
         manifest = (template.get("resource") or {}).get("manifest") if isinstance(template, dict) else None
         if isinstance(manifest, str):
             at = f"spec.templates[{i}].resource.manifest"
@@ -216,8 +226,18 @@ def _check(doc: Any, file: str, where: str, prefix: str, schemas: Schemas, k8s_v
                 _check(d, file, f"{kind}/{name}", _join(prefix, at), schemas, k8s_version, report)
 
 
-_CORE_GROUPS = {"rbac.authorization.k8s.io", "networking.k8s.io", "storage.k8s.io", "scheduling.k8s.io",
-                "policy", "apps", "batch", "autoscaling", "coordination.k8s.io", "discovery.k8s.io"}  # fmt: skip
+_CORE_GROUPS = {
+    "rbac.authorization.k8s.io",
+    "networking.k8s.io",
+    "storage.k8s.io",
+    "scheduling.k8s.io",
+    "policy",
+    "apps",
+    "batch",
+    "autoscaling",
+    "coordination.k8s.io",
+    "discovery.k8s.io",
+}
 
 
 def _schema_problems(doc: dict[str, Any], schema: dict[str, Any]) -> Iterator[tuple[str, str]]:

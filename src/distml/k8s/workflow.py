@@ -64,15 +64,23 @@ def workflow_template(plan: Plan) -> Obj:
         "ttlStrategy": {"secondsAfterSuccess": 7 * 24 * 3600},
         "templates": templates,
     }
-    return {"apiVersion": "argoproj.io/v1alpha1", "kind": "WorkflowTemplate",
-            "metadata": plan.meta(TEMPLATE_NAME, "workflow"), "spec": spec}  # fmt: skip
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "WorkflowTemplate",
+        "metadata": plan.meta(TEMPLATE_NAME, "workflow"),
+        "spec": spec,
+    }
 
 
 def workflow(plan: Plan) -> Obj:
     """One run of the template (``kubectl create -f``: each gets a fresh generated name)."""
     meta = {"generateName": "distml-", "namespace": plan.namespace, "labels": plan.labels("workflow")}
-    return {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "metadata": meta,
-            "spec": {"workflowTemplateRef": {"name": TEMPLATE_NAME}}}  # fmt: skip
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": meta,
+        "spec": {"workflowTemplateRef": {"name": TEMPLATE_NAME}},
+    }
 
 
 Task = tuple[Obj, Obj]  # a DAG task and the template it runs (same name)
@@ -123,8 +131,12 @@ def _task(template: Obj, depends: list[str], **arguments: tuple[str, str]) -> Ta
     if depends:
         task["depends"] = " && ".join(depends)
     if arguments:
-        task["arguments"] = {"parameters": [{"name": name, "value": f"{{{{tasks.{t}.outputs.parameters.{o}}}}}"}
-                                            for name, (t, o) in arguments.items()]}  # fmt: skip
+        task["arguments"] = {
+            "parameters": [
+                {"name": name, "value": f"{{{{tasks.{t}.outputs.parameters.{o}}}}}"}
+                for name, (t, o) in arguments.items()
+            ]
+        }
     return task, template
 
 
@@ -162,15 +174,21 @@ def _ingest(plan: Plan, name: str) -> Obj:
 
 def _resource_step(name: str) -> Obj:
     """A resource step's template head: it runs as the one account that may create things, with its token."""
-    return {"name": name, "serviceAccountName": RESOURCES_SA, "automountServiceAccountToken": True,
-            "executor": {"serviceAccountName": RESOURCES_SA}}  # fmt: skip
+    return {
+        "name": name,
+        "serviceAccountName": RESOURCES_SA,
+        "automountServiceAccountToken": True,
+        "executor": {"serviceAccountName": RESOURCES_SA},
+    }
 
 
 def _job_network(plan: Plan, cand: Candidate) -> Obj:
     """Create the NetworkPolicy of the candidate's job (same name), owned by the workflow like the job."""
     manifest = job_policy(plan, cand, run_name(cand.label))
-    return {**_resource_step(f"job-network-{cand.label}"),
-            "resource": {"action": "create", "setOwnerReference": True, "manifest": dump(manifest)}}  # fmt: skip
+    return {
+        **_resource_step(f"job-network-{cand.label}"),
+        "resource": {"action": "create", "setOwnerReference": True, "manifest": dump(manifest)},
+    }
 
 
 def _train(plan: Plan, name: str, cand: Candidate) -> Obj:
@@ -197,8 +215,9 @@ def _select(plan: Plan, name: str, runs: list[str]) -> Obj:
 
 
 def _register(plan: Plan, name: str) -> Obj:
-    return _container_step(plan, name, ["register", "{{inputs.parameters.artifact}}"],
-                           ["name", "version", "ref"], inputs=("artifact",))  # fmt: skip
+    return _container_step(
+        plan, name, ["register", "{{inputs.parameters.artifact}}"], ["name", "version", "ref"], inputs=("artifact",)
+    )
 
 
 def _serve(plan: Plan) -> Obj:

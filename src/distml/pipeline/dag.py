@@ -63,38 +63,58 @@ def ingest(workspace: Workspace, config: DistmlConfig, log: Log = print) -> Step
     p = config.pipeline
     params: dict[str, Any] = {"dataset": p.dataset, "name": p.name, "shard_bytes": config.data.shard_bytes}
     if p.dataset == "folder":
-        params.update(image_size=list(p.image_size), mode=p.mode, test_fraction=p.test_fraction,
-                      on_bad_file=config.data.on_bad_file)  # fmt: skip
+        params.update(
+            image_size=list(p.image_size),
+            mode=p.mode,
+            test_fraction=p.test_fraction,
+            on_bad_file=config.data.on_bad_file,
+        )
     return Step(
-        "ingest", (), S.INGEST_CODE, S.INGEST_LIBS, params,
+        "ingest",
+        (),
+        S.INGEST_CODE,
+        S.INGEST_LIBS,
+        params,
         inputs=lambda outputs, files: {"source": S.source_digest(source, log)},
         run=lambda ctx: S.ingest_step(workspace, config, source, ctx.log),
         verify=S.verify_dataset,
-    )  # fmt: skip
+    )
 
 
 def _select_step(workspace: Workspace, config: DistmlConfig, node: Node) -> Step:
     """Export and evaluate every candidate's run, choose one; its key covers the checkpoints it read."""
     p = config.pipeline
     trains = node.needs
-    params = {"metric": p.metric, "direction": p.direction, "max_latency_ms": p.max_latency_ms,
-              "max_params": p.max_params}  # fmt: skip
+    params = {
+        "metric": p.metric,
+        "direction": p.direction,
+        "max_latency_ms": p.max_latency_ms,
+        "max_params": p.max_params,
+    }
     return Step(
-        node.name, trains, S.SELECT_CODE, S.SELECT_LIBS, params,
+        node.name,
+        trains,
+        S.SELECT_CODE,
+        S.SELECT_LIBS,
+        params,
         inputs=lambda outputs, files: {n: files[n]["checkpoint"]["sha256"] for n in trains},
         run=lambda ctx: S.select_step(workspace, config, [ctx.upstream[n]["run_dir"] for n in trains], ctx.log),
-    )  # fmt: skip
+    )
 
 
 def _register_step(workspace: Workspace, node: Node) -> Step:
     """Register the selected model and make it champion; its key covers the ONNX file it registers."""
     (select,) = node.needs
     return Step(
-        node.name, node.needs, S.REGISTER_CODE, S.REGISTER_LIBS, {},
+        node.name,
+        node.needs,
+        S.REGISTER_CODE,
+        S.REGISTER_LIBS,
+        {},
         inputs=lambda outputs, files: {"model.onnx": files[select]["model.onnx"]["sha256"]},
         run=lambda ctx: S.register_step(workspace, Path(ctx.upstream[select]["artifact"])),
         verify=lambda outputs: S.verify_registered(workspace, outputs),
-    )  # fmt: skip
+    )
 
 
 def _train_step(workspace: Workspace, node: Node, cfg: TrainConfig, threads: int, cores: int, on_gpu: bool) -> Step:
@@ -146,11 +166,19 @@ def _train_step(workspace: Workspace, node: Node, cfg: TrainConfig, threads: int
         return f"epoch {len(history)}/{cfg.epochs}: test accuracy {history[-1].get('test_accuracy', 0):.2%}"
 
     return Step(
-        node.name, node.needs, S.TRAIN_CODE, S.TRAIN_LIBS, S.train_params(cfg),
+        node.name,
+        node.needs,
+        S.TRAIN_CODE,
+        S.TRAIN_LIBS,
+        S.train_params(cfg),
         inputs=lambda outputs, files: {"dataset": outputs[ingested]["digest"]},
-        run=run, cores=0 if on_gpu else cores, gpus=cfg.workers if on_gpu else 0, threads=threads,
-        progress=progress, log_path=lambda key: run_dir(key) / "train.log",
-    )  # fmt: skip
+        run=run,
+        cores=0 if on_gpu else cores,
+        gpus=cfg.workers if on_gpu else 0,
+        threads=threads,
+        progress=progress,
+        log_path=lambda key: run_dir(key) / "train.log",
+    )
 
 
 def _shorter_run(ctx: StepContext, epochs: int) -> Entry | None:

@@ -36,7 +36,7 @@ def _status(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _alive(pid: Any) -> bool:
+def _alive(pid: object) -> bool:
     return isinstance(pid, int) and pid_alive(pid)
 
 
@@ -73,23 +73,33 @@ def lineage(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["dataset"] = {"name": ingest.get("dataset"), "digest": ingest.get("digest")}
     runs = {n: s.get("outputs") or {} for n, s in steps.items() if n.startswith("train[")}
     if runs:
-        out["training_runs"] = {n: {"run": o.get("run"), "mlflow_run_id": o.get("mlflow_run_id"),
-                                    "test_accuracy": o.get("test_accuracy")} for n, o in runs.items() if o}  # fmt: skip
+        out["training_runs"] = {
+            n: {"run": o.get("run"), "mlflow_run_id": o.get("mlflow_run_id"), "test_accuracy": o.get("test_accuracy")}
+            for n, o in runs.items()
+            if o
+        }
     sel = steps.get("select", {}).get("outputs") or {}
     if sel:
         out["selected"] = {"run": sel.get("winner"), "metric": sel.get("metric"), "value": sel.get("value")}
     reg = steps.get("register", {}).get("outputs") or {}
     if reg:
-        out["model"] = {"name": reg.get("name"), "version": reg.get("version"), "alias": "champion",
-                        "ref": reg.get("ref")}  # fmt: skip
+        out["model"] = {
+            "name": reg.get("name"),
+            "version": reg.get("version"),
+            "alias": "champion",
+            "ref": reg.get("ref"),
+        }
     return out
 
 
 def describe(doc: dict[str, Any]) -> list[str]:
     """``distml runs show``: header, the steps with their cache decisions, lineage."""
     took = (doc.get("ended") or time.time()) - doc["started"]
-    lines = [f"run {doc['id']}: {doc['status']}, started {_when(doc['started'])}, took {_duration(took)}",
-             f"command: {' '.join(doc.get('argv', []))}", ""]  # fmt: skip
+    lines = [
+        f"run {doc['id']}: {doc['status']}, started {_when(doc['started'])}, took {_duration(took)}",
+        f"command: {' '.join(doc.get('argv', []))}",
+        "",
+    ]
     lines += summary_table(doc["steps"])
     lines += ["", "cache decisions:"]
     width = max([len(n) for n in doc["steps"]] + [4])
@@ -104,14 +114,20 @@ def describe(doc: dict[str, Any]) -> list[str]:
             lines.append(f"  dataset   {lin['dataset']['name']}@{str(lin['dataset']['digest'])[:12]}")
         for name, r in lin.get("training_runs", {}).items():
             acc = r.get("test_accuracy")
-            lines.append(f"  {name:<9} run {r['run']}" + (f", test accuracy {acc:.2%}" if acc is not None else "")
-                         + (f", mlflow {r['mlflow_run_id']}" if r.get("mlflow_run_id") else ""))  # fmt: skip
+            lines.append(
+                f"  {name:<9} run {r['run']}"
+                + (f", test accuracy {acc:.2%}" if acc is not None else "")
+                + (f", mlflow {r['mlflow_run_id']}" if r.get("mlflow_run_id") else "")
+            )
         if "selected" in lin:
-            lines.append(f"  selected  {lin['selected']['run']} ({lin['selected']['metric']} "
-                         f"{lin['selected']['value']:.4f})")  # fmt: skip
+            lines.append(
+                f"  selected  {lin['selected']['run']} ({lin['selected']['metric']} {lin['selected']['value']:.4f})"
+            )
         if "model" in lin:
-            lines.append(f"  model     {lin['model']['name']} version {lin['model']['version']} "
-                         f"-> alias champion ({lin['model']['ref']})")  # fmt: skip
+            lines.append(
+                f"  model     {lin['model']['name']} version {lin['model']['version']} "
+                f"-> alias champion ({lin['model']['ref']})"
+            )
     return lines
 
 

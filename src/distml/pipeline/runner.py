@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -27,7 +28,8 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal, TextIO, TypedDict
 
 from distml.errors import DistmlError, PipelineError
 from distml.files import write_atomic
@@ -41,7 +43,28 @@ from distml.pipeline.cache import (
     verify_files,
 )
 
+if TYPE_CHECKING:
+    from distml.pipeline.steps import StepResult
+
 Log = Callable[[str], None]
+StepStatus = Literal["waiting", "running", "done", "failed", "skipped", "interrupted"]
+CacheDecision = Literal["", "hit", "ran"]  # "": not decided yet (or skipped before it could be)
+RunStatus = Literal["running", "done", "failed", "interrupted"]
+
+
+class RunRecord(TypedDict):
+    """``run.json``: what ``distml runs show`` reads back (:mod:`distml.pipeline.record`)."""
+
+    id: str
+    argv: list[str]
+    pid: int
+    started: float
+    ended: float | None
+    status: RunStatus
+    config: dict[str, Any]  # the resolved config, as JSON
+    dag: dict[str, list[str]]  # step -> the steps it needs
+    steps: dict[str, dict[str, Any]]  # step -> its Outcome's fields
+    lineage: dict[str, Any]
 
 
 @dataclass
@@ -61,7 +84,7 @@ class StepContext:
     def key(self) -> str:
         return self.parts.key
 
-    def started(self, proc: Any) -> None:
+    def started(self, proc: subprocess.Popen[bytes]) -> None:
         """Register a child process, so that an interrupted run stops it."""
         self.runner.track(proc)
 
@@ -74,7 +97,7 @@ class Step:
     libs: tuple[str, ...]
     params: dict[str, Any]
     inputs: Callable[[dict[str, dict[str, Any]], dict[str, dict[str, Any]]], dict[str, str]]  # (outputs, files)
-    run: Callable[[StepContext], Any]  # -> steps.StepResult
+    run: Callable[[StepContext], StepResult]
     verify: Callable[[dict[str, Any]], str | None] | None = None  # more checks of a hit's outputs
     cores: int = 0  # cores it holds while it runs (CPU training jobs)
     gpus: int = 0
@@ -91,14 +114,15 @@ def key_parts(step: Step, upstream: dict[str, dict[str, Any]], files: dict[str, 
     from distml.pipeline.cache import library_versions
     from distml.pipeline.codever import code_version
 
-    return KeyParts(step.name, code_version(step.code), step.params, step.inputs(upstream, files),
-                    library_versions(step.libs))  # fmt: skip
+    return KeyParts(
+        step.name, code_version(step.code), step.params, step.inputs(upstream, files), library_versions(step.libs)
+    )
 
 
 @dataclass
 class Outcome:
-    status: str = "waiting"  # waiting | running | done | failed | skipped | interrupted
-    cache: str = ""  # hit | ran
+    status: StepStatus = "waiting"
+    cache: CacheDecision = ""
     why: str = ""
     key: str = ""
     seconds: float = 0.0
@@ -134,16 +158,23 @@ class Runner:
         self.id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
         self.dir = home / "pipeline" / "runs" / self.id
         self.outcomes = {name: Outcome() for name in self.order}
-        self._procs: list[Any] = []
+        self._procs: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
         self._gpus_of: dict[str, list[int]] = {}  # step -> the GPUs it was given
         self._parts: dict[str, KeyParts] = {}  # step -> its key, once decided
-        self.record: dict[str, Any] = {
-            "id": self.id, "argv": argv or sys.argv, "pid": os.getpid(), "started": time.time(), "ended": None,
+        self.record: RunRecord = {
+            "id": self.id,
+            "argv": argv or sys.argv,
+            "pid": os.getpid(),
+            "started": time.time(),
+            "ended": None,
             "status": "running",
-            "config": config, "dag": {s.name: list(s.needs) for s in steps}, "steps": {}, "lineage": {},
-        }  # fmt: skip
+            "config": config,
+            "dag": {s.name: list(s.needs) for s in steps},
+            "steps": {},
+            "lineage": {},
+        }
 
     # -- output ----------------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -151,7 +182,7 @@ class Runner:
             self.stream.write(text + "\n")
             self.stream.flush()
 
-    def track(self, proc: Any) -> None:
+    def track(self, proc: subprocess.Popen[bytes]) -> None:
         with self._lock:
             self._procs.append(proc)
 
@@ -241,8 +272,15 @@ class Runner:
             if not self._fits(step):
                 continue
             out.status, out.started = "running", time.time()
-            ctx = StepContext(name, self._parts[name], self._upstream(step), self._step_log(name), self,
-                              threads=step.threads, forced=self._forced(name))  # fmt: skip
+            ctx = StepContext(
+                name,
+                self._parts[name],
+                self._upstream(step),
+                self._step_log(name),
+                self,
+                threads=step.threads,
+                forced=self._forced(name),
+            )
             if step.gpus:
                 ctx.gpus = self._gpus_of[name] = self._take_gpus(step.gpus)
             thread = threading.Thread(target=self._run_step, args=(step, ctx), name=f"step-{name}", daemon=True)
@@ -353,14 +391,28 @@ class Runner:
         # Bookkeeping: a result that is not in the cache and the record is not done (the next run redoes it).
         try:
             self.cache.put(Entry(step.name, ctx.key, ctx.parts.to_json(), outputs, files, self.id, seconds, note=why))
-            self.save(finished=(out, {"status": "done", "outputs": outputs, "files": files, "seconds": seconds,
-                                      "metric": result.metric, "why": why}))  # fmt: skip
+            self.save(
+                finished=(
+                    out,
+                    {
+                        "status": "done",
+                        "outputs": outputs,
+                        "files": files,
+                        "seconds": seconds,
+                        "metric": result.metric,
+                        "why": why,
+                    },
+                )
+            )
         except PipelineError as exc:
             out.seconds = seconds
             self._fail(step.name, out, _reason(exc))
             return
-        self.say(f"{step.name:<{self.width}} done in {seconds:.1f} s" + (f": {result.metric}" if result.metric else "")
-                 + (f" ({result.note})" if result.note else ""))  # fmt: skip
+        self.say(
+            f"{step.name:<{self.width}} done in {seconds:.1f} s"
+            + (f": {result.metric}" if result.metric else "")
+            + (f" ({result.note})" if result.note else "")
+        )
 
     def _fail(self, name: str, out: Outcome, error: str) -> None:
         if out.status == "interrupted":  # its process was stopped by us: not a failure of the step
@@ -401,7 +453,7 @@ class Runner:
         self._try_save()  # the interrupt is what the user must hear about
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
