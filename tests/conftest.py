@@ -187,3 +187,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def champion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A workspace with a 1-epoch ``cnn`` registered as the champion: (home, exported artifact folder).
+
+    One per test session, shared by the server tests (training it takes ~30 s on the CI box); tests that change a
+    model copy the artifact first.
+    """
+    from serve_support import make_champion
+
+    return make_champion(tmp_path_factory.mktemp("champion"))

@@ -40,13 +40,6 @@ V2 = f"/v2/models/{MODEL}/infer"
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from serve_support import make_champion
-
-    return make_champion(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
 def server(champion: tuple[Path, Path]) -> Iterator[ServerProcess]:
     home, _ = champion
     proc = ServerProcess(["--home", str(home), "serve", "--port", "0", "--max-instances", "64",

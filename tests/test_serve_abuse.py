@@ -25,13 +25,6 @@ JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from serve_support import make_champion
-
-    return make_champion(tmp_path_factory.mktemp("abuse"))
-
-
-@pytest.fixture(scope="module")
 def log_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("reqlog") / "requests.jsonl"
 

@@ -175,6 +175,31 @@ def test_loop_lag_says_late_while_the_loop_is_busy_and_after() -> None:
     assert asyncio.run(main()) == [False, True, True, False]
 
 
+def test_loop_lag_probe_sleeps_while_the_server_is_idle() -> None:
+    """An idle server is not woken every 5 ms: with nothing in the server the probe stops after one look, a long
+    pass of the loop then counts as nothing to be late for, and the first request wakes the probe again."""
+    from distml.serve.overload import LoopLag
+
+    busy = [False]
+
+    async def main() -> list[bool]:
+        lag = LoopLag(target_s=0.05, busy=lambda: busy[0])
+        lag.start()
+        await asyncio.sleep(0.03)  # the first probe found the server idle and stopped
+        time.sleep(0.12)
+        seen = [lag.late]  # asleep: not late
+        busy[0] = True
+        lag.wake()  # a request came in
+        time.sleep(0.12)
+        seen.append(lag.late)  # probing again: this pass is late
+        await asyncio.sleep(0.001)
+        seen.append(lag.late)
+        lag.stop()
+        return seen
+
+    assert asyncio.run(main()) == [False, True, True]
+
+
 def test_a_request_that_times_out_is_skipped_not_run() -> None:
     recorder = Recorder()
     recorder.release.clear()  # the model is stuck on the first batch

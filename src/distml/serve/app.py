@@ -100,7 +100,7 @@ class ServeApp:
         self.reqlog: RequestLogger | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
         self.bodies = ByteBudget(config.max_inflight_bytes)
-        self.lag = LoopLag(config.max_loop_lag_ms / 1000)
+        self.lag = LoopLag(config.max_loop_lag_ms / 1000, busy=lambda: self.active > 0)
         self.active = 0  # inference requests inside the app (reading, waiting, parsing, queued, answering)
         self._static = {
             "/v2": orjson.dumps({"name": "distml", "version": __version__, "extensions": ["binary_tensor_data"]}),
@@ -264,6 +264,7 @@ class ServeApp:
         assert self.batcher is not None, "requests arrive only after startup"
         budget, declared = _Held(self.bodies), None
         self.active += 1
+        self.lag.wake()
         try:
             try:
                 declared = _declared_length(headers, self.config.max_body_bytes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 PROBE_INTERVAL_S = 0.005
 
@@ -23,11 +24,16 @@ class LoopLag:
     :attr:`late` also counts the lateness building up *now*: the time since the next probe was due. One pass
     over a burst of requests can take a second, and a probe only runs after it; without this, every request of
     the first burst would be admitted by the measurement taken before the burst.
+
+    The probe runs only while ``busy()`` says there is work (requests in the server): an idle server is not woken
+    200 times a second. :meth:`wake` restarts it when work arrives; until its first probe is due the loop counts
+    as on time, which it is: it has just picked up the request that woke it.
     """
 
-    def __init__(self, target_s: float) -> None:
+    def __init__(self, target_s: float, busy: Callable[[], bool] = lambda: True) -> None:
         self.target_s = target_s
         self.lag_s = 0.0  # how late the last probe ran
+        self._busy = busy
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0  # time.monotonic() when the next probe should run
@@ -35,17 +41,25 @@ class LoopLag:
     @property
     def late(self) -> bool:
         """Whether the loop runs (or is now running) later than the target: new work should be refused."""
-        return self.lag_s > self.target_s or time.monotonic() - self._due > self.target_s
+        return self.current_s > self.target_s
 
     @property
     def current_s(self) -> float:
+        if self._handle is None:
+            return 0.0  # asleep: nothing to be late for
         return max(self.lag_s, time.monotonic() - self._due)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._schedule(time.monotonic())
+        self.wake()
+
+    def wake(self) -> None:
+        """Start probing again if idle (cheap when already probing: call it for every request)."""
+        if self._handle is None and self._loop is not None:
+            self._schedule(time.monotonic())
 
     def stop(self) -> None:
+        self._loop = None
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -58,4 +72,7 @@ class LoopLag:
     def _probe(self) -> None:
         now = time.monotonic()
         self.lag_s = max(0.0, now - self._due)
-        self._schedule(now)
+        if self._busy() or self.lag_s > 0.001:
+            self._schedule(now)
+        else:  # idle and on time: sleep until the next request wakes it
+            self._handle, self.lag_s = None, 0.0
