@@ -72,7 +72,7 @@ def ingest(workspace: Workspace, config: DistmlConfig, log: Log = print) -> Step
     return Step(
         "ingest",
         (),
-        S.INGEST_CODE,
+        S.ingest_code(source),
         S.INGEST_LIBS,
         params,
         inputs=lambda outputs, files: {"source": S.source_digest(source, log)},

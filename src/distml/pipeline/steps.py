@@ -42,8 +42,6 @@ from distml.workspace import Workspace
 
 # Each step's root modules: its code version covers them and what they import (:mod:`distml.pipeline.codever`).
 INGEST_MODULE = "distml.data.ingest"  # and the module of the source it reads: see ingest_code
-# Every source: what pipeline/dag.py keyed ingest with before it called ingest_code. Remove once dag.py is committed.
-INGEST_CODE = (INGEST_MODULE, *(f"distml.data.sources.{s}" for s in ("fashion_mnist", "cifar10", "folder")))
 INGEST_LIBS = ("numpy", "pillow")
 TRAIN_CODE = ("distml.train.launch", "distml.train.worker", "distml.train.candidates")
 TRAIN_LIBS = ("torch", "numpy")
