@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict, cast
 
 import torch
 
@@ -19,12 +19,30 @@ _NAME = re.compile(r"ckpt-(\d{6})-(\d{9})\.pt")
 KEEP = 3
 
 
+class CheckpointState(TypedDict, total=False):
+    """What a checkpoint file holds (format 1).
+
+    Loading checks only ``model``; :func:`distml.train.job.check_resume` checks the rest before a job continues.
+    """
+
+    model: Required[dict[str, torch.Tensor]]
+    optimizer: dict[str, Any]  # torch's own optimizer state_dict format
+    epoch: int  # completed epochs
+    step_in_epoch: int
+    global_step: int
+    rng: dict[str, torch.Tensor]  # for inspection: randomness is re-derived from (seed, epoch, step)
+    config: dict[str, object]  # the resolved TrainConfig, as JSON
+    world_size: int
+    dataset_digest: str
+    format: int
+
+
 def checkpoint_name(epoch: int, step: int) -> str:
     """``epoch`` = completed epochs, ``step`` = global optimizer steps taken so far."""
     return f"ckpt-{epoch:06d}-{step:09d}.pt"
 
 
-def save_checkpoint(folder: Path, state: dict[str, Any], *, epoch: int, step: int) -> Path:
+def save_checkpoint(folder: Path, state: CheckpointState, *, epoch: int, step: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(epoch, step)
     tmp = folder / f".{final.name}.{os.getpid()}.tmp"
@@ -57,7 +75,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def load_latest(folder: Path, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+def load_latest(folder: Path, warn: Callable[[str], None]) -> tuple[Path, CheckpointState] | None:
     """The newest checkpoint that loads, falling back past corrupt ones (with a warning for each)."""
     for path in reversed(list_checkpoints(folder)):
         try:
@@ -68,5 +86,5 @@ def load_latest(folder: Path, warn: Callable[[str], None]) -> tuple[Path, dict[s
         if not isinstance(state, dict) or "model" not in state:
             warn(f"warning: checkpoint {path.name} is not a distml checkpoint; trying an older one")
             continue
-        return path, state
+        return path, cast(CheckpointState, state)
     return None

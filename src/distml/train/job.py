@@ -1,6 +1,7 @@
 """The job file a launcher writes and every worker reads: resolved config, dataset, where to write.
 
-Also the resume rules, shared by the launcher (to refuse early, before any process starts) and the workers.
+Also the resume rules, shared by the launcher (to refuse early, before any process starts) and the workers, and
+the records a job writes back (``history.json``, ``result.json``), read by the launcher and the candidate table.
 """
 
 from __future__ import annotations
@@ -8,11 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal, TypedDict, get_args
 
 from distml.config import TrainConfig
 from distml.errors import ResumeError
 from distml.files import write_atomic
+
+if TYPE_CHECKING:
+    from distml.train.checkpoint import CheckpointState
 
 JOB_FILE = "job.json"
 # Fields that may change between a checkpoint and the job that resumes it; any other change is incompatible.
@@ -28,6 +32,38 @@ RESUMABLE_CHANGES = frozenset(
         "threads_per_worker",
     }
 )
+
+
+# The per-epoch numbers that also go to MLflow and TensorBoard, in the order they are logged.
+EpochMetric = Literal["train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "images_per_s", "seconds"]
+EPOCH_METRICS: tuple[EpochMetric, ...] = get_args(EpochMetric)
+
+
+class EpochRecord(TypedDict):
+    """One entry of ``history.json``, written by rank 0 at the end of each epoch."""
+
+    epoch: int  # 1-based: the epoch just completed
+    global_step: int
+    train_loss: float  # the mean of step_losses
+    train_accuracy: float
+    test_loss: float  # NaN when the dataset has no test split
+    test_accuracy: float
+    lr: float  # of the epoch's last step
+    images_per_s: float  # training only, not evaluation
+    seconds: float  # training and evaluation
+    step_losses: list[float]  # global mean loss of each step this process ran (from resumed_at_step on)
+    resumed_at_step: int  # 0, or the step of the epoch a resumed run started from
+
+
+class RunResult(TypedDict):
+    """``result.json``: what one worker process's training returns (the same on every rank)."""
+
+    test_accuracy: float | None  # None when no epoch ran
+    test_loss: float | None
+    epochs: int
+    global_step: int
+    seconds: float
+    parameters: int
 
 
 @dataclass(frozen=True)
@@ -69,7 +105,7 @@ class Job:
         )
 
 
-def check_resume(state: dict[str, Any], job: Job, checkpoint: str) -> None:
+def check_resume(state: CheckpointState, job: Job, checkpoint: str) -> None:
     """Raise ResumeError if the checkpoint ``state`` must not be continued by ``job``."""
     where = f"run {job.run_dir.name}: checkpoint {checkpoint}"
     if state.get("dataset_digest") != job.dataset_digest:

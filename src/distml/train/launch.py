@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from distml import tracking
 from distml._proc import die_with_parent
@@ -110,10 +110,27 @@ class Rendezvous:
         ]
 
 
+class TrainMetrics(TypedDict, total=False):
+    """What a finished job reports: its ``result.json``, then the launcher's wall time and MLflow run.
+
+    The ``result.json`` keys (:class:`distml.train.job.RunResult`) are missing when global rank 0 ran on another
+    host, which wrote them to its own run folder.
+    """
+
+    test_accuracy: float | None
+    test_loss: float | None
+    epochs: int
+    global_step: int
+    seconds: float
+    parameters: int
+    wall_seconds: float  # the whole job, start-up included
+    mlflow_run_id: str | None
+
+
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
-    metrics: dict[str, Any]
+    metrics: TrainMetrics
     torchrun_exit: int
 
 
@@ -228,13 +245,9 @@ def run_job(job: Job, rdzv: Rendezvous = Rendezvous(), lock: RunLock | None = No
                 cleanup.callback(shutil.rmtree, private, ignore_errors=True)
                 local_store = private / "store"
                 env.update(_SINGLE_HOST_ENV)
-            cmd = [
-                sys.executable, "-m", "torch.distributed.run",
-                *rdzv.torchrun_args(job.run_dir.name, local_store),
-                f"--nproc-per-node={cfg.workers}",
-                f"--max-restarts={cfg.max_restarts}",
-                *worker,
-            ]  # fmt: skip
+            torchrun = [sys.executable, "-m", "torch.distributed.run"]
+            per_node = [f"--nproc-per-node={cfg.workers}", f"--max-restarts={cfg.max_restarts}"]
+            cmd = [*torchrun, *rdzv.torchrun_args(job.run_dir.name, local_store), *per_node, *worker]
         proc = subprocess.Popen(
             cmd,
             env=env,
@@ -296,7 +309,7 @@ def _interpret(job: Job, code: int, rdzv: Rendezvous) -> TrainResult:
             "(an abort during process-group shutdown); the run is complete",
             file=sys.stderr,
         )
-    metrics: dict[str, Any] = {}
+    metrics: TrainMetrics = {}
     result_file = job.run_dir / "result.json"
     if result_file.is_file():
         metrics = json.loads(result_file.read_text())

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from distml.tracking import mlflow_client
 from distml.train.dist import DistContext
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 class RankTracker:
@@ -21,14 +24,14 @@ class RankTracker:
         self.enabled = ctx.is_main
         self._client = mlflow_client(uri) if self.enabled and uri and run_id else None
         self._run_id = run_id
-        self._tb: Any = None
+        self._tb: SummaryWriter | None = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
 
     def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
+        if self._tb is None:  # not rank 0
             return
         if self._client is not None:
             from mlflow.entities import Metric
