@@ -82,29 +82,21 @@ def ingest_cmd(
       distml data ingest cifar10
       distml data ingest folder ./flowers --image-size 64x64 --on-bad-file skip
     """
+    from distml.config import PipelineConfig
     from distml.data.ingest import ingest
-    from distml.data.sources.base import Source
-    from distml.data.sources.cifar10 import Cifar10Source
-    from distml.data.sources.fashion_mnist import FashionMnistSource
-    from distml.data.sources.folder import FolderOptions, FolderSource
+    from distml.pipeline.steps import make_source
 
-    cfg = app.config.data
-    src: Source
-    if kind == "folder":
-        if path is None:
-            raise UsageError(
-                "'distml data ingest folder' needs the image folder", hint="pass PATH (ROOT/<class>/<image>)"
-            )
-        options = FolderOptions(image_size=image_size, mode="L" if mode == "L" else "RGB", test_fraction=test_fraction,
-                                on_bad_file=cfg.on_bad_file, max_pixels=cfg.max_image_pixels,
-                                max_file_bytes=cfg.max_image_file_bytes)  # fmt: skip
-        src = FolderSource(path, options)
-    elif path is not None:
+    if kind == "folder" and path is None:
+        raise UsageError("'distml data ingest folder' needs the image folder", hint="pass PATH (ROOT/<class>/<image>)")
+    if kind != "folder" and path is not None:
         raise UsageError(f"{kind} takes no PATH (got {path})", hint=f"use --source {path} for a local copy")
-    else:
-        kind_of = FashionMnistSource if kind == "fashion-mnist" else Cifar10Source
-        src = kind_of(app.workspace.downloads / kind, location=source, timeout_s=cfg.download_timeout_s)
-    _progress(f"ingesting {kind}" + (f" from {source or path}" if (source or path) else ""))
+    # The source the pipeline's ingest step would build from the same settings.
+    where = str(path) if path else source
+    settings = PipelineConfig.model_validate(
+        dict(dataset=kind, source=where, name=name, image_size=image_size, mode=mode, test_fraction=test_fraction)
+    )
+    src = make_source(app.workspace, app.config.model_copy(update={"pipeline": settings}))
+    _progress(f"ingesting {kind}" + (f" from {where}" if where else ""))
     result = ingest(src, store=_store(app), name=name, log=_progress)
     ds = result.dataset
     verb = "already ingested, reused" if result.reused else "ingested"
