@@ -31,7 +31,7 @@ class _Section(BaseModel):
 
 
 class WorkspaceConfig(_Section):
-    """Where everything distml writes lives (datasets, downloads; later runs, the MLflow store)."""
+    """Where everything distml writes lives (datasets, downloads, runs, the pipeline cache, the MLflow store)."""
 
     home: Path = Field(
         default=DEFAULT_HOME, description="Workspace folder for datasets, runs and models (env: DISTML_HOME)"

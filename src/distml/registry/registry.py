@@ -36,6 +36,7 @@ from distml.card import CARD_FILE, ONNX_FILE, ModelCard
 from distml.errors import DistmlError, ModelError, NotFoundError, RegistryError
 from distml.files import sha256_file, write_atomic
 from distml.registry.artifact import ModelArtifact, open_artifact
+from distml.text import clip
 from distml.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ PARITY_TAG = "distml.parity"
 _HISTORY_TAG = "distml.champion_history"
 _MOVE_TAG = "distml.champion_move"  # a champion/previous move recorded before its alias writes
 _REF = re.compile(r"^models:/(?P<name>[A-Za-z0-9._-]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
-_SHOWN = 80  # characters of a user-given value echoed in an error message
 
 
 class ModelRow(TypedDict):
@@ -184,7 +184,7 @@ class Registry:
             return _to_version(self.client.get_model_version(name, version), aliases)
         except Exception:
             raise NotFoundError(
-                f"{name} has no version {_clip(version)}", hint=f"see 'distml models show {name}'"
+                f"{name} has no version {clip(version, quote=False)}", hint=f"see 'distml models show {name}'"
             ) from None
 
     def lookup(self, ref: str) -> Version:
@@ -192,16 +192,14 @@ class Registry:
         match = _REF.match(ref)
         if not match:
             raise NotFoundError(
-                f"{_clip(ref)!r} is not a model reference", hint="use models:/NAME@ALIAS or models:/NAME/N"
+                f"{clip(ref)} is not a model reference", hint="use models:/NAME@ALIAS or models:/NAME/N"
             )
         name = match["name"]
         if match["version"]:
             return self.version(name, match["version"])
         found = _aliases(self._require_model(name)).get(match["alias"])
         if found is None:
-            raise NotFoundError(
-                f"{name} has no alias {_clip(match['alias'])!r}", hint=f"see 'distml models show {name}'"
-            )
+            raise NotFoundError(f"{name} has no alias {clip(match['alias'])}", hint=f"see 'distml models show {name}'")
         return self.version(name, found)
 
     def resolve(self, ref: str) -> ModelArtifact:
@@ -350,7 +348,7 @@ class Registry:
             names = sorted(m.name for m in self.client.search_registered_models())
             known = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
             raise NotFoundError(
-                f"no registered model {_clip(name)!r}", hint=f"registered: {known or 'none yet'}"
+                f"no registered model {clip(name)}", hint=f"registered: {known or 'none yet'}"
             ) from None
         return model
 
@@ -431,7 +429,7 @@ def _parity_refusal(version: Version) -> str | None:
     state = version.tags.get(PARITY_TAG)
     if state == "passed":
         return None
-    return f"{version.label} did not pass the ONNX parity check (registry tag {PARITY_TAG}={_clip(str(state))!r})"
+    return f"{version.label} did not pass the ONNX parity check (registry tag {PARITY_TAG}={clip(str(state))})"
 
 
 def _publish(downloaded: Path, folder: Path) -> None:
@@ -452,11 +450,6 @@ def _move_aside(folder: Path) -> None:
     except FileNotFoundError:
         return  # someone else moved it first
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def _clip(value: str) -> str:
-    """A user-given value cut short for an error message: messages must not echo unbounded input."""
-    return value if len(value) <= _SHOWN else value[:_SHOWN] + "..."
 
 
 def resolve_model(ref: str | Path, workspace: Workspace) -> ModelArtifact:
