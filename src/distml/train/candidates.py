@@ -23,16 +23,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from types import FrameType
+from typing import Literal, TextIO
 
 from distml._proc import die_with_parent
 from distml.config import TrainConfig
 from distml.errors import TrainingError, UsageError
 from distml.pipeline.shape import candidate_labels
 from distml.train.dist import usable_cores
+from distml.train.job import EpochRecord, RunResult
 from distml.workspace import Workspace
 
 _ETA = re.compile(r"ETA (\d+)m(\d+)s")
+# queued -> running -> done (it wrote result.json) or failed (it did not; ``error`` says why)
+CandidateState = Literal["queued", "running", "done", "failed"]
 
 
 @dataclass
@@ -44,10 +48,10 @@ class Candidate:
     threads: int = 1
     gpus: list[int] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
-    state: str = "queued"
+    state: CandidateState = "queued"
     started: float = 0.0
     ended: float = 0.0
-    result: dict[str, Any] = field(default_factory=dict)
+    result: RunResult | None = None  # its result.json, once done
     error: str = ""
 
     @property
@@ -88,7 +92,8 @@ def run_candidates(
     cores = usable_cores()
     jobs = plan(configs, cores, gpus, prefix, workspace.home)
     from distml import tracking
-    from distml.data import DatasetStore, open_path
+    from distml.data.reader import open_path
+    from distml.data.store import DatasetStore
 
     for name in sorted({open_path(DatasetStore(workspace).resolve(c.dataset)).name for c in configs}):
         tracking.ensure_experiment(workspace.home, f"distml-{name}")  # before jobs race to create it
@@ -170,7 +175,7 @@ def _finish(job: Candidate) -> None:
 def _live(job: Candidate) -> tuple[str, str, str]:
     """(epoch, test accuracy, ETA) of a job from the files it writes."""
     epochs = job.config.epochs
-    history: list[dict[str, Any]] = []
+    history: list[EpochRecord] = []
     with contextlib.suppress(OSError, ValueError):  # not written yet, or being replaced
         history = json.loads((job.run_dir / "history.json").read_text())
     epoch = f"{len(history)}/{epochs}"
@@ -213,7 +218,7 @@ class _Table:
         self.stream.flush()
 
 
-def _interrupt(signum: int, frame: Any) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
