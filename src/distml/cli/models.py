@@ -7,8 +7,8 @@ from typing import Literal
 
 import click
 
-from distml.card import Parity
 from distml.cli.options import AppContext, config_options, pass_app
+from distml.registry import report
 from distml.registry.predict import DEFAULT_BATCH
 
 
@@ -31,7 +31,7 @@ def export_cmd(app: AppContext, run: str, out: Path) -> None:
     from distml.registry.export import export_run, find_run
 
     artifact, parity = export_run(find_run(run, app.workspace), out)
-    click.echo(_parity_line(parity))
+    click.echo(report.parity_line(parity))
     click.echo(f"exported {artifact.name} from run {artifact.card.lineage.training_run} -> {artifact.path}")
 
 
@@ -50,10 +50,9 @@ def register_cmd(app: AppContext, run: str, name: str | None, no_promote: bool) 
     run_dir = find_run(run, app.workspace)
     with tempfile.TemporaryDirectory(prefix="distml-export-") as tmp:
         artifact, parity = export_run(run_dir, Path(tmp) / "model", name=name)
-        click.echo(_parity_line(parity))
+        click.echo(report.parity_line(parity))
         version = Registry(app.workspace).register(artifact, promote=not no_promote)
-    aliases = f" ({', '.join(version.aliases)})" if version.aliases else ""
-    click.echo(f"registered {version.name} version {version.version}{aliases} from run {run_dir.name}")
+    click.echo(report.registered_line(version, run_dir.name))
 
 
 @models.command("list")
@@ -62,15 +61,8 @@ def list_cmd(app: AppContext) -> None:
     """Registered models with their version count and champion."""
     from distml.registry.registry import Registry
 
-    rows = Registry(app.workspace).models()
-    if not rows:
-        click.echo("no registered models yet (distml models register RUN)")
-        return
-    click.echo(f"{'NAME':<32} {'VERSIONS':>8}  {'CHAMPION':>8}  TEST ACC")
-    for row in rows:
-        acc = row["champion_test_accuracy"]
-        acc_text = f"{acc:.2%}" if isinstance(acc, float) else "-"
-        click.echo(f"{row['name']:<32} {row['versions']:>8}  {row['champion'] or '-':>8}  {acc_text}")
+    lines = report.models_table(Registry(app.workspace))
+    click.echo("\n".join(lines) if lines else "no registered models yet (distml models register RUN)")
 
 
 @models.command("show")
@@ -80,35 +72,7 @@ def show_cmd(app: AppContext, ref: str) -> None:
     """A model's versions (REF = NAME), or one version (NAME@ALIAS, NAME/VERSION, models:/...) in detail."""
     from distml.registry.registry import Registry
 
-    registry = Registry(app.workspace)
-    uri = ref if ref.startswith("models:/") else f"models:/{ref}"
-    if not ref.startswith("models:/") and "@" not in ref and "/" not in ref:
-        versions = registry.versions(ref)
-        click.echo(f"{'VERSION':>7}  {'ALIASES':<20} {'TEST ACC':>8}  TRAINING RUN")
-        for v in versions:
-            acc = f"{v.test_accuracy:.2%}" if v.test_accuracy is not None else "-"
-            click.echo(
-                f"{v.version:>7}  {','.join(v.aliases) or '-':<20} {acc:>8}  {v.tags.get('distml.training_run')}"
-            )
-        return
-    version = registry.lookup(uri)
-    artifact = registry.fetch(version)
-    card = artifact.card
-    click.echo(f"model      {version.name} version {version.version} ({', '.join(version.aliases) or 'no alias'})")
-    click.echo(f"artifact   {artifact.path}")
-    click.echo(f"input      {card.input.dtype} {card.input.shape} ({card.input.layout})")
-    click.echo(f"classes    {', '.join(card.class_names)}")
-    m = card.metrics
-    click.echo(f"metrics    test accuracy {_fmt(m.test_accuracy, '.2%')}, test loss {_fmt(m.test_loss, '.4f')}, "
-               f"{m.epochs} epochs")  # fmt: skip
-    click.echo(f"parity     {card.parity.describe()}")
-    lineage = card.lineage
-    click.echo(f"lineage    run {lineage.training_run} (MLflow {lineage.mlflow_run_id}), dataset "
-               f"{lineage.dataset}@{lineage.dataset_digest[:12]}, {lineage.config['model']}")  # fmt: skip
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    click.echo("\n".join(report.show(Registry(app.workspace), ref)))
 
 
 @models.command("promote")
@@ -132,10 +96,6 @@ def rollback_cmd(app: AppContext, name: str) -> None:
 
     v = Registry(app.workspace).rollback(name)
     click.echo(f"{name}: champion rolled back to version {v.version}")
-
-
-def _parity_line(parity: Parity) -> str:
-    return f"parity ok: {parity.describe()}"
 
 
 @click.command("predict")
@@ -165,9 +125,7 @@ def predict_cmd(
 
     result = predict_source(app.workspace, model, out, dataset=dataset, split=split, images=images,
                             batch=batch_size, threads=threads, on_bad_file=on_bad_file)  # fmt: skip
-    acc = f", accuracy {result.accuracy:.2%}" if result.accuracy is not None else ""
-    click.echo(f"predicted {result.images:,} images in {result.seconds:.2f} s ({result.images_per_s:,.0f} img/s)"
-               f"{acc} -> {result.out}")  # fmt: skip
+    click.echo(report.predicted_line(result))
     for line in result.skipped:
         click.echo(f"skipped: {line}", err=True)
 
@@ -186,10 +144,7 @@ def evaluate_cmd(app: AppContext, target: str, dataset: str | None, split: str) 
     from distml.registry.evaluate import evaluate_target
 
     _, ev = evaluate_target(app.workspace, target, dataset, split, log=click.echo)
-    m = ev.metrics
-    click.echo(f"accuracy {m['test_accuracy']:.2%}, loss {m['test_loss']:.4f}, macro F1 {m['macro_f1']:.4f}, "
-               f"latency b1 {m['latency_b1_ms']:.3f} ms / b64 {m['latency_b64_ms']:.3f} ms")  # fmt: skip
-    click.echo(f"report: {ev.folder / 'evaluation.md'} (confusion matrix: {ev.folder / 'confusion_matrix.png'})")
+    click.echo("\n".join(report.evaluation_lines(ev)))
 
 
 @click.command("select")
@@ -213,4 +168,4 @@ def select_cmd(app: AppContext, runs: tuple[str, ...], register_: bool) -> None:
     click.echo(f"selected {selection.choice.winner['run']} by {p.metric} ({p.direction}); report {selection.report}")
     if register_:
         version = Registry(app.workspace).register(selection.winner)
-        click.echo(f"registered {version.name} version {version.version} ({', '.join(version.aliases)})")
+        click.echo(report.registered_line(version))
