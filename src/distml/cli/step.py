@@ -7,9 +7,7 @@ value a file: how Argo reads output parameters) and all of them to ``DIR/outputs
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -93,12 +91,8 @@ def register_cmd(app: AppContext, artifact: Path, outputs: Path | None) -> None:
     _write(outputs, result.outputs)
 
 
-def _write(folder: Path | None, outputs: dict[str, Any]) -> None:
-    if folder is None:
-        return
-    from distml.files import write_atomic
+def _write(folder: Path | None, outputs: dict[str, object]) -> None:
+    if folder is not None:
+        from distml.pipeline.outputs import write_outputs
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, value in outputs.items():
-        write_atomic(folder / name, (value if isinstance(value, str) else json.dumps(value)).encode())
-    write_atomic(folder / "outputs.json", (json.dumps(outputs, indent=2, default=str) + "\n").encode())
+        write_outputs(folder, outputs)
