@@ -178,10 +178,18 @@ class PipelineConfig(_Section):
     source: str | None = Field(
         default=None, description="A local folder or mirror URL of the dataset's files; for 'folder' the images"
     )
-    name: str | None = Field(default=None, description="the dataset's name in the store (default: its kind)")
+    name: str | None = Field(
+        default=None, description="The dataset's name in the store (default: its own name, or the folder's)"
+    )
     image_size: tuple[int, int] = Field(default=(32, 32), description="folder datasets: height, width")
-    mode: Literal["L", "RGB"] = "RGB"
-    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    mode: Literal["L", "RGB"] = Field(default="RGB", description="folder datasets: grey (L) or colour (RGB)")
+    test_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        lt=1,
+        description="folder datasets: share of images (by hash of their path) put in the test split when there is "
+        "no train/ and test/",
+    )
     candidates: tuple[str, ...] = Field(
         default=("cnn", "cnn-dropout", "cnn-batchnorm"),
         min_length=1,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from distml.cli.options import AppContext, config_option, pass_app
+from distml.cli.options import AppContext, config_option, config_options, pass_app
 from distml.data import report
 from distml.data.reader import open_path
 from distml.data.store import DatasetStore
@@ -43,22 +43,9 @@ def data() -> None:
     metavar="DIR|URL",
     help="Folder holding the source files, or a mirror base URL. Default: the download cache, then the mirrors.",
 )
-@click.option("--name", help="Dataset name in the store. Default: the dataset's name, or the folder's name.")
-@click.option(
-    "--image-size",
-    default="32x32",
-    show_default=True,
-    callback=_parse_size,
-    help="folder: resize images to HxW.",
-)
-@click.option("--mode", type=click.Choice(["L", "RGB"]), default="RGB", show_default=True, help="folder: L or RGB.")
-@click.option(
-    "--test-fraction",
-    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-    default=0.2,
-    show_default=True,
-    help="folder: share of images (by hash of their path) put in the test split when there is no train/ and test/.",
-)
+@config_option("pipeline", "name", record=False)
+@click.option("--image-size", default="32x32", show_default=True, callback=_parse_size, help="folder: resize to HxW.")
+@config_options("pipeline", "mode", "test_fraction", record=False)
 @config_option("data", "on_bad_file")
 @pass_app
 def ingest_cmd(
@@ -68,8 +55,8 @@ def ingest_cmd(
     source: str | None,
     name: str | None,
     image_size: tuple[int, int],
-    mode: str,
-    test_fraction: float,
+    mode: str | None,
+    test_fraction: float | None,
 ) -> None:
     """Ingest DATASET (fashion-mnist, cifar10, or folder PATH) into the store.
 
@@ -92,9 +79,8 @@ def ingest_cmd(
         raise UsageError(f"{kind} takes no PATH (got {path})", hint=f"use --source {path} for a local copy")
     # The source the pipeline's ingest step would build from the same settings.
     where = str(path) if path else source
-    settings = PipelineConfig.model_validate(
-        dict(dataset=kind, source=where, name=name, image_size=image_size, mode=mode, test_fraction=test_fraction)
-    )
+    given = dict(dataset=kind, source=where, name=name, image_size=image_size, mode=mode, test_fraction=test_fraction)
+    settings = PipelineConfig.model_validate({k: v for k, v in given.items() if v is not None})  # None: the default
     src = make_source(app.workspace, app.config.model_copy(update={"pipeline": settings}))
     _progress(f"ingesting {kind}" + (f" from {where}" if where else ""))
     result = ingest(src, store=_store(app), name=name, log=_progress)

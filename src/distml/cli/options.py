@@ -119,12 +119,12 @@ def config_option(section: str, name: str, *decls: str, record: bool = True, **a
     )
 
 
-def config_options(section: str, *names: str) -> Callable[[F], F]:
+def config_options(section: str, *names: str, record: bool = True) -> Callable[[F], F]:
     """:func:`config_option` for each of ``names``, listed in --help in that order."""
 
     def decorate(fn: F) -> F:
         for name in reversed(names):
-            fn = config_option(section, name)(fn)
+            fn = config_option(section, name, record=record)(fn)
         return fn
 
     return decorate
