@@ -40,8 +40,9 @@ def render_cmd(app: AppContext, out: Path) -> None:
         click.echo(f"  {path}")
     jobs = ", ".join(f"{c.label} ({c.nodes}x{c.procs})" for c in plan.candidates)
     kind = "TrainJob" if plan.k8s.training == "trainjob" else "PyTorchJob"
-    click.echo(f"rendered {len(written)} files to {out}: namespace {plan.namespace}, image {plan.k8s.image}, "
-               f"{kind}s {jobs}")  # fmt: skip
+    click.echo(
+        f"rendered {len(written)} files to {out}: namespace {plan.namespace}, image {plan.k8s.image}, {kind}s {jobs}"
+    )
     if plan.k8s.access_mode == "ReadWriteOnce" and any(c.nodes > 1 for c in plan.candidates):
         click.echo(
             "note: the workspace volume is ReadWriteOnce, so every pod that mounts it must run on one node; on a "
@@ -60,8 +61,11 @@ def render_cmd(app: AppContext, out: Path) -> None:
 
 @k8s.command("validate")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--crds", type=click.Path(path_type=Path, file_okay=False),
-              help="Folder of upstream CRD YAML files. [default: $DISTML_K8S_CRDS, ../shared/k8s-crds]")  # fmt: skip
+@click.option(
+    "--crds",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of upstream CRD YAML files. [default: $DISTML_K8S_CRDS, ../shared/k8s-crds]",
+)
 @click.option("--kubernetes-version", default="1.33", show_default=True, help="API version of the core schemas.")
 @click.option("-v", "--verbose", is_flag=True, help="List every object checked.")
 def validate_cmd(folder: Path, crds: Path | None, kubernetes_version: str, verbose: bool) -> None:

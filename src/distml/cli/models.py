@@ -104,16 +104,33 @@ def rollback_cmd(app: AppContext, name: str) -> None:
 @click.option("--split", default="test", show_default=True, help="Which split of --dataset.")
 @click.option("--images", type=click.Path(path_type=Path), help="Predict every PNG/JPEG under this folder.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output: .parquet, .jsonl or .csv.")
-@click.option("--batch-size", type=click.IntRange(1, 65536), default=DEFAULT_BATCH, show_default=True,
-              help="ONNX Runtime's batch (small batches stay in cache).")  # fmt: skip
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 65536),
+    default=DEFAULT_BATCH,
+    show_default=True,
+    help="ONNX Runtime's batch (small batches stay in cache).",
+)
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, help="ONNX Runtime threads. [default: all cores]")
-@click.option("--on-bad-file", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
-              help="With --images: stop at a file that is not a readable image, or skip and list it.")  # fmt: skip
+@click.option(
+    "--on-bad-file",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="With --images: stop at a file that is not a readable image, or skip and list it.",
+)
 @pass_app
 def predict_cmd(
-    app: AppContext, model: str, dataset: str | None, split: str, images: Path | None, out: Path,
-    batch_size: int, threads: int, on_bad_file: Literal["fail", "skip"],
-) -> None:  # fmt: skip
+    app: AppContext,
+    model: str,
+    dataset: str | None,
+    split: str,
+    images: Path | None,
+    out: Path,
+    batch_size: int,
+    threads: int,
+    on_bad_file: Literal["fail", "skip"],
+) -> None:
     """Batch prediction with MODEL (a folder, models:/NAME@ALIAS or models:/NAME/VERSION) through ONNX Runtime.
 
     \b
@@ -123,8 +140,17 @@ def predict_cmd(
     """
     from distml.registry.predict import predict_source
 
-    result = predict_source(app.workspace, model, out, dataset=dataset, split=split, images=images,
-                            batch=batch_size, threads=threads, on_bad_file=on_bad_file)  # fmt: skip
+    result = predict_source(
+        app.workspace,
+        model,
+        out,
+        dataset=dataset,
+        split=split,
+        images=images,
+        batch=batch_size,
+        threads=threads,
+        on_bad_file=on_bad_file,
+    )
     click.echo(report.predicted_line(result))
     for line in result.skipped:
         click.echo(f"skipped: {line}", err=True)
@@ -162,8 +188,15 @@ def select_cmd(app: AppContext, runs: tuple[str, ...], register_: bool) -> None:
     from distml.registry.registry import Registry
 
     p = app.config.pipeline
-    selection = select_runs(app.workspace, list(runs), metric=p.metric, direction=p.direction,
-                            max_latency_ms=p.max_latency_ms, max_params=p.max_params, log=click.echo)  # fmt: skip
+    selection = select_runs(
+        app.workspace,
+        list(runs),
+        metric=p.metric,
+        direction=p.direction,
+        max_latency_ms=p.max_latency_ms,
+        max_params=p.max_params,
+        log=click.echo,
+    )
     click.echo("\n".join(selection.table))
     click.echo(f"selected {selection.choice.winner['run']} by {p.metric} ({p.direction}); report {selection.report}")
     if register_:

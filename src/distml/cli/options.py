@@ -120,10 +120,10 @@ def config_option(section: str, name: str, *decls: str, record: bool = True, **a
 
 
 def config_options(section: str, *names: str, record: bool = True) -> Callable[[F], F]:
-    """:func:`config_option` for each of ``names``, listed in --help in that order."""
+    """:func:`config_option` for each of ``names`` (each may hold several, space-separated), in that order."""
 
     def decorate(fn: F) -> F:
-        for name in reversed(names):
+        for name in reversed(" ".join(names).split()):
             fn = config_option(section, name, record=record)(fn)
         return fn
 

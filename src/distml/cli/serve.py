@@ -6,16 +6,16 @@ import click
 
 from distml.cli.options import AppContext, config_options, pass_app
 
-_SERVE_OPTIONS = ("host", "port", "workers", "threads", "max_batch_size", "max_batch_delay_ms", "max_queue",
-                  "max_queue_wait_ms", "max_loop_lag_ms", "refusal_delay_ms", "request_timeout_s", "max_body_bytes",
-                  "max_instances", "max_request_pixels", "decode_timeout_s", "max_inflight_bytes", "max_header_bytes",
-                  "header_timeout_s", "body_timeout_s", "idle_timeout_s", "log_url", "log_file", "log_mode", "drain_s",
-                  "access_log")  # fmt: skip
-
 
 @click.command("serve")
 @click.argument("model", required=False)
-@config_options("serve", *_SERVE_OPTIONS)
+@config_options(
+    "serve",
+    "host port workers threads max_batch_size max_batch_delay_ms max_queue max_queue_wait_ms max_loop_lag_ms "
+    "refusal_delay_ms request_timeout_s max_body_bytes max_instances max_request_pixels decode_timeout_s "
+    "max_inflight_bytes max_header_bytes header_timeout_s body_timeout_s idle_timeout_s log_url log_file "
+    "log_mode drain_s access_log",
+)
 @pass_app
 def serve_cmd(app: AppContext, model: str | None) -> None:
     """Serve MODEL (a model folder or models:/NAME@ALIAS; default: the dataset's champion) over HTTP.
