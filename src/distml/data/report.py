@@ -1,8 +1,8 @@
-"""What ``distml data list`` and ``distml data show`` print: the store's versions and one dataset, as text lines."""
+"""What ``distml data list``, ``show`` and ``verify`` print: the store's versions and one dataset, as text lines."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -43,6 +43,19 @@ def describe(ds: Dataset) -> list[str]:
     rows: list[tuple[str, ...]] = [("", "CLASS", *(s.upper() for s in counts))]
     rows += [(str(i), cls, *(str(c[i]) for c in counts.values())) for i, cls in enumerate(ds.class_names)]
     return lines + table(rows, indent="  ")
+
+
+def verify(ds: Dataset, log: Callable[[str], None]) -> str:
+    """Re-hash every file of ``ds`` against its manifest, logging each; the line that says all match.
+
+    Raises :class:`CorruptDatasetError` naming the files that do not.
+    """
+    bad = ds.verify(progress=lambda fname, ok: log(f"  {'ok ' if ok else 'BAD'} {fname}"))
+    label = f"{ds.name}@{ds.manifest.short_digest}"
+    if bad:
+        problem = f"{label}: {len(bad)} file(s) do not match the manifest: {', '.join(bad)}"
+        raise CorruptDatasetError(problem, hint="re-ingest the dataset")
+    return f"{label}: all {len(ds.manifest.files)} files match the manifest"
 
 
 def brief(ds: Dataset) -> str:
