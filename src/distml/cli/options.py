@@ -35,13 +35,13 @@ class AppContext:
     """What every subcommand receives: the resolved config, and which of its keys the command line set."""
 
     config: DistmlConfig
-    given: Mapping[str, Any]
+    given: Mapping[str, object]
 
     @property
     def workspace(self) -> Workspace:
         return Workspace(self.config.workspace.home)
 
-    def given_in(self, section: str) -> dict[str, Any]:
+    def given_in(self, section: str) -> dict[str, object]:
         """The fields of one section set on the command line, e.g. ``{"epochs": 3}`` for ``train``."""
         prefix = f"{section}."
         return {k.removeprefix(prefix): v for k, v in self.given.items() if k.startswith(prefix)}
@@ -130,7 +130,7 @@ def config_options(section: str, *names: str, record: bool = True) -> Callable[[
     return decorate
 
 
-def default_text(name: str, value: Any) -> str:
+def default_text(name: str, value: object) -> str:
     """A default as --help shows it: ``16 MiB`` for a byte count, ``2`` for 2.0, ``a,b`` for a tuple."""
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value)
@@ -156,7 +156,7 @@ def _section(section: str) -> type[BaseModel]:
     return model
 
 
-def _kind(annotation: Any) -> tuple[Any, tuple[str, ...]]:
+def _kind(annotation: object) -> tuple[object, tuple[str, ...]]:
     """The Python type an option parses (``X | None`` is ``X``), and a ``Literal``'s choices."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
