@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import click
 
 from distml.cli.options import AppContext, config_option, config_options, config_path_option, pass_app
@@ -19,9 +17,11 @@ from distml.errors import UsageError
 @click.option("--serve", "serve_", is_flag=True, help="Serve the champion at the end (Ctrl-C stops it).")
 @config_option("serve", "port")
 @click.option(
-    "--force", multiple=True, metavar="STEP",
+    "--force",
+    multiple=True,
+    metavar="STEP",
     help="Run STEP even on a hit (ingest, train, train[cnn], select, register); repeatable.",
-)  # fmt: skip
+)
 @click.option("--no-cache", is_flag=True, help="Run every step (the results are still cached).")
 @pass_app
 def run_cmd(app: AppContext, candidates: str | None, serve_: bool, force: tuple[str, ...], no_cache: bool) -> None:
@@ -47,8 +47,10 @@ def run_cmd(app: AppContext, candidates: str | None, serve_: bool, force: tuple[
     if models is not None and not models:
         raise UsageError("--candidates needs at least one model", hint="e.g. --candidates cnn,cnn-dropout")
     # --epochs and --workers apply to every candidate, over its [[candidates]] table too.
-    done = run_pipeline(app.workspace, app.config, models=models, train_overrides=app.given_in("train"),
-                        force=force, no_cache=no_cache, log=click.echo)  # fmt: skip
+    given = app.given_in("train")
+    done = run_pipeline(
+        app.workspace, app.config, models=models, train_overrides=given, force=force, no_cache=no_cache, log=click.echo
+    )
     reg = done.champion
     click.echo(
         f"\npipeline run {done.id} done in {done.seconds:.1f} s: {reg['name']} version {reg['version']} is champion"
@@ -64,24 +66,15 @@ def _serve(app: AppContext, ref: str) -> None:
     """Serve the champion, and smoke-test it with one real request once it listens."""
     from distml.registry.registry import resolve_model
     from distml.serve.server import serve
-    from distml.serve.smoke import sample_image, smoke_request
+    from distml.serve.smoke import announce_and_smoke
 
     artifact = resolve_model(ref, app.workspace)
-
-    def smoke(base_url: str) -> None:
-        line = smoke_request(base_url, artifact, *sample_image(app.workspace, artifact))
-        if line is None:
-            click.echo("smoke prediction: no answer from the server", err=True)
-        else:
-            click.echo(f"{line}; Ctrl-C stops the server")
-
-    def announce(line: str) -> None:
-        click.echo(line)
-        if line.startswith("listening on "):
-            threading.Thread(target=smoke, args=(line.split()[-1],), daemon=True).start()
-
-    serve(app.config.serve, artifact.path, announce=announce)
+    serve(app.config.serve, artifact.path, announce=announce_and_smoke(app.workspace, artifact, click.echo, _warn))
     click.echo("stopped")
+
+
+def _warn(line: str) -> None:
+    click.echo(line, err=True)
 
 
 @click.group("runs")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import click
 
 from distml.cli.options import AppContext, config_options, pass_app
-
-_TRAIN_OPTIONS = ("dataset", "model", "workers", "epochs", "batch_size", "lr", "optimizer", "schedule", "augment",
-                  "seed", "checkpoint_every_steps", "threads_per_worker", "allow_oversubscribe", "compile",
-                  "max_restarts")  # fmt: skip
+from distml.train import report
 
 
 @click.command("train")
-@config_options("train", *_TRAIN_OPTIONS)
+@config_options(
+    "train",
+    "dataset model workers epochs batch_size lr optimizer schedule augment seed checkpoint_every_steps "
+    "threads_per_worker allow_oversubscribe compile max_restarts",
+)
 @click.option("--run-name", help="Run folder under <home>/runs; the same name again resumes it (one at a time).")
 @click.option(
     "--candidates",
@@ -59,19 +60,7 @@ def train_cmd(
 
     cfg = app.config.train
     result = train(cfg, app.workspace, run_name, Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=rdzv_endpoint))
-    m = result.metrics
-    if "epochs" not in m:  # no result.json here: global rank 0 ran on another host, with its own run folder
-        click.echo(
-            f"run {result.run_dir.name}: this host's workers finished, {m.get('wall_seconds', 0):.1f} s; global "
-            f"rank 0 ran on another host and wrote the results (history, checkpoints) to its run folder"
-        )
-        return
-    acc = m.get("test_accuracy")
-    acc_text = f"test accuracy {acc:.2%}" if isinstance(acc, float) else "no test split"
-    click.echo(
-        f"run {result.run_dir.name}: {cfg.model} on {cfg.dataset}, {m.get('epochs')} epochs, {acc_text}, "
-        f"{m.get('wall_seconds', 0):.1f} s -> {result.run_dir}"
-    )
+    click.echo(report.result_line(cfg, result))
 
 
 def _train_candidates(app: AppContext, spec: str, prefix: str | None) -> None:
@@ -92,8 +81,6 @@ def _train_candidates(app: AppContext, spec: str, prefix: str | None) -> None:
     configs = app.config.candidate_configs(tables, app.given_in("train"))
     jobs = run_candidates(configs, app.workspace, prefix or f"candidates-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     summarise(jobs)
-    for job in jobs:
-        if job.state == "failed":
-            click.echo(f"candidate {job.label} failed: {job.error} (log: {job.log})", err=True)
-    done = sum(j.state == "done" for j in jobs)
-    click.echo(f"{done} of {len(jobs)} candidates finished; runs: {', '.join(j.run_dir.name for j in jobs)}")
+    for line in report.failed_lines(jobs):
+        click.echo(line, err=True)
+    click.echo(report.candidates_line(jobs))

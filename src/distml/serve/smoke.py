@@ -7,8 +7,10 @@ prints the answer: proof that the champion serves, not only that the port is ope
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
 import numpy as np
 
@@ -63,3 +65,25 @@ def smoke_request(
     truth = f" (label: {names[label]})" if 0 <= label < len(names) else ""
     predicted = names[top] if 0 <= top < len(names) else top
     return f"smoke prediction: test image 0 -> {predicted} p={max(probs) if probs else 0:.3f}{truth}"
+
+
+def announce_and_smoke(
+    workspace: Workspace, artifact: ModelArtifact, echo: Callable[[str], None], warn: Callable[[str], None]
+) -> Callable[[str], None]:
+    """An ``announce`` for :func:`distml.serve.server.serve`: ``echo`` each line, and once the server listens,
+    smoke-test it from a background thread (the server must keep serving meanwhile) and ``echo`` the answer.
+    """
+
+    def smoke(base_url: str) -> None:
+        line = smoke_request(base_url, artifact, *sample_image(workspace, artifact))
+        if line is None:
+            warn("smoke prediction: no answer from the server")
+        else:
+            echo(f"{line}; Ctrl-C stops the server")
+
+    def announce(line: str) -> None:
+        echo(line)
+        if line.startswith("listening on "):
+            threading.Thread(target=smoke, args=(line.split()[-1],), daemon=True).start()
+
+    return announce
