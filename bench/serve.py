@@ -715,7 +715,8 @@ def main() -> None:
                         help="distml V2 only: the c=1,8,64 capacity points and the overload point")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 s points: a smoke test, not a measurement")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results JSON (default bench/results/serve.json; with --quick a temp file)")  # fmt: skip
+                        help="results JSON (default bench/results/serve.json; --overload-only: "
+                             "serve-overload-latest.json; --quick: a temp file)")  # fmt: skip
     args = parser.parse_args()
     protocols = [p for p in args.only.split(",") if p]
     servers = [s for s in args.servers.split(",") if s]
@@ -739,7 +740,9 @@ def main() -> None:
         parser.error("--duration and --warmup are whole seconds, at least 1")
     if args.out is None:
         smoke = Path(tempfile.gettempdir()) / "distml-bench-serve-quick.json"
-        args.out = smoke if args.quick else REPO / "bench" / "results" / "serve.json"
+        # an overload-only run does not replace the full comparison in serve.json
+        name = "serve-overload-latest.json" if args.overload_only else "serve.json"
+        args.out = smoke if args.quick else REPO / "bench" / "results" / name
     if not {SERVER_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
         sys.exit(f"error: needs CPUs {SERVER_CPU} and {LOAD_CPU} (server and load generator); have "
                  f"{sorted(os.sched_getaffinity(0))}")  # fmt: skip

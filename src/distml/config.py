@@ -124,13 +124,13 @@ class ServeConfig(_Section):
         description="With the queue full, a request may still get a place this long after it came",
     )
     max_loop_lag_ms: float = Field(
-        default=50.0,
+        default=35.0,
         gt=0,
         le=60_000,
         description="With more requests in than max_queue, refuse new ones while the event loop runs this late",
     )
     refusal_delay_ms: float = Field(
-        default=1000.0, ge=0, le=60_000, description="A refused request gets its 503 this late, give or take half"
+        default=2000.0, ge=0, le=60_000, description="A refused request gets its 503 this late, give or take half"
     )
     request_timeout_s: float = Field(default=30.0, gt=0, description="Longest a request waits for its answer (503)")
     max_body_bytes: int = Field(default=16 << 20, ge=1024, description="Request body limit (413)")

@@ -12,6 +12,7 @@ that dies. uvicorn's own supervisor is not used because its workers cannot have 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from typing import Any
 import uvicorn
 
 from distml.config import ServeConfig
+from distml.serve.accept import Acceptor
 from distml.serve.app import ServeApp
 from distml.serve.http import ConnectionLimits, protocol_class
 from distml.serve.model import ServedModel, load_model
@@ -58,6 +60,27 @@ class _DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._drain_s = drain_s
         self._stop_at: float | None = None
+        self._acceptors: list[Acceptor] = []
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's startup (the lifespan, its state) without its listening servers: an Acceptor takes each socket
+        # instead, accepting every waiting connection per pass (see distml.serve.accept)
+        await super().startup(sockets=[])
+        config = self.config
+
+        def create_protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        self._acceptors = [Acceptor(sock, create_protocol) for sock in sockets or []]
+        for acceptor in self._acceptors:
+            acceptor.start()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for acceptor in self._acceptors:
+            acceptor.stop()
+        await super().shutdown(sockets=sockets)
 
     def _app(self) -> ServeApp | None:
         app = getattr(self.config, "loaded_app", None)
