@@ -68,11 +68,6 @@ def test_the_server_can_reach_no_training_or_source_code() -> None:
     assert _matching(reachable, ("distml.train", "distml.data.sources", "distml.registry.export")) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="k8s/plan.py imports registry.export for model_name_for, and the exporter reaches distml.train (at run "
-    "time only inside functions); model_name_for belongs in a leaf such as distml.card",
-)
 def test_the_kubernetes_render_can_reach_no_training_code() -> None:
     reachable = closure(("distml.k8s", "distml.k8s.render"))
     assert _matching(reachable, ("distml.train",)) == []

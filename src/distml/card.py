@@ -43,6 +43,11 @@ OUTPUT_NAMES = (LOGITS, PROBABILITIES)  # the graph's outputs, in order
 PARITY_MAX_ABS = 1e-4
 
 
+def model_name_for(dataset_name: str) -> str:
+    """The registered model of a dataset task: ``fashion-mnist`` -> ``fashion-mnist-classifier``."""
+    return f"{dataset_name}-classifier"
+
+
 class _Part(BaseModel):
     """A part of the card: immutable, and no field the format does not define."""
 

@@ -399,10 +399,6 @@ def config_error(exc: ValidationError, *, source: str | None = None, given: Iter
     return ConfigError(f"invalid config value {field}={given_value!r}{where}: {first['msg']}")
 
 
-# The name k8s/plan.py still imports; config_error is the public one.
-_config_error = config_error
-
-
 def _nearest_key(loc: tuple[int | str, ...]) -> str:
     """`` (did you mean 'epochs'?)`` for an unknown key at ``loc``, when a valid key of that table is close."""
     model: Any = DistmlConfig

@@ -37,7 +37,7 @@ def serve_cmd(app: AppContext, model: str | None) -> None:
       distml serve models:/fashion-mnist-classifier/3 --port 9000 --workers 2
       distml serve ./model --log-file requests.jsonl
     """
-    from distml.registry.export import model_name_for
+    from distml.card import model_name_for
     from distml.registry.registry import resolve_model
     from distml.serve.server import serve
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distml.card import model_name_for
 from distml.config import DistmlConfig, K8sConfig, TrainConfig
 from distml.errors import UsageError
 from distml.pipeline.shape import Shape, candidate_configs, pipeline_shape
@@ -152,17 +153,9 @@ def scratch_env() -> list[dict[str, str]]:
     ]
 
 
-def make_plan(config: DistmlConfig, overrides: dict[str, Any] | None = None) -> Plan:
-    """Resolve ``config`` (with ``overrides`` of its ``[k8s]`` section, from the command line) into a plan."""
-    from pydantic import ValidationError
-
-    from distml.config import _config_error
-    from distml.registry.export import model_name_for
-
-    try:
-        k8s = K8sConfig.model_validate({**config.k8s.model_dump(), **(overrides or {})})
-    except ValidationError as exc:
-        raise _config_error(exc, source="command line") from None
+def make_plan(config: DistmlConfig) -> Plan:
+    """Resolve ``config`` (validated, command-line options included) into a plan."""
+    k8s = config.k8s
     p = config.pipeline
     if p.dataset == "folder" and not k8s.source:
         raise UsageError(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from distml.config import DistmlConfig
 from distml.errors import UsageError
@@ -74,9 +73,11 @@ def build(plan: Plan) -> dict[str, list[Obj] | str]:
     return files
 
 
-def render(config: DistmlConfig, out: Path, overrides: dict[str, Any] | None = None) -> tuple[Plan, list[Path]]:
-    """Write the folder ``out`` (replacing an earlier render there); returns the plan and the files written."""
-    plan = make_plan(config, overrides)
+def render(config: DistmlConfig, out: Path) -> tuple[Plan, list[Path]]:
+    """Write the folder ``out`` (replacing an earlier render there); returns the plan and the files written.
+
+    ``config`` is already validated, command-line options included (``load_config(overrides=...)``)."""
+    plan = make_plan(config)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
         raise UsageError(f"{out} exists and is not an earlier render", hint="pick a new or empty --out folder")
     files = build(plan)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from distml.registry.artifact import ModelArtifact, open_artifact
-    from distml.registry.export import export_run, find_run, model_name_for
+    from distml.registry.export import export_run, find_run
     from distml.registry.registry import CHAMPION, Registry, Version, resolve_model
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "Version",
     "export_run",
     "find_run",
-    "model_name_for",
     "open_artifact",
     "resolve_model",
 ]
@@ -35,7 +34,6 @@ _FROM = {
     "open_artifact": "artifact",
     "export_run": "export",
     "find_run": "export",
-    "model_name_for": "export",
     "CHAMPION": "registry",
     "Registry": "registry",
     "Version": "registry",

@@ -40,6 +40,7 @@ from distml.card import (
     Normalisation,
     Parity,
     TensorSpec,
+    model_name_for,
 )
 from distml.data.reader import open_path
 from distml.errors import ModelError, NotFoundError, UsageError
@@ -65,11 +66,6 @@ def find_run(ref: str | Path, workspace: Workspace) -> Path:
         if (path / "job.json").is_file():
             return path
     raise NotFoundError(f"no training run {str(ref)!r}", hint=f"see {workspace.home / 'runs'} or pass a run folder")
-
-
-def model_name_for(dataset_name: str) -> str:
-    """The registered model of a dataset task: ``fashion-mnist`` -> ``fashion-mnist-classifier``."""
-    return f"{dataset_name}-classifier"
 
 
 def export_run(
