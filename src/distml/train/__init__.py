@@ -4,7 +4,7 @@
 W workers through torchrun; each worker (:mod:`distml.train.worker`) runs :func:`distml.train.loop.run`.
 
 The names below are loaded from their submodule on first use, so that importing a light submodule
-(``distml.train.model_names``, for example) does not import torch: about 1 s of every such command's start-up.
+(``distml.train.job``, for example) does not import torch: about 1 s of every such command's start-up.
 Code inside ``distml`` imports the submodule itself, which also keeps a pipeline step's code version
 (:mod:`distml.pipeline.codever`) to the modules the step really uses.
 """

@@ -23,9 +23,9 @@ from distml.data.reader import open_path
 from distml.data.store import DatasetStore
 from distml.errors import TrainingError, UsageError, WorkspaceError
 from distml.files import write_atomic
+from distml.model_names import check_model_name
 from distml.train.dist import usable_cores
 from distml.train.job import Job, check_resume
-from distml.train.model_names import check_model_name
 from distml.train.runlock import RunLock, lock_run
 from distml.workspace import Workspace
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from distml.errors import UsageError
-from distml.train.model_names import MODEL_NAMES, check_model_name
+from distml.model_names import MODEL_NAMES, check_model_name
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class UInt8Classifier(nn.Module):
         return logits, torch.softmax(logits, dim=1)
 
 
-assert tuple(MODELS) == MODEL_NAMES, "distml.train.model_names.MODEL_NAMES must list the builders of MODELS"
+assert tuple(MODELS) == MODEL_NAMES, "distml.model_names.MODEL_NAMES must list the builders of MODELS"
 
 
 def build_model(name: str, spec: ModelSpec) -> nn.Module:
