@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distml.errors import ConfigError
 from distml.model_names import MODEL_NAMES, check_model_name
+from distml.search.config import SearchConfig
 
 DEFAULT_HOME = Path(".distml")
 HOME_ENV = "DISTML_HOME"
@@ -77,6 +78,14 @@ class TrainConfig(_Section):
         default="none", description="Random crop (pad 2) and horizontal flip; helps longer runs of bigger nets"
     )
     seed: int = Field(default=0, description="Seeds weights, data order, augmentation and dropout")
+    # The validation split is carved from train by its own seed, not ``seed``: every candidate and trial of a
+    # search is then compared on the same images, whatever its training seed.
+    val_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="Share of the train split held out for validation (0: train on all)"
+    )
+    val_seed: int = Field(default=0, description="Seeds which train images form the validation split")
+    width: float = Field(default=1.0, gt=0, le=8, description="Channel width multiplier, for models that have one")
+    dropout: float | None = Field(default=None, ge=0, lt=1, description="Dropout rate (None: the model's own)")
     checkpoint_every_steps: int = Field(
         default=0, ge=0, description="Also checkpoint every N steps (0: only at the end of each epoch)"
     )
@@ -295,6 +304,7 @@ class DistmlConfig(_Section):
     serve: ServeConfig = ServeConfig()
     pipeline: PipelineConfig = PipelineConfig()
     k8s: K8sConfig = K8sConfig()
+    search: SearchConfig = SearchConfig()
     # [[candidates]] tables: each overrides some [train] settings for one candidate of ``distml train
     # --candidates`` (e.g. ``model = "resnet-small"`` with its own ``lr``).
     candidates: tuple[dict[str, Any], ...] = ()

@@ -1,0 +1,60 @@
+"""``[search]`` in distml.toml: the space of training settings ``distml tune`` searches, and how it searches.
+
+A leaf module (pydantic only): :mod:`distml.config` holds a :class:`SearchConfig` as its ``search`` section.
+Each entry of ``space`` is a ``[train]`` setting and either a list of choices or a range::
+
+    [search]
+    trials = 16
+    [search.space]
+    model = ["resnet-small", "cnn-batchnorm"]
+    lr = { low = 1e-3, high = 1e-2, log = true }
+    batch_size = [64, 128]
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Choice = str | int | float | bool
+
+
+class Range(BaseModel):
+    """A numeric range: ``low`` to ``high`` (both included), on a log scale if ``log``, in steps of ``step``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(default=None, gt=0)
+
+
+def _default_space() -> dict[str, list[Choice] | Range]:
+    return {
+        "model": ["resnet-small", "cnn-batchnorm"],
+        "lr": Range(low=1e-3, high=1e-2, log=True),
+        "weight_decay": Range(low=1e-5, high=1e-3, log=True),
+        "batch_size": [64, 128],
+        "label_smoothing": [0.0, 0.1],
+    }
+
+
+class SearchConfig(BaseModel):
+    """How ``distml tune`` searches: the space, the trial count, concurrency, budget, sampler and pruner."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    space: dict[str, list[Choice] | Range] = Field(
+        default_factory=_default_space, description="[train] settings to search: a list of choices or a range each"
+    )
+    trials: int = Field(default=16, ge=1, description="Trials in the study (more continues an existing study)")
+    max_concurrent: int = Field(default=1, ge=1, description="Trials at once, within the cores")
+    budget_minutes: float | None = Field(default=None, gt=0, description="No trial starts after this many minutes")
+    sampler: Literal["tpe", "random", "grid"] = Field(default="tpe", description="How the next trial is chosen")
+    pruner: Literal["asha", "hyperband", "median", "none"] = Field(
+        default="asha", description="Which trials stop early, judged on the validation metric each epoch"
+    )
+    seed: int = Field(default=0, description="Seeds the sampler (same seed, sequential trials: same study)")
+    metric: Literal["val_accuracy", "val_loss"] = Field(default="val_accuracy", description="What the search optimises")
