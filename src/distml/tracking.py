@@ -6,6 +6,10 @@ metrics through :class:`distml.train.tracking.RankTracker`.
 
 The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<workspace>/mlflow.db`` with artifacts in
 ``<workspace>/mlartifacts``.
+
+A search trial's training run is a child of its study's run (:mod:`distml.search.tracking`): the tuner starts the
+trial's process with :data:`PARENT_RUN_ENV` (and the study and trial number) in its environment, and the launcher
+adds :func:`child_tags` to the run it opens.
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ import os
 import platform
 from pathlib import Path
 from typing import Any
+
+# Set by the tuner for a trial's process (distml.search.tracking.trial_env), read by the launcher that opens its run.
+PARENT_RUN_ENV = "DISTML_MLFLOW_PARENT_RUN_ID"
+STUDY_ENV = "DISTML_STUDY"
+TRIAL_ENV = "DISTML_TRIAL"
 
 
 def tracking_uri(home: Path) -> str:
@@ -62,6 +71,21 @@ def open_run(
 
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
     return uri, run.info.run_id
+
+
+def child_tags() -> dict[str, str]:
+    """Tags that make a training run the child of a study's run, from the environment a tuner set (else none).
+
+    ``mlflow.parentRunId`` is the tag MLflow's UI nests runs by; the study and trial number say which trial it is.
+    """
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent:
+        return {}
+    tags = {"mlflow.parentRunId": parent}
+    for env, tag in ((STUDY_ENV, "distml.study"), (TRIAL_ENV, "distml.trial")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
 
 
 def close_run(uri: str, run_id: str, *, ok: bool, artifacts: list[Path]) -> None:

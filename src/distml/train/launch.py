@@ -361,7 +361,12 @@ def _with_mlflow_run(job: Job, workspace: Workspace) -> Job:
         run_name=job.run_dir.name,
         existing_id=existing,
         params=params,
-        tags={"distml.run_dir": str(job.run_dir), "distml.dataset": dataset_name, "distml.model": job.config.model},
+        tags={
+            "distml.run_dir": str(job.run_dir),
+            "distml.dataset": dataset_name,
+            "distml.model": job.config.model,
+            **tracking.child_tags(),  # a search trial's run nests under its study's run
+        },
     )
     write_atomic(id_file, run_id.encode())
     job = replace(job, mlflow_uri=uri, mlflow_run_id=run_id)
