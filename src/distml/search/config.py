@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Choice = str | int | float | bool
 
@@ -58,3 +58,12 @@ class SearchConfig(BaseModel):
     )
     seed: int = Field(default=0, description="Seeds the sampler (same seed, sequential trials: same study)")
     metric: Literal["val_accuracy", "val_loss"] = Field(default="val_accuracy", description="What the search optimises")
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        # distml.search.space holds the checks (they build TrainConfigs); imported here, when a config is
+        # validated, because distml.config imports this module before it defines TrainConfig.
+        from distml.search.space import check_space
+
+        check_space(self.space)
+        return self

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -74,12 +75,19 @@ def plan(configs: list[TrainConfig], cores: int, gpus: int, prefix: str, home: P
                 f"candidate {label}: --workers {cfg.workers} is more than the {cores} cores here",
                 hint="use fewer workers, or pass --allow-oversubscribe",
             )
-        # As many jobs as fit side by side share the cores; each worker gets an equal part of its job's share.
-        side_by_side = max(1, min(len(configs), cores // max(1, cfg.workers)))
-        threads = cfg.threads_per_worker or max(1, cores // side_by_side // cfg.workers)
-        slots = min(cores, cfg.workers * threads)
+        threads, slots = share_cores(cfg, len(configs), cores)
         out.append(Candidate(label, cfg, home / "runs" / f"{prefix}-{label}", slots=slots, threads=threads))
     return out
+
+
+def share_cores(cfg: TrainConfig, jobs: int, cores: int) -> tuple[int, int]:
+    """(threads per worker, cores held) of one of ``jobs`` CPU jobs like ``cfg`` sharing ``cores``.
+
+    As many jobs as fit side by side share the cores; each worker gets an equal part of its job's share.
+    """
+    side_by_side = max(1, min(jobs, cores // max(1, cfg.workers)))
+    threads = cfg.threads_per_worker or max(1, cores // side_by_side // cfg.workers)
+    return threads, min(cores, cfg.workers * threads)
 
 
 def run_candidates(
@@ -138,25 +146,31 @@ def _start(job: Candidate, workspace: Workspace) -> None:
 
 
 def start_job(
-    cfg: TrainConfig, workspace: Workspace, run_dir: Path, threads: int, gpus: list[int]
+    cfg: TrainConfig,
+    workspace: Workspace,
+    run_dir: Path,
+    threads: int,
+    gpus: list[int],
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start one candidate's job, ``python -m distml.train.candidates``, its output appended to ``<run>/train.log``.
 
     The process dies with its caller (and stops its workers then), so a killed scheduler or pipeline leaves no
-    training running on into a run folder that the next invocation resumes.
+    training running on into a run folder that the next invocation resumes. ``env`` is added to the job's
+    environment (a search trial's MLflow parent run).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     job_file = run_dir / "candidate.json"
     job_file.write_text(json.dumps({**cfg.model_dump(mode="json"), "threads_per_worker": threads}, indent=2) + "\n")
     cmd = [sys.executable, "-m", "distml.train.candidates", str(workspace.home), str(job_file), run_dir.name]
-    env = dict(os.environ)
+    job_env = {**os.environ, **(env or {})}
     if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        job_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     with (run_dir / "train.log").open("ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()
         return subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent()
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env, start_new_session=True, preexec_fn=die_with_parent()
         )
 
 

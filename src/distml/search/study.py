@@ -1,0 +1,159 @@
+"""A study's storage and its lock: ``<home>/studies/<S>.db`` (Optuna's SQLite storage) and ``<S>.lock``.
+
+The database is Optuna's own RDB schema, so ``optuna-dashboard sqlite:///<home>/studies/<S>.db`` opens it. The
+study records what its trials depend on (``space_sha256`` and the document it hashes); a command with another
+space is refused rather than mixing trials that are not comparable. One tuner at a time holds the lock, which is
+also what lets the next one treat a trial left RUNNING as interrupted (see :mod:`distml.search.tuner`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from distml.errors import ConfigError, UsageError, WorkspaceError
+from distml.search.config import SearchConfig
+from distml.search.space import differences, grid
+
+if TYPE_CHECKING:
+    import optuna
+
+Direction = Literal["maximize", "minimize"]
+DIRECTIONS: dict[str, Direction] = {"val_accuracy": "maximize", "val_loss": "minimize"}
+
+
+def studies_dir(home: Path) -> Path:
+    return home / "studies"
+
+
+def storage_path(home: Path, study: str) -> Path:
+    return studies_dir(home) / f"{study}.db"
+
+
+def storage_url(path: Path) -> str:
+    """The SQLAlchemy URL of a study file, as Optuna and optuna-dashboard take it."""
+    return f"sqlite:///{path.resolve()}"
+
+
+def check_study_name(name: str) -> str:
+    """Study names become file and run-folder names: letters, digits, '-', '_' and '.'."""
+    if not name or name.startswith(".") or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise UsageError(f"study name {name!r} is not allowed", hint="use letters, digits, '-', '_' and '.'")
+    return name
+
+
+@dataclass
+class StudyLock:
+    """An exclusive ``flock`` on ``<S>.lock``, held for the tuner's life (the kernel drops it if the tuner dies)."""
+
+    fd: int
+    path: Path
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def lock_study(home: Path, study: str) -> StudyLock:
+    """Lock study ``study`` for this process, or raise UsageError naming the process that tunes it."""
+    folder = studies_dir(home)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{study}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise WorkspaceError(f"cannot create the study lock in {folder}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 100, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        raise UsageError(
+            f"study {study} is being tuned by another distml tune ({who})",
+            hint="wait for it to finish or stop it, or use another --study",
+        ) from None
+    except OSError as exc:
+        os.close(fd)
+        raise WorkspaceError(f"cannot lock {path}: {exc.strerror}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return StudyLock(fd, path)
+
+
+def make_sampler(search: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    """The sampler of ``--sampler``, seeded with ``seed``."""
+    import optuna
+
+    if search.sampler == "grid":
+        return optuna.samplers.GridSampler(grid(search.space), seed=seed)
+    if search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(search: SearchConfig, max_epochs: int) -> optuna.pruners.BasePruner:
+    """The pruner of ``--pruner``; its unit is the epoch, and no trial is judged before its first one."""
+    import optuna
+
+    if search.pruner == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    if search.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, max_epochs))
+    if search.pruner == "median":
+        # Optuna's default waits for 5 finished trials; small studies would then prune nothing.
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(
+    path: Path,
+    name: str,
+    search: SearchConfig,
+    document: dict[str, object],
+    sha: str,
+    dataset_digest: str,
+    max_epochs: int,
+) -> optuna.Study:
+    """Create the study, or load it and refuse it when it was made for another space or dataset."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the tuner prints its own progress
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(storage_url(path))
+    direction = DIRECTIONS[search.metric]
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction=direction,
+        sampler=make_sampler(search, search.seed),
+        pruner=make_pruner(search, max_epochs),
+        load_if_exists=True,
+    )
+    attrs = study.user_attrs
+    if not attrs:
+        study.set_user_attr("space_sha256", sha)
+        study.set_user_attr("space", document)
+        study.set_user_attr("metric", search.metric)
+        study.set_user_attr("direction", direction)
+        study.set_user_attr("dataset_digest", dataset_digest)
+        return study
+    if attrs.get("space_sha256") != sha:
+        old = attrs.get("space")
+        changed = differences(old, document) if isinstance(old, dict) else []
+        what = f" (differs in {', '.join(changed)})" if changed else ""
+        raise ConfigError(
+            f"study {name} in {path} was made for another search space or [train] settings{what}",
+            hint=f"use --study NEW for a new study, or delete {path} to start {name} over",
+        )
+    if attrs.get("dataset_digest") != dataset_digest:
+        raise ConfigError(
+            f"study {name} was made on dataset {str(attrs.get('dataset_digest'))[:12]}, this one is "
+            f"{dataset_digest[:12]} (the dataset changed since)",
+            hint=f"use --study NEW for a new study, or delete {path} to start {name} over",
+        )
+    return study

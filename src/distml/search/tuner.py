@@ -1,0 +1,448 @@
+"""``distml tune``: an Optuna ask/tell loop whose trials are ordinary distml training runs.
+
+Trial N of study S trains in ``<home>/runs/<S>-t<NNN>`` with ``[train]`` merged with its sampled params. The
+tuner reads each running trial's ``history.json`` every ``poll_s``, reports the validation metric of every new
+epoch to Optuna, and stops the trial's job when the pruner says so (PRUNED, with the epochs it used). A job that
+ends well is COMPLETE with its last validation value; one that crashes is FAIL with the error from its log, and
+the study goes on.
+
+Resuming: the study's lock proves that no other tuner runs it, so a trial the storage still calls RUNNING was
+interrupted (the tuner was killed; its job died with it). The next call starts that trial again with the same
+params in the same run folder, where training resumes from its last checkpoint; it is neither lost nor
+counted twice. Each new trial's sampler is seeded with ``seed + trial number``, so the same seed with one trial
+at a time gives the same params whether or not the study was interrupted on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from distml.config import DistmlConfig, TrainConfig
+from distml.errors import ConfigError, DistmlError, TrainingError
+from distml.search.executor import TrialExecutor, TrialJob
+from distml.search.result import StudyResult, TrialRecord, from_study, load_study_result
+from distml.search.space import Params, grid_size, sample, space_document, space_sha256
+from distml.search.study import check_study_name, lock_study, make_sampler, open_study, storage_path
+from distml.workspace import Workspace
+
+if TYPE_CHECKING:
+    import optuna
+
+    from distml.train.job import EpochRecord
+
+__all__ = ["StudyResult", "TrialRecord", "load_study_result", "trial_run_dir", "tune"]
+
+_ETA = re.compile(r"ETA (\d+)m(\d+)s")
+
+
+def trial_run_dir(home: Path, study: str, number: int) -> Path:
+    """``<home>/runs/<S>-t<NNN>``: where trial ``number`` of ``study`` trains."""
+    return home / "runs" / f"{study}-t{number:03d}"
+
+
+@dataclass
+class _Active:
+    """A trial whose job runs now."""
+
+    trial: optuna.Trial
+    cfg: TrainConfig
+    run_dir: Path
+    job: TrialJob | None = None
+    started: float = field(default_factory=time.monotonic)
+    seconds_before: float = 0.0  # wall time of earlier attempts (a resumed trial)
+    reported: int = 0  # epochs reported to Optuna so far
+
+    @property
+    def number(self) -> int:
+        return int(self.trial.number)
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.monotonic() - self.started
+
+
+def tune(
+    config: DistmlConfig,
+    workspace: Workspace,
+    *,
+    study: str,
+    stream: TextIO = sys.stdout,
+    executor: TrialExecutor | None = None,
+    poll_s: float = 1.0,
+) -> StudyResult:
+    """Run study ``study`` up to ``[search] trials`` trials (resuming an interrupted one first); its result.
+
+    Raises UsageError/ConfigError before anything starts for bad settings, TrainingError when every trial
+    failed or the budget ended before any trial finished an epoch.
+    """
+    search, base = config.search, config.train
+    check_study_name(study)
+    if base.val_fraction <= 0:
+        raise ConfigError(
+            "[train] val_fraction is 0: the search chooses on the validation split",
+            hint="set val_fraction > 0 (e.g. 0.1)",
+        )
+    _check_batches(config)
+    digest, dataset_name = _dataset(base, workspace)
+    total = search.trials
+    if search.sampler == "grid" and total > grid_size(search.space):
+        print(f"the grid has {grid_size(search.space)} points: running at most that many trials", file=stream)
+        total = grid_size(search.space)
+    document = space_document(search.space, search.metric, search.sampler, base)
+    path = storage_path(workspace.home, study)
+    lock = lock_study(workspace.home, study)
+    try:
+        opened = open_study(path, study, search, document, space_sha256(document), digest, _max_epochs(config))
+        return _Loop(config, workspace, opened, path, total, stream, executor, poll_s, dataset_name).run()
+    finally:
+        lock.release()
+
+
+class _Loop:
+    """One call's ask/tell loop over a locked, opened study."""
+
+    def __init__(
+        self,
+        config: DistmlConfig,
+        workspace: Workspace,
+        study: optuna.Study,
+        path: Path,
+        total: int,
+        stream: TextIO,
+        executor: TrialExecutor | None,
+        poll_s: float,
+        dataset_name: str,
+    ) -> None:
+        self.config, self.search, self.base = config, config.search, config.train
+        self.workspace, self.study, self.path, self.total = workspace, study, path, total
+        self.stream, self.poll_s = stream, poll_s
+        self.executor = executor or _local_executor(workspace)
+        self.dataset_name = dataset_name
+        self.active: list[_Active] = []
+        self.ran = 0  # trials this call started (resumed ones included)
+        self.failures: list[str] = []
+        self.budget_cut = False
+        self.epochs_seen = 0  # epochs finished by this call's trials
+        self.parent_run: str | None = None
+
+    def say(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def run(self) -> StudyResult:
+        from distml import tracking
+
+        slots = self.executor.capacity(self.base, self.search.max_concurrent)
+        if slots < self.search.max_concurrent:
+            self.say(
+                f"running {slots} trial(s) at once, not {self.search.max_concurrent}: each takes "
+                f"{self.base.workers} worker(s) and more would not fit here"
+            )
+        tracking.ensure_experiment(self.workspace.home, f"distml-{self.dataset_name}")  # before trials race
+        self.parent_run = _start_parent(self.workspace.home, self.study.study_name, self.config)
+        interrupted = self.study.get_trials(deepcopy=False, states=(_state("RUNNING"),))
+        existing = len(self.study.get_trials(deepcopy=False))
+        new = max(0, self.total - existing)
+        self.say(
+            f"study {self.study.study_name} ({self.path}): {existing - len(interrupted)} trial(s) done, "
+            f"{len(interrupted)} interrupted, {new} new to run (--trials {self.total})"
+        )
+        deadline = time.monotonic() + self.search.budget_minutes * 60 if self.search.budget_minutes else math.inf
+        pending = list(interrupted)
+        ok = False
+        try:
+            while pending or new or self.active:
+                while len(self.active) < slots and (pending or new) and time.monotonic() < deadline:
+                    if pending:
+                        self._resume(pending.pop(0))
+                    else:
+                        new -= 1
+                        self._start_new()
+                for act in list(self.active):
+                    self._check(act)
+                if time.monotonic() >= deadline and (self.active or pending or new):
+                    self._cut_by_budget()
+                    if pending or new:
+                        self.say(f"the budget is spent: {len(pending) + new} trial(s) not started")
+                    pending, new = [], 0
+                if self.active:
+                    time.sleep(self.poll_s)
+            ok = True
+        finally:
+            if not ok:  # interrupted: the jobs stop, their trials stay RUNNING for the next call to resume
+                for act in self.active:
+                    if act.job is not None:
+                        self.executor.stop(act.job)
+        result = from_study(self.study, self.path, self.ran)
+        self._finish_parent(result)
+        self._check_outcome(result)
+        return result
+
+    # -- starting -------------------------------------------------------------------------------------------
+
+    def _start_new(self) -> None:
+        number = len(self.study.get_trials(deepcopy=False))
+        # A sampler seeded per trial: trial N's params depend on the seed and the trials before it only, so an
+        # interrupted and resumed study samples what an uninterrupted one would.
+        self.study.sampler = make_sampler(self.search, self.search.seed + number)
+        trial = self.study.ask()
+        params = sample(trial, self.search.space)
+        self._launch(trial, params, resumed=False)
+
+    def _resume(self, frozen: optuna.trial.FrozenTrial) -> None:
+        import optuna
+
+        trial = optuna.trial.Trial(self.study, frozen._trial_id)
+        params: Params = dict(frozen.params)
+        run_dir = trial_run_dir(self.workspace.home, self.study.study_name, frozen.number)
+        has_checkpoint = any((run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").is_dir() else False
+        how = "from its checkpoint" if has_checkpoint else "from the start (it had no checkpoint yet)"
+        self.say(f"resuming trial {frozen.number} {how}")
+        before = float(frozen.user_attrs.get("seconds", 0.0))
+        self._launch(trial, params, resumed=True, reported=len(frozen.intermediate_values), before=before)
+
+    def _launch(
+        self, trial: optuna.Trial, params: Params, *, resumed: bool, reported: int = 0, before: float = 0.0
+    ) -> None:
+        from pydantic import ValidationError
+
+        from distml.config import config_error
+
+        run_dir = trial_run_dir(self.workspace.home, self.study.study_name, trial.number)
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("resumed", resumed)
+        self.ran += 1
+        try:
+            cfg = TrainConfig.model_validate({**self.base.model_dump(), **params})
+        except (ValidationError, DistmlError) as exc:
+            message = config_error(exc).message if isinstance(exc, ValidationError) else exc.message
+            self._fail(trial, f"invalid trial config: {message}")
+            return
+        act = _Active(trial, cfg, run_dir, seconds_before=before, reported=reported)
+        if not resumed:
+            self.say(f"trial {trial.number} started: {_params_text(params)} (run {run_dir.name})")
+        if (run_dir / "result.json").is_file() and resumed:  # it finished just before the tuner was killed
+            self.active.append(act)
+            return
+        env = _trial_env(self.parent_run, trial.number, self.study.study_name)
+        try:
+            act.job = self.executor.start(cfg, run_dir, env)
+        except (OSError, DistmlError) as exc:
+            self._fail(trial, f"could not start: {exc}")
+            return
+        self.active.append(act)
+
+    # -- watching -------------------------------------------------------------------------------------------
+
+    def _check(self, act: _Active) -> None:
+        """Report new epochs, prune if told to, and settle a job that has ended."""
+        code = self.executor.poll(act.job) if act.job is not None else 0
+        metric = self.search.metric
+        for rec in _history(act.run_dir)[act.reported :]:
+            value = _metric(rec, metric)
+            act.reported = int(rec["epoch"])
+            self.epochs_seen += 1
+            act.trial.report(value, act.reported)
+            act.trial.set_user_attr("epochs_used", act.reported)
+            act.trial.set_user_attr("seconds", round(act.seconds(), 1))
+            self.say(f"trial {act.number}: epoch {act.reported}/{act.cfg.epochs} {_metric_text(metric, value)}")
+            if code is None and act.reported < act.cfg.epochs and act.trial.should_prune():
+                self._stop(act)
+                self._tell(act, "PRUNED")
+                self.say(f"trial {act.number} pruned at epoch {act.reported} ({_metric_text(metric, value)})")
+                return
+        if code is None:
+            return
+        result_file = act.run_dir / "result.json"
+        history = _history(act.run_dir)
+        if code == 0 and result_file.is_file() and history:
+            value = _metric(history[-1], metric)
+            if math.isnan(value):
+                self._fail(act.trial, f"the final {metric} is NaN", act)
+                return
+            self._tell(act, "COMPLETE", value)
+            self.say(
+                f"trial {act.number} complete: {_metric_text(metric, value)} after {act.reported} epoch(s), "
+                f"{act.seconds():.0f}s"
+            )
+            return
+        self._fail(act.trial, f"{_log_error(act.run_dir, code)} (log {act.run_dir / 'train.log'})", act)
+
+    def _stop(self, act: _Active) -> None:
+        if act.job is not None:
+            self.executor.stop(act.job)
+
+    def _tell(self, act: _Active, state: str, value: float | None = None) -> None:
+        history = _history(act.run_dir)
+        last = history[-1] if history else None
+        attrs: dict[str, object] = {
+            "epochs_used": act.reported,
+            "seconds": round(act.seconds(), 1),
+            "val_accuracy": _finite(last, "val_accuracy"),
+            "test_accuracy": _finite(last, "test_accuracy"),
+            "mlflow_run_id": _read(act.run_dir / "mlflow_run_id"),
+        }
+        for key, attr in attrs.items():
+            act.trial.set_user_attr(key, attr)
+        self.study.tell(act.trial, value if state == "COMPLETE" else None, state=_state(state))
+        self.active.remove(act)
+
+    def _fail(self, trial: optuna.Trial, error: str, act: _Active | None = None) -> None:
+        trial.set_user_attr("error", error[:2000])
+        self.failures.append(f"trial {trial.number}: {error}")
+        self.say(f"trial {trial.number} failed: {error}")
+        if act is not None:
+            self._tell(act, "FAIL")
+        else:
+            self.study.tell(trial, state=_state("FAIL"))
+
+    def _cut_by_budget(self) -> None:
+        minutes = self.search.budget_minutes
+        self.budget_cut = True
+        for act in list(self.active):
+            self._stop(act)
+            self._check_reports(act)
+            act.trial.set_user_attr("stopped_by", "budget")
+            self._tell(act, "PRUNED")
+            self.say(f"trial {act.number} stopped at the {minutes:g}-minute budget after {act.reported} epoch(s)")
+
+    def _check_reports(self, act: _Active) -> None:
+        for rec in _history(act.run_dir)[act.reported :]:
+            act.reported = int(rec["epoch"])
+            self.epochs_seen += 1
+            act.trial.report(_metric(rec, self.search.metric), act.reported)
+
+    # -- the end --------------------------------------------------------------------------------------------
+
+    def _finish_parent(self, result: StudyResult) -> None:
+        if self.parent_run is None:
+            return
+        from distml.search.tracking import finish_study_run
+
+        finish_study_run(self.workspace.home, self.parent_run, result, ok=result.best is not None)
+
+    def _check_outcome(self, result: StudyResult) -> None:
+        if self.budget_cut and self.ran and self.epochs_seen == 0 and result.best is None:
+            minutes = self.search.budget_minutes or 0
+            eta = _first_eta(self.workspace.home, self.study.study_name, result)
+            raise TrainingError(
+                f"--budget-minutes {minutes:g} is too small for one epoch: no trial finished an epoch in it{eta}",
+                hint="give a larger budget, or fewer/smaller epochs",
+            )
+        if self.ran and result.best is None:
+            raise TrainingError(f"every trial of study {result.study} failed: " + "; ".join(self.failures[-5:]))
+
+
+def _state(name: str) -> optuna.trial.TrialState:
+    import optuna
+
+    return optuna.trial.TrialState[name]
+
+
+def _local_executor(workspace: Workspace) -> TrialExecutor:
+    from distml.search.executor import LocalExecutor
+    from distml.train.dist import usable_cores
+    from distml.train.launch import _gpu_count
+
+    return LocalExecutor(workspace, usable_cores(), _gpu_count())
+
+
+def _dataset(base: TrainConfig, workspace: Workspace) -> tuple[str, str]:
+    from distml.data.reader import open_path
+    from distml.data.store import DatasetStore
+
+    dataset = open_path(DatasetStore(workspace).resolve(base.dataset))
+    return dataset.digest, dataset.name
+
+
+def _check_batches(config: DistmlConfig) -> None:
+    """Every batch size choice must split over the workers (a range is checked per trial, as a failed trial)."""
+    workers = config.train.workers
+    choices = config.search.space.get("batch_size", [config.train.batch_size])
+    for batch in choices if isinstance(choices, list) else []:
+        if isinstance(batch, int) and batch % workers:
+            raise ConfigError(
+                f"[search.space] batch_size: {batch} does not divide by [train] workers {workers}",
+                hint=f"the batch is global: use multiples of {workers}",
+            )
+
+
+def _max_epochs(config: DistmlConfig) -> int:
+    entry = config.search.space.get("epochs")
+    if entry is None:
+        return config.train.epochs
+    if isinstance(entry, list):
+        return max(int(e) for e in entry)
+    return int(entry.high)
+
+
+def _start_parent(home: Path, study: str, config: DistmlConfig) -> str | None:
+    from distml.search.tracking import start_study_run
+
+    return start_study_run(home, study, config)
+
+
+def _trial_env(parent_run: str | None, number: int, study: str) -> dict[str, str]:
+    if parent_run is None:
+        return {}
+    from distml.search.tracking import trial_env
+
+    return trial_env(parent_run, number, study)
+
+
+def _history(run_dir: Path) -> list[EpochRecord]:
+    try:
+        records: list[EpochRecord] = json.loads((run_dir / "history.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return []
+    return records
+
+
+def _metric(rec: EpochRecord, metric: str) -> float:
+    value = rec.get(metric)
+    if value is None:  # TEMPORARY until H1's val_* fields land in history.json: remove before the final commit
+        value = rec.get(metric.replace("val_", "test_"))
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def _finite(rec: EpochRecord | None, key: str) -> float | None:
+    if rec is None:
+        return None
+    value = _metric(rec, key)
+    return value if math.isfinite(value) else None
+
+
+def _metric_text(metric: str, value: float) -> str:
+    return f"val accuracy {value:.2%}" if metric == "val_accuracy" else f"val loss {value:.4f}"
+
+
+def _params_text(params: Params) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _log_error(run_dir: Path, code: int) -> str:
+    """The job's last ``error:`` line (what ``distml train`` would have printed), or its exit code."""
+    text = _read(run_dir / "train.log") or ""
+    lines = [ln.removeprefix("error: ") for ln in text.splitlines() if ln.startswith("error:")]
+    return lines[-1] if lines else f"exited with {code}"
+
+
+def _first_eta(home: Path, study: str, result: StudyResult) -> str:
+    """`` (trial 0's first epoch was to take 1m20s)`` from the ETA its log printed, when it printed one."""
+    for rec in result.trials:
+        found = _ETA.findall(_read(Path(rec["run_dir"]) / "train.log") or "") if rec["run_dir"] else []
+        if found:
+            return f" (trial {rec['number']}'s first epoch was to take about {found[-1][0]}m{found[-1][1]}s)"
+    return ""
