@@ -48,7 +48,7 @@ def _history(run_dir: Path) -> list[dict[str, object]]:
 def test_ddp_two_workers_at_half_batch_equal_one_worker_at_full_batch(
     home: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    _dataset(home, tmp_path, n_train=32 * 24)
+    _dataset(home, tmp_path, n_train=854)  # less the 85 validation images (10%): 769 = 24 steps of 32
     one = train(_cfg(workers=1), Workspace(home), "w1")
     two = train(_cfg(workers=2), Workspace(home), "w2")  # gradients averaged through shared memory (the default)
     assert "shared-memory all-reduce" in capfd.readouterr().out
@@ -65,6 +65,10 @@ def test_ddp_two_workers_at_half_batch_equal_one_worker_at_full_batch(
     assert _history(two_gloo.run_dir)[0]["step_losses"] == losses_two
     shm, gloo = _final_weights(two.run_dir), _final_weights(two_gloo.run_dir)
     assert all(torch.equal(shm[k], gloo[k]) for k in shm)
+    # Validation is evaluated over both ranks' halves and reduced: the same numbers as one rank on its own.
+    val_one, val_two = _history(one.run_dir)[0], _history(two.run_dir)[0]
+    assert val_two["val_loss"] == pytest.approx(val_one["val_loss"], abs=1e-4)
+    assert _history(two_gloo.run_dir)[0]["val_loss"] == val_two["val_loss"]
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -90,7 +94,8 @@ def test_sigkill_of_one_worker_mid_epoch_resumes_bit_exactly(home: Path, tmp_pat
     killed_pid = None
     try:
         deadline = time.monotonic() + 240
-        # Wait for the first mid-epoch checkpoint of epoch 2 (global step 300 of 256/epoch), then kill rank 1
+        # Wait for the first mid-epoch checkpoint of epoch 2 (global step 300 of 230/epoch: 4096 less 10% held out
+        # for validation, in batches of 16), then kill rank 1
         # a little later, so the job must resume from the middle of an epoch.
         while time.monotonic() < deadline and proc.poll() is None:
             ckpts = [p.name for p in list_checkpoints(run_dir / "checkpoints")]
@@ -393,3 +398,55 @@ def test_one_mlflow_run_per_job_with_metrics_reopened_on_resume(tiny_home: Path)
     runs = client.search_runs([run.info.experiment_id])
     assert len(runs) == 1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2, 3]
+
+
+# -- the validation split ---------------------------------------------------------------------------------------
+
+
+def test_training_reports_validation_each_epoch_and_never_trains_on_it(home: Path, tmp_path: Path) -> None:
+    from distml.data.reader import open_dataset
+    from distml.data.split import validation_indices, validation_record
+    from distml.train.dist import DistContext
+    from distml.train.loop import _batchers
+
+    _dataset(home, tmp_path, n_train=256)  # 10%: 26 validation images, 230 to train on = 7 steps of 32 (not 8)
+    result = train(_cfg(workers=2, epochs=2, val_fraction=0.1, val_seed=5), Workspace(home), "val")
+    history = _history(result.run_dir)
+    assert [h["global_step"] for h in history] == [7, 14]
+    for h in history:
+        assert isinstance(h["val_accuracy"], float) and 0.0 <= h["val_accuracy"] <= 1.0
+        assert isinstance(h["val_loss"], float) and h["val_loss"] > 0
+    saved = json.loads((result.run_dir / "result.json").read_text())
+    assert saved["validation"] == validation_record(256, 0.1, 5)
+    assert saved["validation"]["images"] == 26
+    assert saved["val_accuracy"] == history[-1]["val_accuracy"] and saved["val_loss"] == history[-1]["val_loss"]
+    assert saved["test_accuracy"] == history[-1]["test_accuracy"]
+    assert result.metrics["val_accuracy"] == saved["val_accuracy"]
+
+    # What the loop trains on is exactly train less the validation images, and the validation images are held.
+    dataset = open_dataset("tiny", home=home)
+    images, labels = dataset.split("train").to_torch()
+    cpu = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    train_b, val_b, test_b = _batchers(dataset, _cfg(val_fraction=0.1, val_seed=5), cpu)
+    train_idx, val_idx = validation_indices(256, 0.1, 5)
+    assert val_b is not None and test_b is not None
+    assert torch.equal(train_b.images.cpu(), images[train_idx]) and torch.equal(val_b.images.cpu(), images[val_idx])
+    assert torch.equal(train_b.labels.cpu(), labels[train_idx]) and torch.equal(val_b.labels.cpu(), labels[val_idx])
+    seen = {bytes(img.numpy()) for img in train_b.images.cpu()}
+    assert not any(bytes(img.numpy()) in seen for img in val_b.images.cpu())
+
+
+def test_without_a_validation_split_training_is_as_before(home: Path, tmp_path: Path) -> None:
+    _dataset(home, tmp_path, n_train=256)
+    result = train(_cfg(val_fraction=0.0), Workspace(home), "noval")
+    history = _history(result.run_dir)
+    assert history[0]["global_step"] == 8  # every one of the 256 images: 8 steps of 32
+    assert history[0]["val_accuracy"] != history[0]["val_accuracy"]  # NaN: nothing to measure
+    saved = json.loads((result.run_dir / "result.json").read_text())
+    assert saved["val_accuracy"] is None and saved["val_loss"] is None
+    assert saved["validation"]["images"] == 0 and isinstance(saved["test_accuracy"], float)
+    # Another split is another experiment, not a resume.
+    with pytest.raises(ResumeError, match=r"incompatible config: val_fraction 0.0 -> 0.2"):
+        prepare(_cfg(val_fraction=0.2), Workspace(home), "noval")
+    with pytest.raises(ResumeError, match=r"incompatible config: val_seed 0 -> 1"):
+        prepare(_cfg(val_fraction=0.0, val_seed=1), Workspace(home), "noval")

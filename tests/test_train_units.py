@@ -216,3 +216,37 @@ def test_a_checkpoint_that_fails_to_save_leaves_no_temp_file(tmp_path: Path) -> 
     with pytest.raises(TypeError, match="lock"):
         save_checkpoint(tmp_path, unsaveable, epoch=2, step=20)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000001-000000010.pt"]
+
+
+# -- the validation split ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(1000, 0.1), (7, 0.5), (60000, 0.1), (1, 0.3)])
+def test_the_validation_split_is_deterministic_disjoint_and_covers_train(n: int, fraction: float) -> None:
+    from distml.data.split import validation_indices, validation_record
+
+    train_idx, val_idx = validation_indices(n, fraction, seed=3)
+    again_train, again_val = validation_indices(n, fraction, seed=3)
+    assert np.array_equal(train_idx, again_train) and np.array_equal(val_idx, again_val)
+    assert train_idx.dtype == val_idx.dtype == np.int64
+    assert len(val_idx) == round(n * fraction)
+    assert np.all(np.diff(train_idx) > 0) and np.all(np.diff(val_idx) > 0)  # sorted, no repeats
+    assert not set(train_idx.tolist()) & set(val_idx.tolist())
+    assert np.array_equal(np.sort(np.concatenate([train_idx, val_idx])), np.arange(n))
+    record = validation_record(n, fraction, 3)
+    assert record["images"] == len(val_idx) and record["fraction"] == fraction and record["seed"] == 3
+    assert record == validation_record(n, fraction, 3)
+
+
+def test_the_validation_split_depends_on_its_seed_and_fraction_zero_is_empty() -> None:
+    from distml.data.split import validation_indices, validation_record
+
+    _, a = validation_indices(1000, 0.1, seed=0)
+    _, b = validation_indices(1000, 0.1, seed=1)
+    assert not np.array_equal(a, b)
+    assert validation_record(1000, 0.1, 0)["indices_sha256"] != validation_record(1000, 0.1, 1)["indices_sha256"]
+    train_idx, val_idx = validation_indices(1000, 0.0, seed=0)
+    assert len(val_idx) == 0 and np.array_equal(train_idx, np.arange(1000))
+    assert validation_record(1000, 0.0, 0)["images"] == 0
+    # Pinned: the same numpy draws on any machine, so a recorded split can be recomputed and compared later.
+    assert validation_indices(10, 0.3, seed=0)[1].tolist() == [2, 4, 6]

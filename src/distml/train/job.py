@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypedDict, get_args
 
 from distml.config import TrainConfig
+from distml.data.split import ValidationRecord
 from distml.errors import ResumeError
 from distml.files import write_atomic
 
@@ -35,7 +36,17 @@ RESUMABLE_CHANGES = frozenset(
 
 
 # The per-epoch numbers that also go to MLflow and TensorBoard, in the order they are logged.
-EpochMetric = Literal["train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "images_per_s", "seconds"]
+EpochMetric = Literal[
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "lr",
+    "images_per_s",
+    "seconds",
+]
 EPOCH_METRICS: tuple[EpochMetric, ...] = get_args(EpochMetric)
 
 
@@ -46,6 +57,8 @@ class EpochRecord(TypedDict):
     global_step: int
     train_loss: float  # the mean of step_losses
     train_accuracy: float
+    val_loss: float  # on the validation split carved from train (distml.data.split); NaN without one
+    val_accuracy: float
     test_loss: float  # NaN when the dataset has no test split
     test_accuracy: float
     lr: float  # of the epoch's last step
@@ -58,8 +71,11 @@ class EpochRecord(TypedDict):
 class RunResult(TypedDict):
     """``result.json``: what one worker process's training returns (the same on every rank)."""
 
-    test_accuracy: float | None  # None when no epoch ran
+    val_accuracy: float | None  # None when no epoch ran or there is no validation split (val_fraction 0)
+    val_loss: float | None
+    test_accuracy: float | None  # None when no epoch ran; reported, never used to choose a model
     test_loss: float | None
+    validation: ValidationRecord  # which train images were held out (images 0 with val_fraction 0)
     epochs: int
     global_step: int
     seconds: float

@@ -27,6 +27,7 @@ from torch import nn
 
 from distml.config import TrainConfig
 from distml.data.reader import Dataset, open_path
+from distml.data.split import ValidationRecord, validation_indices, validation_record
 from distml.errors import ResumeError, TrainingError
 from distml.files import write_atomic
 from distml.train import shm_allreduce
@@ -55,8 +56,10 @@ class Training:
     job: Job
     ctx: DistContext
     log: RankLogger
-    train: Batcher
-    test: Batcher | None
+    train: Batcher  # the train split less the validation images: all that training ever sees
+    val: Batcher | None  # the validation images (None with val_fraction 0): what a search chooses on
+    test: Batcher | None  # reported, never used to choose
+    validation: ValidationRecord
     model: nn.Module  # the bare model: what checkpoints hold
     step_model: nn.Module  # what the steps call: the model, wrapped in DDP and/or compiled
     optimizer: torch.optim.Optimizer
@@ -110,8 +113,11 @@ def run(job: Job, ctx: DistContext) -> RunResult:
     t.tracker.close()
     final = t.history[-1] if t.history else None
     return {
+        "val_accuracy": _number(final["val_accuracy"]) if final else None,
+        "val_loss": _number(final["val_loss"]) if final else None,
         "test_accuracy": final["test_accuracy"] if final else None,
         "test_loss": final["test_loss"] if final else None,
+        "validation": t.validation,
         "epochs": t.cfg.epochs,
         "global_step": t.pos.global_step,
         "seconds": time.perf_counter() - t.started,
@@ -129,7 +135,7 @@ def build(job: Job, ctx: DistContext) -> Training:
     on_gpu = ctx.device.type == "cuda"
     if on_gpu:
         torch.cuda.set_device(ctx.device)  # this rank's GPU is the current one: NCCL and the dropout seed use it
-    train, test = _batchers(dataset, ctx)
+    train, val, test = _batchers(dataset, cfg, ctx)
 
     h, w, c = dataset.image_shape
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
@@ -147,6 +153,7 @@ def build(job: Job, ctx: DistContext) -> Training:
         f"training {cfg.model} ({count_parameters(model):,} parameters) on "
         f"{dataset.name}@{dataset.manifest.short_digest}: {job.world_size} worker(s) x {order.local_batch} = "
         f"batch {cfg.batch_size}, {order.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, "
+        f"{len(val) if val else 0:,} validation images, "
         f"{allreduce} on {ctx.device}, "
         f"{threads} thread(s)/worker"
     )
@@ -155,7 +162,9 @@ def build(job: Job, ctx: DistContext) -> Training:
         ctx=ctx,
         log=log,
         train=train,
+        val=val,
         test=test,
+        validation=validation_record(len(dataset.split("train")), cfg.val_fraction, cfg.val_seed),
         model=model,
         step_model=step_model,
         optimizer=optimizer,
@@ -242,14 +251,15 @@ def end_of_epoch(t: Training, ep: Epoch) -> EpochRecord:
         write_atomic(t.job.run_dir / "history.json", json.dumps(t.history).encode())
         t.log.info(
             f"epoch {record['epoch']}/{t.cfg.epochs}: train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.2%} | test loss {record['test_loss']:.4f} "
+            f"acc {record['train_accuracy']:.2%} | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%} "
+            f"| test loss {record['test_loss']:.4f} "
             f"acc {record['test_accuracy']:.2%} | {record['images_per_s']:,.0f} img/s | {record['seconds']:.1f} s"
         )
     return record
 
 
 def _epoch_record(t: Training, ep: Epoch) -> EpochRecord:
-    """The epoch's global numbers (one all-reduce, then the test split); moves ``t.pos`` to the next epoch."""
+    """The epoch's global numbers (one all-reduce, then validation and test); moves ``t.pos`` to the next epoch."""
     if t.on_gpu:
         torch.cuda.synchronize(t.ctx.device)  # the queued steps belong to this epoch's time
     train_seconds = time.perf_counter() - ep.started
@@ -260,9 +270,8 @@ def _epoch_record(t: Training, ep: Epoch) -> EpochRecord:
     steps_run = t.order.steps_per_epoch - ep.first_step
     step_losses = (sums[:-1] / t.job.world_size)[ep.first_step :].tolist()
     train_acc = float(sums[-1]) / max(1, steps_run * t.cfg.batch_size)
-    test_loss, test_acc = (
-        evaluate(t.step_model, t.test, t.ctx, t.job.world_size, t.autocast) if t.test else (float("nan"), float("nan"))
-    )
+    val_loss, val_acc = _evaluate(t, t.val)
+    test_loss, test_acc = _evaluate(t, t.test)
     seconds = time.perf_counter() - ep.started
     t.pos.epoch, t.pos.step_in_epoch = ep.epoch + 1, 0
     return {
@@ -270,6 +279,8 @@ def _epoch_record(t: Training, ep: Epoch) -> EpochRecord:
         "global_step": t.pos.global_step,
         "train_loss": sum(step_losses) / max(1, len(step_losses)),
         "train_accuracy": train_acc,
+        "val_loss": val_loss,
+        "val_accuracy": val_acc,
         "test_loss": test_loss,
         "test_accuracy": test_acc,
         "lr": ep.lr,
@@ -289,19 +300,19 @@ def _open_dataset(job: Job) -> Dataset:
     return dataset
 
 
-def _batchers(dataset: Dataset, ctx: DistContext) -> tuple[Batcher, Batcher | None]:
-    """The train split and the test split (if any), held on this rank's device."""
-    stats = dataset.manifest.stats
-    on_gpu = ctx.device.type == "cuda"
-    train_images, train_labels = dataset.split("train").to_torch()
-    train = Batcher(
-        train_images, train_labels, mean=stats["mean"], std=stats["std"], device=ctx.device, channels_last=on_gpu
-    )
+def _batchers(dataset: Dataset, cfg: TrainConfig, ctx: DistContext) -> tuple[Batcher, Batcher | None, Batcher | None]:
+    """Train (less the validation images), validation (if any) and test (if any), held on this rank's device."""
+    stats, on_gpu = dataset.manifest.stats, ctx.device.type == "cuda"
+
+    def batcher(images: torch.Tensor, labels: torch.Tensor) -> Batcher:
+        return Batcher(images, labels, mean=stats["mean"], std=stats["std"], device=ctx.device, channels_last=on_gpu)
+
+    images, labels = dataset.split("train").to_torch()
+    train_idx, val_idx = (torch.from_numpy(i) for i in validation_indices(len(labels), cfg.val_fraction, cfg.val_seed))
+    val = batcher(images[val_idx], labels[val_idx]) if len(val_idx) else None
+    train = batcher(images[train_idx], labels[train_idx]) if len(val_idx) else batcher(images, labels)
     test_split = dataset.splits.get("test")
-    if test_split is None:
-        return train, None
-    ti, tl = test_split.to_torch()
-    return train, Batcher(ti, tl, mean=stats["mean"], std=stats["std"], device=ctx.device, channels_last=on_gpu)
+    return train, val, (batcher(*test_split.to_torch()) if test_split is not None else None)
 
 
 def _resume(job: Job, model: nn.Module, optimizer: torch.optim.Optimizer, log: RankLogger) -> Position:
@@ -346,6 +357,18 @@ def _seed_dropout(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)  # the current device's generator
     else:
         torch.default_generator.manual_seed(seed)
+
+
+def _evaluate(t: Training, data: Batcher | None) -> tuple[float, float]:
+    """Loss and accuracy of the model in training on ``data``; NaN for a split the dataset does not have."""
+    if data is None:
+        return float("nan"), float("nan")
+    return evaluate(t.step_model, data, t.ctx, t.job.world_size, t.autocast)
+
+
+def _number(value: float) -> float | None:
+    """``value``, or None for NaN (``result.json`` says "not measured" as null, not NaN)."""
+    return None if math.isnan(value) else value
 
 
 def evaluate(

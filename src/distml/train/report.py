@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # types only: printing a result loads no torch
 
 
 def result_line(cfg: TrainConfig, result: TrainResult) -> str:
-    """One finished job: its model, dataset, epochs, test accuracy, time and run folder."""
+    """One finished job: its model, dataset, epochs, test and validation accuracy, time and run folder."""
     m = result.metrics
     if "epochs" not in m:  # no result.json here: global rank 0 ran on another host, with its own run folder
         return (
@@ -20,6 +20,9 @@ def result_line(cfg: TrainConfig, result: TrainResult) -> str:
         )
     acc = m.get("test_accuracy")
     acc_text = f"test accuracy {acc:.2%}" if isinstance(acc, float) else "no test split"
+    val = m.get("val_accuracy")
+    # Selection (distml select, the pipeline, a search) chooses on validation; the test figure is the report.
+    acc_text += f", val accuracy {val:.2%}" if isinstance(val, float) else ", no validation split"
     return (
         f"run {result.run_dir.name}: {cfg.model} on {cfg.dataset}, {m.get('epochs')} epochs, {acc_text}, "
         f"{m.get('wall_seconds', 0):.1f} s -> {result.run_dir}"
