@@ -17,6 +17,7 @@ from distml.cli.run import run_cmd, runs
 from distml.cli.serve import serve_cmd
 from distml.cli.step import step
 from distml.cli.train import train_cmd
+from distml.cli.tune import tune_cmd
 from distml.config import config_error
 from distml.errors import DistmlError
 
@@ -43,6 +44,7 @@ def cli() -> None:
 
 for _command in (data, train_cmd, models, predict_cmd, evaluate_cmd, select_cmd, serve_cmd, run_cmd, runs, step, k8s):
     cli.add_command(_command)
+cli.add_command(tune_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,7 +51,9 @@ class SearchConfig(BaseModel):
     )
     trials: int = Field(default=16, ge=1, description="Trials in the study (more continues an existing study)")
     max_concurrent: int = Field(default=1, ge=1, description="Trials at once, within the cores")
-    budget_minutes: float | None = Field(default=None, gt=0, description="No trial starts after this many minutes")
+    budget_minutes: float | None = Field(
+        default=None, gt=0, description="No trial starts after this many minutes; trials still running then stop"
+    )
     sampler: Literal["tpe", "random", "grid"] = Field(default="tpe", description="How the next trial is chosen")
     pruner: Literal["asha", "hyperband", "median", "none"] = Field(
         default="asha", description="Which trials stop early, judged on the validation metric each epoch"

@@ -1,0 +1,62 @@
+"""``distml tune``: a hyperparameter search over ``[search] space``; ``distml tune show STUDY``: its trials."""
+
+from __future__ import annotations
+
+import click
+
+from distml.cli.options import AppContext, config_options, pass_app
+
+
+@click.group("tune", invoke_without_command=True)
+@config_options("search", "trials max_concurrent budget_minutes sampler pruner seed")
+@config_options("train", "dataset workers epochs")
+@click.option(
+    "--study",
+    metavar="NAME",
+    help="The study (its storage: <home>/studies/NAME.db); the same name again continues it.  "
+    "[default: <dataset>-search]",
+)
+@pass_app
+def tune_cmd(app: AppContext, study: str | None) -> None:
+    """Search [train] settings with Optuna: each trial is a distml training run, pruned early when it lags.
+
+    The space is [search] space in distml.toml: each [train] setting a list of choices or a range
+    ({ low, high, log }). Every epoch a trial reports its validation metric; the pruner stops the bad ones
+    (state PRUNED, the epochs used recorded). Trial N trains in <home>/runs/STUDY-tNNN.
+
+    --trials is the study's total: a larger number continues the study with only the new trials. After a
+    kill, the same command resumes the interrupted trial from its checkpoint. Open the study with
+    optuna-dashboard sqlite:///<home>/studies/STUDY.db.
+
+    \b
+    Examples:
+      distml tune --trials 16 --budget-minutes 30
+      distml tune --study fm --sampler random --pruner median --max-concurrent 2
+      distml tune show fm
+    """
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand is not None:
+        return
+    from distml.search.result import summary_table
+    from distml.search.tuner import tune
+
+    result = tune(app.config, app.workspace, study=study or _default_study(app))
+    click.echo(summary_table(result))
+
+
+@tune_cmd.command("show")
+@click.argument("study")
+@pass_app
+def show_cmd(app: AppContext, study: str) -> None:
+    """A table of STUDY's trials (state, params, validation metric, epochs used, time) and the best."""
+    from distml.search.result import load_study_result, summary_table
+
+    click.echo(summary_table(load_study_result(app.workspace, study)))
+
+
+def _default_study(app: AppContext) -> str:
+    """``<dataset>-search``, by the dataset's name in the store (the config may give a digest prefix)."""
+    from distml.data.reader import open_path
+    from distml.data.store import DatasetStore
+
+    return f"{open_path(DatasetStore(app.workspace).resolve(app.config.train.dataset)).name}-search"
