@@ -14,6 +14,9 @@ from distml.errors import UsageError
 @config_options("pipeline", "dataset", "source")
 @config_option("pipeline", "candidates", metavar="MODELS", record=False)
 @config_options("train", "epochs", "workers")
+@click.option("--search", "search", is_flag=True, help="Search the [search] space (Optuna) in place of the candidates.")
+@click.option("--refit", is_flag=True, help="With --search: retrain the chosen trial on all of train, register that.")
+@config_options("search", "trials max_concurrent budget_minutes sampler pruner seed")
 @click.option("--serve", "serve_", is_flag=True, help="Serve the champion at the end (Ctrl-C stops it).")
 @config_option("serve", "port")
 @click.option(
@@ -24,7 +27,15 @@ from distml.errors import UsageError
 )
 @click.option("--no-cache", is_flag=True, help="Run every step (the results are still cached).")
 @pass_app
-def run_cmd(app: AppContext, candidates: str | None, serve_: bool, force: tuple[str, ...], no_cache: bool) -> None:
+def run_cmd(
+    app: AppContext,
+    candidates: str | None,
+    search: bool,
+    refit: bool,
+    serve_: bool,
+    force: tuple[str, ...],
+    no_cache: bool,
+) -> None:
     """Run the pipeline: ingest -> train the candidates (in parallel) -> select -> register (champion).
 
     Every step is cached by content (its code, parameters, inputs and library versions): a step whose key is
@@ -32,24 +43,38 @@ def run_cmd(app: AppContext, candidates: str | None, serve_: bool, force: tuple[
     Ctrl-C or a kill resumes where it stopped (training from its checkpoint); when only --epochs grows,
     training continues from the shorter run. Records: 'distml runs list', 'distml runs show ID'.
 
+    With --search, one search step (the [search] study, its trials ordinary training runs chosen on the
+    validation split) replaces the candidates: a rerun with more --trials continues the study, so only the new
+    trials run. --refit retrains the chosen trial's settings on all of train and registers that model.
+
     \b
     Examples:
       distml run --source ../shared/datasets/fashion-mnist
       distml run --epochs 8 --serve
       distml run --config distml.toml --candidates cnn,resnet-small --force train
+      distml run --search --trials 12 --refit
     """
     from distml.pipeline.run import run_pipeline
 
     port = app.given_in("serve").get("port")
     if port is not None and not serve_:  # checked before anything runs: a bad --port must not cost a pipeline
         raise UsageError(f"--port {port} needs --serve", hint="add --serve, or leave out --port")
+    _check_search_options(app, search, refit, candidates)
     models = [m.strip() for m in candidates.split(",") if m.strip()] if candidates is not None else None
     if models is not None and not models:
         raise UsageError("--candidates needs at least one model", hint="e.g. --candidates cnn,cnn-dropout")
     # --epochs and --workers apply to every candidate, over its [[candidates]] table too.
     given = app.given_in("train")
     done = run_pipeline(
-        app.workspace, app.config, models=models, train_overrides=given, force=force, no_cache=no_cache, log=click.echo
+        app.workspace,
+        app.config,
+        models=models,
+        train_overrides=given,
+        force=force,
+        no_cache=no_cache,
+        search=search,
+        refit=refit,
+        log=click.echo,
     )
     reg = done.champion
     click.echo(
@@ -60,6 +85,17 @@ def run_cmd(app: AppContext, candidates: str | None, serve_: bool, force: tuple[
         click.echo(f"serve it:  distml serve {reg['ref']}{home}")
         return
     _serve(app, reg["ref"])
+
+
+def _check_search_options(app: AppContext, search: bool, refit: bool, candidates: str | None) -> None:
+    """The search's options mean something only with --search; --candidates nothing with it."""
+    if search and candidates is not None:
+        raise UsageError(
+            "--candidates and --search exclude each other", hint="the search's models are [search.space] model"
+        )
+    given = [f"--{k.replace('_', '-')}" for k in app.given_in("search")] + (["--refit"] if refit else [])
+    if given and not search:
+        raise UsageError(f"{given[0]} needs --search", hint="add --search, or leave out " + ", ".join(given))
 
 
 def _serve(app: AppContext, ref: str) -> None:

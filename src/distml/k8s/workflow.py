@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import assert_never
 
+from distml.errors import UsageError
 from distml.k8s.core import EXECUTOR_SA, RESOURCES_SA, WORKFLOW_SA, Obj, config_mount_path
 from distml.k8s.network import job_policy
 from distml.k8s.plan import CONTAINER_SECURITY, OUTPUTS_DIR, POD_SECURITY, Candidate, Plan
@@ -120,6 +121,8 @@ def _tasks(plan: Plan) -> list[Task]:
                 (select,) = needs
                 tasks.append(_task(_register(plan, name), needs, artifact=(select, "artifact")))
                 tasks.append(_task(_serve(plan), [name], ref=(name, "ref"), version=(name, "version")))
+            case "search" | "refit":  # make_plan renders the candidates' shape only: a search runs locally
+                raise UsageError(f"step {node.name}: 'distml k8s render' does not render a search yet")
             case _:  # a step added to the pipeline's shape without saying how it runs in the cluster
                 assert_never(node.kind)
     return tasks

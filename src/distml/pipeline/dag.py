@@ -1,5 +1,7 @@
 """The pipeline's DAG for a config, as the local runner's steps: ingest -> train[candidate] x N -> select -> register.
 
+With ``search``: ingest -> search -> select [-> refit] -> register (:mod:`distml.pipeline.search_step`).
+
 The shape (which steps, what each needs) is :func:`distml.pipeline.shape.pipeline_shape`'s, the same one
 ``distml k8s render`` turns into an Argo Workflow. This module only gives each node its work from
 :mod:`distml.pipeline.steps`: its parameters (what its key hashes), how its input digests come from the steps
@@ -16,10 +18,11 @@ from typing import Any, assert_never
 
 from distml.config import DistmlConfig, TrainConfig
 from distml.errors import TrainingError
+from distml.pipeline import search_step as search_
 from distml.pipeline import steps as S  # noqa: N812 (the steps, read as S.ingest_step, S.TRAIN_CODE)
 from distml.pipeline.cache import Entry, verify_files
 from distml.pipeline.runner import Log, Step, StepContext
-from distml.pipeline.shape import Node, candidate_configs, pipeline_shape
+from distml.pipeline.shape import Node, candidate_configs, pipeline_shape, search_shape
 from distml.train.candidates import plan, start_job
 from distml.workspace import Workspace
 
@@ -34,12 +37,23 @@ def build(
     train_overrides: dict[str, Any] | None = None,
     cores: int = 1,
     gpus: int = 0,
+    search: bool = False,
+    refit: bool = False,
     log: Log = print,
 ) -> list[Step]:
-    """The runner's steps: the nodes of the pipeline's shape (:func:`pipeline_shape`), each given its work."""
-    configs = candidate_configs(config, models, {**(train_overrides or {}), "dataset": "pending"})
-    shape = pipeline_shape(configs)
-    jobs = {job.label: job for job in plan(configs, cores, gpus, "pl", workspace.home)}  # each job's threads, cores
+    """The runner's steps: the nodes of the pipeline's shape (:func:`pipeline_shape`), each given its work.
+
+    ``search`` replaces the candidates with one search step (the ``[search]`` study over ``[train]`` with the
+    overrides); ``refit`` retrains the chosen trial on all of train before it is registered.
+    """
+    overrides = {**(train_overrides or {}), "dataset": "pending"}
+    if search:
+        base = TrainConfig.model_validate({**config.train.model_dump(), **overrides})
+        shape, jobs = search_shape(refit=refit), {}
+    else:
+        configs = candidate_configs(config, models, overrides)
+        shape = pipeline_shape(configs)
+        jobs = {job.label: job for job in plan(configs, cores, gpus, "pl", workspace.home)}  # threads, cores each
     steps = []
     for node in shape.nodes:
         match node.kind:
@@ -48,8 +62,14 @@ def build(
             case "train":
                 job = jobs[node.label]
                 steps.append(_train_step(workspace, node, job.config, job.threads, job.slots, bool(gpus)))
+            case "search":
+                steps.append(_search_step(workspace, config, node, base, cores))
+            case "select" if search:
+                steps.append(_search_select_step(workspace, config, node))
             case "select":
                 steps.append(_select_step(workspace, config, node))
+            case "refit":
+                steps.append(_refit_step(workspace, node, base, cores))
             case "register":
                 steps.append(_register_step(workspace, node))
             case _:  # a kind added to the shape without saying how it runs here
@@ -139,18 +159,7 @@ def _train_step(workspace: Workspace, node: Node, cfg: TrainConfig, threads: int
                 S.extend_from(Path(shorter.outputs["run_dir"]), folder)
                 note = f"resumed from the {shorter.parts['params']['epochs']}-epoch run {shorter.outputs['run']}"
                 ctx.log(f"{note} instead of starting over")
-        with _TRACKING_SETUP:  # concurrent jobs must not race to create the MLflow store and experiment
-            from distml import tracking
-
-            tracking.ensure_experiment(workspace.home, f"distml-{ctx.upstream[ingested]['dataset']}")
-        proc = start_job(job_cfg, workspace, folder, ctx.threads, ctx.gpus)
-        ctx.started(proc)
-        code = proc.wait()
-        if code != 0 or not (folder / "result.json").is_file():
-            log = folder / "train.log"
-            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("error:")]
-            reason = lines[-1].removeprefix("error: ") if lines else f"the training process exited with {code}"
-            raise TrainingError(reason)
+        _train(ctx, workspace, job_cfg, folder, ctx.upstream[ingested]["dataset"])
         result = S.run_outputs(folder)
         result.note = note
         return result
@@ -178,6 +187,94 @@ def _train_step(workspace: Workspace, node: Node, cfg: TrainConfig, threads: int
         threads=threads,
         progress=progress,
         log_path=lambda key: run_dir(key) / "train.log",
+    )
+
+
+def _train(ctx: StepContext, workspace: Workspace, cfg: TrainConfig, folder: Path, dataset: str) -> None:
+    """Train ``cfg`` into ``folder`` (resuming its checkpoints); raise :class:`TrainingError` with the job's reason."""
+    with _TRACKING_SETUP:  # concurrent jobs must not race to create the MLflow store and experiment
+        from distml import tracking
+
+        tracking.ensure_experiment(workspace.home, f"distml-{dataset}")
+    proc = start_job(cfg, workspace, folder, ctx.threads, ctx.gpus)
+    ctx.started(proc)
+    code = proc.wait()
+    if code != 0 or not (folder / "result.json").is_file():
+        log = folder / "train.log"
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("error:")]
+        reason = lines[-1].removeprefix("error: ") if lines else f"the training process exited with {code}"
+        raise TrainingError(reason)
+
+
+def _search_step(workspace: Workspace, config: DistmlConfig, node: Node, base: TrainConfig, cores: int) -> Step:
+    """One study in place of the candidates; it holds every core (the tuner runs its trials within them)."""
+    (ingested,) = node.needs
+    return Step(
+        node.name,
+        node.needs,
+        search_.SEARCH_CODE,
+        search_.SEARCH_LIBS,
+        search_.search_params(config, base),
+        inputs=lambda outputs, files: {"dataset": outputs[ingested]["digest"]},
+        run=lambda ctx: search_.run_search(
+            workspace, config, base, ctx.upstream[ingested]["digest"], ctx.parts, ctx.log
+        ),
+        cores=cores,
+        explain=search_.explain_trials,
+    )
+
+
+def _search_select_step(workspace: Workspace, config: DistmlConfig, node: Node) -> Step:
+    """Choose among the finished trials on the study's validation metric (the rule of ``distml select``)."""
+    (searched,) = node.needs
+    choosing = search_.choosing(config)
+    p = choosing.pipeline
+    params = {"metric": p.metric, "direction": p.direction, "max_latency_ms": p.max_latency_ms,
+              "max_params": p.max_params}  # fmt: skip
+    return Step(
+        node.name,
+        node.needs,
+        S.SELECT_CODE,
+        S.SELECT_LIBS,
+        params,
+        inputs=lambda outputs, files: {
+            label: f["sha256"] for label, f in files[searched].items() if label.endswith(".checkpoint")
+        },
+        run=lambda ctx: S.select_step(workspace, choosing, list(ctx.upstream[searched]["complete"]), ctx.log),
+    )
+
+
+def _refit_step(workspace: Workspace, node: Node, base: TrainConfig, cores: int) -> Step:
+    """Retrain the chosen trial's settings on all of train (no validation split), export and test it."""
+    ingested, selected = node.needs
+
+    def settings(outputs: dict[str, dict[str, Any]]) -> TrainConfig:
+        return search_.refit_config(workspace, outputs[selected]["winner"], outputs[ingested]["digest"])
+
+    def run(ctx: StepContext) -> S.StepResult:
+        folder = workspace.home / "runs" / f"pl-refit-{ctx.key[:10]}"
+        if ctx.forced and folder.exists():
+            shutil.rmtree(folder)  # forced: train from scratch, not on from this key's earlier checkpoints
+        resumed = any((folder / "checkpoints").glob("*.pt"))
+        _train(ctx, workspace, settings(ctx.upstream), folder, ctx.upstream[ingested]["dataset"])
+        result = search_.refit_outputs(workspace, folder, ctx.upstream[selected], ctx.log)
+        result.note = "resumed the interrupted run from its last checkpoint" if resumed else ""
+        return result
+
+    return Step(
+        node.name,
+        node.needs,
+        search_.REFIT_CODE,
+        search_.REFIT_LIBS,
+        {"val_fraction": 0.0},
+        inputs=lambda outputs, files: {
+            "dataset": outputs[ingested]["digest"],
+            "settings": search_.settings_digest(settings(outputs)),
+        },
+        run=run,
+        cores=cores,
+        threads=max(1, cores // base.workers),  # the trial's workers share the cores, as a candidate's do
+        log_path=lambda key: workspace.home / "runs" / f"pl-refit-{key[:10]}" / "train.log",
     )
 
 

@@ -66,11 +66,19 @@ def summary_table(steps: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def lineage(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Dataset digest -> training runs -> selected run -> model version -> alias, from the steps' outputs."""
+    """Dataset digest -> training runs (or the search) -> selected run -> model version -> alias, from the steps.
+
+    After a search: its summary (study, trial count and states, the best trial's params and validation value),
+    the validation split the trials were chosen on, the trial the selection took, and the refit when there is one.
+    """
     out: dict[str, Any] = {}
     ingest = steps.get("ingest", {}).get("outputs") or {}
     if ingest:
         out["dataset"] = {"name": ingest.get("dataset"), "digest": ingest.get("digest")}
+    search = steps.get("search", {}).get("outputs") or {}
+    if search:
+        out["search"] = {k: search.get(k) for k in ("study", "storage", "trials", "ran", "states", "metric", "best")}
+        out["validation"] = search.get("validation")
     runs = {n: s.get("outputs") or {} for n, s in steps.items() if n.startswith("train[")}
     if runs:
         out["training_runs"] = {
@@ -81,6 +89,14 @@ def lineage(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     sel = steps.get("select", {}).get("outputs") or {}
     if sel:
         out["selected"] = {"run": sel.get("winner"), "metric": sel.get("metric"), "value": sel.get("value")}
+        trial = _trial_of(search, sel.get("winner"))
+        if trial is not None:  # chosen on validation; its test accuracy is reported, not used
+            out["selected"].update(trial=trial["number"], test_accuracy=trial.get("test_accuracy"))
+    refit = steps.get("refit", {}).get("outputs") or {}
+    if refit:
+        out["refit"] = {
+            k: refit.get(k) for k in ("refit", "run", "source_trial", "source_run", "reason", "test_accuracy")
+        }
     reg = steps.get("register", {}).get("outputs") or {}
     if reg:
         out["model"] = {
@@ -90,6 +106,14 @@ def lineage(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "ref": reg.get("ref"),
         }
     return out
+
+
+def _trial_of(search: dict[str, Any], run: object) -> dict[str, Any] | None:
+    """The search's trial whose run folder is ``run`` (None when there was no search)."""
+    for trial in search.get("table") or []:
+        if isinstance(trial, dict) and Path(str(trial.get("run_dir"))).name == run:
+            return trial
+    return None
 
 
 def describe(doc: dict[str, Any]) -> list[str]:
@@ -119,15 +143,45 @@ def describe(doc: dict[str, Any]) -> list[str]:
                 + (f", test accuracy {acc:.2%}" if acc is not None else "")
                 + (f", mlflow {r['mlflow_run_id']}" if r.get("mlflow_run_id") else "")
             )
+        if "search" in lin:
+            lines += _search_lines(lin["search"], lin.get("validation"))
         if "selected" in lin:
             lines.append(
                 f"  selected  {lin['selected']['run']} ({lin['selected']['metric']} {lin['selected']['value']:.4f})"
+            )
+        if "refit" in lin:
+            r = lin["refit"]
+            acc = r.get("test_accuracy")
+            lines.append(
+                f"  refit     run {r['run']}: trial {r['source_trial']} retrained on all of train"
+                + (f", test accuracy {acc:.2%}" if acc is not None else "")
+                + f" (chosen by {r['reason']})"
             )
         if "model" in lin:
             lines.append(
                 f"  model     {lin['model']['name']} version {lin['model']['version']} "
                 f"-> alias champion ({lin['model']['ref']})"
             )
+    return lines
+
+
+def _search_lines(search: dict[str, Any], validation: dict[str, Any] | None) -> list[str]:
+    states = ", ".join(f"{n} {s.lower()}" for s, n in (search.get("states") or {}).items())
+    lines = [f"  search    study {search['study']} ({search['storage']}): {search['trials']} trials ({states})"]
+    best = search.get("best") or {}
+    if best:
+        params = ", ".join(f"{k}={v}" for k, v in sorted((best.get("params") or {}).items()))
+        value = best.get("value")
+        lines.append(
+            f"            best trial {best.get('number')}: {search.get('metric')} "
+            + (f"{value:.4f}" if isinstance(value, float) else "-")
+            + f" ({params})"
+        )
+    if validation:
+        lines.append(
+            f"            validation split: {validation.get('images')} train images held out "
+            f"(fraction {validation.get('fraction')}, seed {validation.get('seed')})"
+        )
     return lines
 
 

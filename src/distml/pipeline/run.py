@@ -32,12 +32,16 @@ def run_pipeline(
     train_overrides: Mapping[str, Any] | None = None,
     force: Iterable[str] = (),
     no_cache: bool = False,
+    search: bool = False,
+    refit: bool = False,
     log: Log = print,
 ) -> PipelineRun:
     """Build the steps and run them (cached); raises :class:`PipelineError` naming the first step that failed.
 
     ``models`` replaces the candidates of ``config``; ``train_overrides`` apply to every candidate, over its
     ``[[candidates]]`` table; ``force`` names steps (``train`` or ``train[cnn]``) to run even on a hit.
+    ``search`` runs the ``[search]`` study over ``[train]`` (with the overrides) in place of the candidates;
+    ``refit`` then retrains the chosen trial on all of train and registers that.
     """
     from distml.train.dist import gpu_count, usable_cores
 
@@ -45,8 +49,17 @@ def run_pipeline(
     workspace.ensure()
     cores, gpus = usable_cores(), gpu_count()
     with workspace_lock(workspace.home):
-        steps = dag.build(workspace, config, models=models, train_overrides=dict(train_overrides or {}),
-                          cores=cores, gpus=gpus, log=lambda m: log(f"  ingest: {m.strip()}"))  # fmt: skip
+        steps = dag.build(
+            workspace,
+            config,
+            models=models,
+            train_overrides=dict(train_overrides or {}),
+            cores=cores,
+            gpus=gpus,
+            search=search,
+            refit=refit,
+            log=lambda m: log(f"  ingest: {m.strip()}"),
+        )
         names = [s.name for s in steps]
         unknown = sorted(f for f in force if f not in names and f not in {n.split("[")[0] for n in names})
         if unknown:

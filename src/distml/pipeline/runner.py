@@ -104,6 +104,8 @@ class Step:
     threads: int = 1
     progress: Callable[[str], str] | None = None  # a live line while it runs (given its key)
     log_path: Callable[[str], Path] | None = None  # where its output goes (by key), when not the run's log
+    # Why a miss must run, in the step's own words (None: the parts that differ, as explain_miss says them).
+    explain: Callable[[KeyParts, list[Entry]], str | None] | None = None
 
 
 def key_parts(step: Step, upstream: dict[str, dict[str, Any]], files: dict[str, dict[str, Any]]) -> KeyParts:
@@ -320,8 +322,9 @@ class Runner:
         elif forced:
             out.why = "--no-cache" if self.no_cache else "--force"
         else:
-            earlier = [e for e in self.cache.entries(name)]
-            out.why = explain_miss(parts, earlier[0] if earlier else None)
+            earlier = self.cache.entries(name)
+            own = step.explain(parts, earlier) if step.explain else None
+            out.why = own or explain_miss(parts, earlier[0] if earlier else None)
         out.cache = "ran"
         return True
 

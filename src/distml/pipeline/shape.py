@@ -3,6 +3,7 @@
 ::
 
     ingest -> train[LABEL] x N (one per candidate) -> select -> register
+    ingest -> search -> select [-> refit] -> register             (distml run --search [--refit])
 
 Both executors read it: the local runner (:mod:`distml.pipeline.dag` gives each node its work) and ``distml k8s
 render`` (:mod:`distml.k8s.workflow` turns each node into Argo tasks). A new step is added here, once, and both
@@ -20,7 +21,7 @@ from distml.config import DistmlConfig, TrainConfig
 from distml.errors import UsageError
 from distml.model_names import check_model_name
 
-StepKind = Literal["ingest", "train", "select", "register"]
+StepKind = Literal["ingest", "train", "search", "select", "refit", "register"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,20 @@ def pipeline_shape(configs: Sequence[TrainConfig]) -> Shape:
         Node("register", "register", ("select",)),
     )
     return Shape(nodes, dict(zip(labels, configs, strict=True)))
+
+
+def search_shape(*, refit: bool = False) -> Shape:
+    """The DAG of a search (``distml run --search``): one ``search`` step in place of the candidates' steps.
+
+    ``select`` then chooses among the search's finished trials; with ``refit``, a ``refit`` step retrains the
+    chosen trial's settings on all of train and ``register`` takes that model instead.
+    """
+    final = Node("refit", "refit", ("ingest", "select")) if refit else None
+    nodes = (
+        Node("ingest", "ingest", ()),
+        Node("search", "search", ("ingest",)),
+        Node("select", "select", ("search",)),
+        *((final,) if final else ()),
+        Node("register", "register", (final.name if final else "select",)),
+    )
+    return Shape(nodes, {})
