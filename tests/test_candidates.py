@@ -82,3 +82,23 @@ def test_candidates_cli_errors_before_anything_starts(tiny_home: Path, tmp_path:
     config.write_text("[train]\nepochs = 1\n")
     empty = run_cli("--home", tiny_home, "--config", config, "train", "--candidates", "config")
     assert empty.code == 2 and "no [[candidates]] tables" in empty.err
+
+
+def test_the_candidate_table_shows_validation_and_marks_test_as_reported_only(tmp_path: Path) -> None:
+    import json
+
+    from distml.train.candidates import Candidate, _Table
+
+    job = Candidate("cnn", _cfg(model="cnn", epochs=2), tmp_path / "runs" / "c-cnn", state="done")
+    job.run_dir.mkdir(parents=True)
+    record = {"epoch": 1, "val_accuracy": 0.875, "test_accuracy": 0.5}
+    (job.run_dir / "history.json").write_text(json.dumps([record]))
+    out = io.StringIO()
+    _Table(out).draw([job], final=True)
+    header, row, note = out.getvalue().splitlines()
+    assert header.split() == ["CANDIDATE", "STATE", "EPOCH", "VAL", "ACC", "TEST", "ACC*", "ETA"]
+    assert row.split()[:5] == ["cnn", "done", "1/2", "87.50%", "50.00%"]
+    assert note.startswith("* test accuracy: reported, not used to choose")
+    lines = io.StringIO()
+    _Table(lines).draw([job])  # not a terminal: a line per change
+    assert lines.getvalue() == "cnn: done, epoch 1/2, val accuracy 87.50%, test accuracy 50.00%\n"

@@ -186,14 +186,15 @@ def _finish(job: Candidate) -> None:
     job.error = lines[-1].removeprefix("error: ") if lines else f"exited with {job.proc.returncode}"
 
 
-def _live(job: Candidate) -> tuple[str, str, str]:
-    """(epoch, test accuracy, ETA) of a job from the files it writes."""
+def _live(job: Candidate) -> tuple[str, str, str, str]:
+    """(epoch, validation accuracy, test accuracy, ETA) of a job from the files it writes."""
     epochs = job.config.epochs
     history: list[EpochRecord] = []
     with contextlib.suppress(OSError, ValueError):  # not written yet, or being replaced
         history = json.loads((job.run_dir / "history.json").read_text())
     epoch = f"{len(history)}/{epochs}"
-    acc = f"{history[-1]['test_accuracy']:.2%}" if history else "-"
+    val = _percent(history[-1].get("val_accuracy")) if history else "-"
+    acc = _percent(history[-1]["test_accuracy"]) if history else "-"
     eta = "-"
     if job.state == "running":
         try:
@@ -205,7 +206,12 @@ def _live(job: Candidate) -> tuple[str, str, str]:
             pass
     elif job.state in ("done", "failed"):
         eta = f"took {job.ended - job.started:.0f}s"
-    return epoch, acc, eta
+    return epoch, val, acc, eta
+
+
+def _percent(value: float | None) -> str:
+    """A percentage, or "-" when not measured (no epoch yet; NaN: no such split)."""
+    return "-" if value is None or value != value else f"{value:.2%}"
 
 
 class _Table:
@@ -218,17 +224,18 @@ class _Table:
     def draw(self, jobs: list[Candidate], final: bool = False) -> None:
         rows = [(j, *_live(j)) for j in jobs]
         if self.tty or final:
-            text = [f"{'CANDIDATE':<22} {'STATE':<8} {'EPOCH':>7} {'TEST ACC':>9}  ETA"]
-            text += [f"{j.label:<22} {j.state:<8} {e:>7} {a:>9}  {t}" for j, e, a, t in rows]
+            text = [f"{'CANDIDATE':<22} {'STATE':<8} {'EPOCH':>7} {'VAL ACC':>8} {'TEST ACC*':>9}  ETA"]
+            text += [f"{j.label:<22} {j.state:<8} {e:>7} {v:>8} {a:>9}  {t}" for j, e, v, a, t in rows]
+            text.append("* test accuracy: reported, not used to choose (candidates are chosen on VAL ACC)")
             if self.tty and self.lines_drawn:
                 self.stream.write(f"\x1b[{self.lines_drawn}F\x1b[J")  # back to the table's first line, clear
             self.stream.write("\n".join(text) + "\n")
             self.lines_drawn = len(text) if self.tty else 0
         else:
-            for j, e, a, _ in rows:
+            for j, e, v, a, _ in rows:
                 if self.last.get(j.label) != (j.state, e):
                     self.last[j.label] = (j.state, e)
-                    self.stream.write(f"{j.label}: {j.state}, epoch {e}, test accuracy {a}\n")
+                    self.stream.write(f"{j.label}: {j.state}, epoch {e}, val accuracy {v}, test accuracy {a}\n")
         self.stream.flush()
 
 
