@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from distml.errors import UsageError
 
-MODEL_NAMES = ("cnn", "cnn-dropout", "cnn-batchnorm", "resnet", "resnet-small")
+MODEL_NAMES = ("cnn", "cnn-dropout", "cnn-batchnorm", "resnet", "resnet-small", "resnet-fast")
 
 
 def check_model_name(name: str) -> str:

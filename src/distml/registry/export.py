@@ -96,7 +96,8 @@ def export_run(
         )
     h, w, c = dataset.image_shape
     torch.manual_seed(0)
-    net = build_model(job.config.model, ModelSpec(c, h, w, dataset.num_classes))
+    spec = ModelSpec(c, h, w, dataset.num_classes)
+    net = build_model(job.config.model, spec, width=job.config.width, dropout=job.config.dropout)
     net.load_state_dict(state["model"])
     stats = dataset.manifest.stats
     wrapper = UInt8Classifier(net, stats["mean"], stats["std"]).eval()

@@ -139,7 +139,8 @@ def build(job: Job, ctx: DistContext) -> Training:
 
     h, w, c = dataset.image_shape
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model: nn.Module = build_model(cfg.model, ModelSpec(c, h, w, dataset.num_classes)).to(ctx.device)
+    spec = ModelSpec(c, h, w, dataset.num_classes)
+    model: nn.Module = build_model(cfg.model, spec, width=cfg.width, dropout=cfg.dropout).to(ctx.device)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
     optimizer = _optimizer(model, cfg)
