@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from distml.cli.options import AppContext, config_options, pass_app
+
+if TYPE_CHECKING:
+    from distml.search.result import StudyResult
 
 
 @click.group("tune", invoke_without_command=True)
@@ -37,21 +42,33 @@ def tune_cmd(app: AppContext, study: str | None) -> None:
     ctx = click.get_current_context()
     if ctx.invoked_subcommand is not None:
         return
-    from distml.search.result import summary_table
     from distml.search.tuner import tune
 
-    result = tune(app.config, app.workspace, study=study or _default_study(app))
-    click.echo(summary_table(result))
+    _show(tune(app.config, app.workspace, study=study or _default_study(app)), report=True)
 
 
 @tune_cmd.command("show")
 @click.argument("study")
+@click.option("--report/--no-report", default=True, show_default=True, help="Also write the plots and report.md.")
 @pass_app
-def show_cmd(app: AppContext, study: str) -> None:
-    """A table of STUDY's trials (state, params, validation metric, epochs used, time) and the best."""
-    from distml.search.result import load_study_result, summary_table
+def show_cmd(app: AppContext, study: str, report: bool) -> None:
+    """A table of STUDY's trials (state, params, validation metric, epochs used, time) and the best.
 
-    click.echo(summary_table(load_study_result(app.workspace, study)))
+    With --report (the default) also the optimisation history and parameter importance plots and report.md, in
+    <home>/studies/STUDY-report/ and on the study's MLflow run.
+    """
+    from distml.search.result import load_study_result
+
+    _show(load_study_result(app.workspace, study), report=report)
+
+
+def _show(result: StudyResult, *, report: bool) -> None:
+    from distml.search.report import trial_table, write_report
+
+    click.echo(trial_table(result))
+    if report and result.trials:
+        files = write_report(result)
+        click.echo(f"report: {', '.join(str(f) for f in files)}")
 
 
 def _default_study(app: AppContext) -> str:

@@ -108,21 +108,3 @@ def _finite(value: object) -> float | None:
     if isinstance(value, int | float) and math.isfinite(value):
         return float(value)
     return None
-
-
-def summary_table(result: StudyResult) -> str:
-    """A plain table of the trials and the best (``distml tune`` and ``tune show``)."""
-    lines = [f"{'TRIAL':>5} {'STATE':<8} {'VAL':>8} {'EPOCHS':>6} {'TIME':>6}  PARAMS"]
-    for r in sorted(result.trials, key=lambda t: t["number"]):
-        value = "-" if r["value"] is None else f"{r['value']:.4f}"
-        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
-        lines.append(
-            f"{r['number']:>5} {r['state']:<8} {value:>8} {r['epochs_used']:>6} {r['seconds']:>5.0f}s  {params}"
-        )
-    best = result.best
-    lines.append(
-        f"best: trial {best['number']} ({result.metric} {best['value']:.4f}, run {best['run_dir']})"
-        if best is not None and best["value"] is not None
-        else "best: none yet"
-    )
-    return "\n".join(lines)

@@ -85,12 +85,25 @@ def lock_study(home: Path, study: str) -> StudyLock:
     return StudyLock(fd, path)
 
 
-def make_sampler(search: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
-    """The sampler of ``--sampler``, seeded with ``seed``."""
+def make_sampler(search: SearchConfig, trial_number: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler of ``--sampler`` for trial ``trial_number``, seeded with ``--seed`` + ``trial_number``.
+
+    A sampler per trial, seeded by its number: trial N's params depend on the seed and the trials before it
+    only, so an interrupted and resumed study samples what an uninterrupted one would. The grid sampler is the
+    exception: it shuffles the grid once by its seed and gives trial N the N-th point, so its seed stays fixed.
+    """
     import optuna
 
+    seed = search.seed if search.sampler == "grid" else search.seed + trial_number
     if search.sampler == "grid":
-        return optuna.samplers.GridSampler(grid(search.space), seed=seed)
+
+        class Grid(optuna.samplers.GridSampler):
+            def after_trial(self, *args: object, **kwargs: object) -> None:
+                # Optuna's calls study.stop() once the grid is done, which only works inside study.optimize();
+                # the tuner never asks for more trials than the grid has.
+                pass
+
+        return Grid(grid(search.space), seed=seed)
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -130,7 +143,7 @@ def open_study(
         study_name=name,
         storage=storage,
         direction=direction,
-        sampler=make_sampler(search, search.seed),
+        sampler=make_sampler(search),
         pruner=make_pruner(search, max_epochs),
         load_if_exists=True,
     )

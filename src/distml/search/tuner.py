@@ -9,8 +9,8 @@ the study goes on.
 Resuming: the study's lock proves that no other tuner runs it, so a trial the storage still calls RUNNING was
 interrupted (the tuner was killed; its job died with it). The next call starts that trial again with the same
 params in the same run folder, where training resumes from its last checkpoint; it is neither lost nor
-counted twice. Each new trial's sampler is seeded with ``seed + trial number``, so the same seed with one trial
-at a time gives the same params whether or not the study was interrupted on the way.
+counted twice. Each new trial's sampler is seeded by the trial's number (:func:`~distml.search.study.make_sampler`),
+so the same seed with one trial at a time gives the same params whether or not the study was interrupted.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -72,7 +73,7 @@ def tune(
     workspace: Workspace,
     *,
     study: str,
-    stream: TextIO = sys.stdout,
+    stream: TextIO | None = None,
     executor: TrialExecutor | None = None,
     poll_s: float = 1.0,
 ) -> StudyResult:
@@ -81,6 +82,7 @@ def tune(
     Raises UsageError/ConfigError before anything starts for bad settings, TrainingError when every trial
     failed or the budget ended before any trial finished an epoch.
     """
+    stream = stream or sys.stdout  # looked up now: the CLI's stdout may be redirected
     search, base = config.search, config.train
     check_study_name(study)
     if base.val_fraction <= 0:
@@ -145,6 +147,8 @@ class _Loop:
             )
         tracking.ensure_experiment(self.workspace.home, f"distml-{self.dataset_name}")  # before trials race
         self.parent_run = _start_parent(self.workspace.home, self.study.study_name, self.config)
+        if self.parent_run is not None:
+            self.study.set_user_attr("mlflow_run_id", self.parent_run)
         interrupted = self.study.get_trials(deepcopy=False, states=(_state("RUNNING"),))
         existing = len(self.study.get_trials(deepcopy=False))
         new = max(0, self.total - existing)
@@ -152,6 +156,8 @@ class _Loop:
             f"study {self.study.study_name} ({self.path}): {existing - len(interrupted)} trial(s) done, "
             f"{len(interrupted)} interrupted, {new} new to run (--trials {self.total})"
         )
+        if not new and not interrupted:
+            self.say(f"nothing to run: the study has its {existing} trial(s); a larger --trials continues it")
         deadline = time.monotonic() + self.search.budget_minutes * 60 if self.search.budget_minutes else math.inf
         pending = list(interrupted)
         ok = False
@@ -178,6 +184,7 @@ class _Loop:
                 for act in self.active:
                     if act.job is not None:
                         self.executor.stop(act.job)
+                self.say("interrupted: the same command resumes the study")
         result = from_study(self.study, self.path, self.ran)
         self._finish_parent(result)
         self._check_outcome(result)
@@ -187,9 +194,7 @@ class _Loop:
 
     def _start_new(self) -> None:
         number = len(self.study.get_trials(deepcopy=False))
-        # A sampler seeded per trial: trial N's params depend on the seed and the trials before it only, so an
-        # interrupted and resumed study samples what an uninterrupted one would.
-        self.study.sampler = make_sampler(self.search, self.search.seed + number)
+        self.study.sampler = make_sampler(self.search, number)  # seeded by the trial's number
         trial = self.study.ask()
         params = sample(trial, self.search.space)
         self._launch(trial, params, resumed=False)
@@ -198,11 +203,15 @@ class _Loop:
         import optuna
 
         trial = optuna.trial.Trial(self.study, frozen._trial_id)
-        params: Params = dict(frozen.params)
+        # Suggesting again returns the values the trial already has (a kill between ask and the last suggest
+        # leaves some unsampled: the trial's own seeded sampler draws them now).
+        self.study.sampler = make_sampler(self.search, frozen.number)
+        params = sample(trial, self.search.space)
         run_dir = trial_run_dir(self.workspace.home, self.study.study_name, frozen.number)
         has_checkpoint = any((run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").is_dir() else False
         how = "from its checkpoint" if has_checkpoint else "from the start (it had no checkpoint yet)"
         self.say(f"resuming trial {frozen.number} {how}")
+        _wait_for_run(run_dir, self.say)
         before = float(frozen.user_attrs.get("seconds", 0.0))
         self._launch(trial, params, resumed=True, reported=len(frozen.intermediate_values), before=before)
 
@@ -338,6 +347,31 @@ class _Loop:
             raise TrainingError(f"every trial of study {result.study} failed: " + "; ".join(self.failures[-5:]))
 
 
+def _wait_for_run(run_dir: Path, say: Callable[[str], None], timeout_s: float = 90.0) -> None:
+    """Wait until the interrupted job of a run has let go of its folder (it stops when the tuner dies, not at once).
+
+    Without this, restarting the trial right after a kill could find the folder still locked by the job that is
+    saving and stopping, and record a failure that is none.
+    """
+    from distml.train.runlock import lock_run
+
+    if not run_dir.is_dir():  # killed before its job started
+        return
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while True:
+        try:
+            lock_run(run_dir).release()
+            return
+        except TrainingError:
+            if time.monotonic() > deadline:
+                raise
+            if not said:
+                say(f"waiting for the interrupted job in {run_dir.name} to stop")
+                said = True
+            time.sleep(0.5)
+
+
 def _state(name: str) -> optuna.trial.TrialState:
     import optuna
 
@@ -405,8 +439,6 @@ def _history(run_dir: Path) -> list[EpochRecord]:
 
 def _metric(rec: EpochRecord, metric: str) -> float:
     value = rec.get(metric)
-    if value is None:  # TEMPORARY until H1's val_* fields land in history.json: remove before the final commit
-        value = rec.get(metric.replace("val_", "test_"))
     return float(value) if isinstance(value, int | float) else math.nan
 
 
