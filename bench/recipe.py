@@ -1,0 +1,197 @@
+"""The fast recipe, proven end to end: one real ``distml train`` run per recipe, timed from the outside.
+
+Each recipe is a ``[train]`` table (written to a ``distml.toml``) plus the worker count. The bench ingests
+Fashion-MNIST from a local folder into a temporary workspace, runs ``distml --config recipe.toml train`` as a
+subprocess, and measures its wall time (process start to exit: startup, every epoch, every evaluation). The
+validation split is TrainConfig's default (10% of train held out), so test accuracy is measured on a model that
+never saw those 6,000 images either. The machine is shared: the load average before and after each run is
+recorded, since others' work slows a run down and makes its time pessimistic.
+
+Targets (issue 17, item 5): ``fast`` >= 93.5% test accuracy in <= 10 min on 2 CPU cores; ``stretch`` >= 94.0%.
+
+Usage: python bench/recipe.py [--recipes fast,stretch] [--workers W] [--home DIR] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TypedDict
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO.parent / "shared" / "datasets" / "fashion-mnist"
+
+Value = str | int | float
+
+
+class Recipe(TypedDict):
+    workers: int
+    train: dict[str, Value]  # the [train] table
+    target: float  # test accuracy the recipe is meant to reach
+    minutes: float  # within this wall time
+
+
+# The model and everything about the run but the epoch count are shared: "stretch" is the same recipe, trained
+# longer. AdamW's weight decay is decoupled (multiplied by the lr), so 0.05 here is a gentle pull.
+_COMMON: dict[str, Value] = {
+    "model": "resnet-fast",
+    "batch_size": 256,
+    "lr": 0.004,
+    "optimizer": "adamw",
+    "weight_decay": 0.05,
+    "schedule": "onecycle",
+    "label_smoothing": 0.1,
+    "augment": "crop+flip",
+}
+RECIPES: dict[str, Recipe] = {
+    "fast": {"workers": 2, "train": {**_COMMON, "epochs": 14}, "target": 0.935, "minutes": 10.0},
+    "stretch": {"workers": 2, "train": {**_COMMON, "epochs": 24}, "target": 0.94, "minutes": 20.0},
+}
+
+
+class RunRow(TypedDict):
+    recipe: str
+    model: str
+    workers: int
+    epochs: int
+    wall_seconds: float
+    epoch_seconds: float  # the sum of the epochs' own times (training + evaluation), without startup
+    test_accuracy: float | None
+    val_accuracy: float | None
+    images_per_s: float  # median over the epochs
+    load_before: list[float]  # 1, 5, 15-minute load averages
+    load_after: list[float]
+    target: float
+    minutes: float
+    met: bool
+    command: str
+    train: dict[str, Value]
+
+
+def toml_table(train: dict[str, Value]) -> str:
+    """``[train]`` as TOML (strings quoted, numbers as they are)."""
+    lines = ["[train]"]
+    for key, value in train.items():
+        lines.append(f"{key} = {json.dumps(value) if isinstance(value, str) else repr(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def distml(home: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "distml", "--home", str(home), *args]
+
+
+def ingest(home: Path, source: Path) -> None:
+    subprocess.run(distml(home, "data", "ingest", "fashion-mnist", "--source", str(source)), check=True)
+
+
+def run_recipe(home: Path, name: str, recipe: Recipe, workers: int) -> RunRow:
+    """One ``distml train`` of ``recipe``: its output streams through; the numbers come from its run folder."""
+    config = home / f"recipe-{name}.toml"
+    config.write_text(toml_table(recipe["train"]))
+    run_name = f"recipe-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = distml(home, "--config", str(config), "train", "--workers", str(workers), "--run-name", run_name)
+    load_before = list(os.getloadavg())
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - start
+    run_dir = home / "runs" / run_name
+    result = json.loads((run_dir / "result.json").read_text())
+    history = json.loads((run_dir / "history.json").read_text())
+    rates = sorted(float(h["images_per_s"]) for h in history)
+    test = result.get("test_accuracy")
+    minutes = recipe["minutes"]
+    return {
+        "recipe": name,
+        "model": str(recipe["train"]["model"]),
+        "workers": workers,
+        "epochs": len(history),
+        "wall_seconds": wall,
+        "epoch_seconds": sum(float(h["seconds"]) for h in history),
+        "test_accuracy": test,
+        "val_accuracy": result.get("val_accuracy"),
+        "images_per_s": rates[len(rates) // 2],
+        "load_before": load_before,
+        "load_after": list(os.getloadavg()),
+        "target": recipe["target"],
+        "minutes": minutes,
+        "met": test is not None and test >= recipe["target"] and wall <= 60 * minutes,
+        "command": shlex.join(["distml", "--config", config.name, "train", "--workers", str(workers)]),
+        "train": recipe["train"],
+    }
+
+
+def _git_rev() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def _pct(value: float | None) -> str:
+    return f"{value:.2%}" if value is not None else "-"
+
+
+def print_table(rows: list[RunRow]) -> None:
+    header = f"{'recipe':<9} {'model':<12} {'W':>2} {'epochs':>6} {'wall':>8} {'test acc':>9} {'val acc':>9}"
+    print(f"\n{header} {'img/s':>7} {'load 1m':>8}  target")
+    for r in rows:
+        wall = f"{r['wall_seconds'] / 60:.1f} min"
+        verdict = "met" if r["met"] else "MISSED"
+        print(
+            f"{r['recipe']:<9} {r['model']:<12} {r['workers']:>2} {r['epochs']:>6} {wall:>8} "
+            f"{_pct(r['test_accuracy']):>9} {_pct(r['val_accuracy']):>9} {r['images_per_s']:>7,.0f} "
+            f"{r['load_before'][0]:>8.2f}  >= {r['target']:.1%} in {r['minutes']:.0f} min: {verdict}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", default="fast", help=f"comma-separated, of {', '.join(RECIPES)}")
+    parser.add_argument("--workers", type=int, default=0, help="override the recipes' worker count")
+    parser.add_argument("--home", type=Path, default=None, help="workspace (default: a temp folder)")
+    parser.add_argument("--source", type=Path, default=SOURCE, help="folder with the Fashion-MNIST .gz files")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "recipe.json")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown or not names:
+        parser.error(f"unknown recipes {unknown} (choose from {', '.join(RECIPES)})")
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.processor())
+    rows: list[RunRow] = []
+    with tempfile.TemporaryDirectory(prefix="distml-bench-recipe-") as tmp:
+        home = args.home or Path(tmp)
+        ingest(home, args.source)
+        for name in names:
+            recipe = RECIPES[name]
+            rows.append(run_recipe(home, name, recipe, args.workers or recipe["workers"]))
+    print_table(rows)
+    doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    doc.update(
+        {
+            "machine": {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()},
+            "git_rev": _git_rev(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
+    runs = doc.setdefault("runs", {})
+    for row in rows:
+        runs[f"{row['recipe']}-w{row['workers']}"] = row
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    for row in rows:
+        print(f"\n{row['recipe']}: {row['command']}, with {row['command'].split()[2]}:\n{toml_table(row['train'])}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
