@@ -139,8 +139,11 @@ def test_a_study_is_one_parent_run_with_each_trials_training_run_as_its_child(
     from distml.train.launch import train
 
     files = make_mnist(tmp_path / "src", n_train=48, n_test=16)
-    ingest(FashionMnistSource(home / "downloads", location=str(files.folder), spec=files.spec),
-           store=DatasetStore(Workspace(home)), name="tiny")  # fmt: skip
+    ingest(
+        FashionMnistSource(home / "downloads", location=str(files.folder), spec=files.spec),
+        store=DatasetStore(Workspace(home)),
+        name="tiny",
+    )
     config = DistmlConfig.model_validate({"train": {"dataset": "tiny"}, "search": {"trials": 2, "seed": 3}})
     parent = start_study_run(home, "s", config)
     client = MlflowClient(tracking_uri=f"sqlite:///{home.resolve() / 'mlflow.db'}")
@@ -153,8 +156,17 @@ def test_a_study_is_one_parent_run_with_each_trials_training_run_as_its_child(
 
     for name, value in trial_env(parent, 1, "s").items():  # as the tuner starts trial 1's process
         monkeypatch.setenv(name, value)
-    trial = TrainConfig.model_validate({"dataset": "tiny", "model": "cnn", "epochs": 1, "batch_size": 16,
-                                        "lr": 0.0123, "workers": 1, "log_every_steps": 1000})  # fmt: skip
+    trial = TrainConfig.model_validate(
+        {
+            "dataset": "tiny",
+            "model": "cnn",
+            "epochs": 1,
+            "batch_size": 16,
+            "lr": 0.0123,
+            "workers": 1,
+            "log_every_steps": 1000,
+        }
+    )
     child_id = train(trial, Workspace(home), "s-t001").metrics["mlflow_run_id"]
     assert child_id is not None and child_id != parent
     child = client.get_run(child_id)
@@ -173,7 +185,10 @@ def test_a_study_is_one_parent_run_with_each_trials_training_run_as_its_child(
     assert run.data.tags["distml.best_trial"] == "2" and run.data.tags["best.model"] == "cnn-batchnorm"
     write_report(result)
     assert sorted(a.path for a in client.list_artifacts(parent, "report")) == [
-        "report/history.png", "report/importance.png", "report/report.md"]  # fmt: skip
+        "report/history.png",
+        "report/importance.png",
+        "report/report.md",
+    ]
 
     # Continuing the study (more trials, another sampler) reopens the same run; a param that changed becomes a tag.
     more = config.model_copy(update={"search": config.search.model_copy(update={"trials": 4, "sampler": "random"})})
