@@ -57,23 +57,34 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+class EpochRow(TypedDict):
+    epoch: int
+    seconds: float
+    images_per_s: float
+    val_accuracy: float | None
+    test_accuracy: float | None
+
+
 class RunRow(TypedDict):
     recipe: str
     model: str
     workers: int
     epochs: int
     wall_seconds: float
+    wall_from: str  # how wall_seconds was measured
     epoch_seconds: float  # the sum of the epochs' own times (training + evaluation), without startup
     test_accuracy: float | None
     val_accuracy: float | None
     images_per_s: float  # median over the epochs
-    load_before: list[float]  # 1, 5, 15-minute load averages
+    val_fraction: float  # of train held out for validation (TrainConfig's default: 0.1)
+    load_before: list[float] | None  # 1, 5, 15-minute load averages
     load_after: list[float]
     target: float
     minutes: float
     met: bool
     command: str
     train: dict[str, Value]
+    history: list[EpochRow]
 
 
 def toml_table(train: dict[str, Value]) -> str:
@@ -102,7 +113,27 @@ def run_recipe(home: Path, name: str, recipe: Recipe, workers: int) -> RunRow:
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - start
-    run_dir = home / "runs" / run_name
+    return measure(home / "runs" / run_name, name, recipe, wall, "the distml train process, start to exit", load_before)
+
+
+def record_run(run_dir: Path, name: str, recipe: Recipe) -> RunRow:
+    """A finished run started by hand with ``recipe``'s settings (checked against its job.json).
+
+    Its wall time is from job.json's write to result.json's: everything but the process startup (~5-10 s).
+    """
+    job = json.loads((run_dir / "job.json").read_text())
+    config = job.get("config", {})
+    differs = {k: (config.get(k), v) for k, v in recipe["train"].items() if config.get(k) != v}
+    if differs:
+        sys.exit(f"{run_dir} was not trained with recipe {name!r}: (run, recipe) = {differs}")
+    wall = (run_dir / "result.json").stat().st_mtime - (run_dir / "job.json").stat().st_mtime
+    return measure(run_dir, name, recipe, wall, "run folder file times: job.json to result.json", None)
+
+
+def measure(run_dir: Path, name: str, recipe: Recipe, wall: float, wall_from: str, load: list[float] | None) -> RunRow:
+    """The row of a finished run: its result, its epochs, and the wall time measured by the caller."""
+    job = json.loads((run_dir / "job.json").read_text())
+    workers = int(job["world_size"])
     result = json.loads((run_dir / "result.json").read_text())
     history = json.loads((run_dir / "history.json").read_text())
     rates = sorted(float(h["images_per_s"]) for h in history)
@@ -114,17 +145,29 @@ def run_recipe(home: Path, name: str, recipe: Recipe, workers: int) -> RunRow:
         "workers": workers,
         "epochs": len(history),
         "wall_seconds": wall,
+        "wall_from": wall_from,
         "epoch_seconds": sum(float(h["seconds"]) for h in history),
         "test_accuracy": test,
         "val_accuracy": result.get("val_accuracy"),
         "images_per_s": rates[len(rates) // 2],
-        "load_before": load_before,
+        "val_fraction": float(job["config"].get("val_fraction", 0.0)),
+        "load_before": load,
         "load_after": list(os.getloadavg()),
         "target": recipe["target"],
         "minutes": minutes,
         "met": test is not None and test >= recipe["target"] and wall <= 60 * minutes,
-        "command": shlex.join(["distml", "--config", config.name, "train", "--workers", str(workers)]),
+        "command": shlex.join(["distml", "--config", f"recipe-{name}.toml", "train", "--workers", str(workers)]),
         "train": recipe["train"],
+        "history": [
+            {
+                "epoch": int(h["epoch"]),
+                "seconds": float(h["seconds"]),
+                "images_per_s": float(h["images_per_s"]),
+                "val_accuracy": h.get("val_accuracy"),
+                "test_accuracy": h.get("test_accuracy"),
+            }
+            for h in history
+        ],
     }
 
 
@@ -141,15 +184,17 @@ def _pct(value: float | None) -> str:
 
 
 def print_table(rows: list[RunRow]) -> None:
-    header = f"{'recipe':<9} {'model':<12} {'W':>2} {'epochs':>6} {'wall':>8} {'test acc':>9} {'val acc':>9}"
-    print(f"\n{header} {'img/s':>7} {'load 1m':>8}  target")
+    header = f"{'recipe':<9} {'model':<12} {'W':>2} {'epochs':>6} {'wall':>8} {'s/epoch':>7} {'test acc':>9}"
+    print(f"\n{header} {'val acc':>9} {'img/s':>7} {'load 1m':>8}  target")
     for r in rows:
         wall = f"{r['wall_seconds'] / 60:.1f} min"
+        per_epoch = r["epoch_seconds"] / max(1, r["epochs"])
+        load = (r["load_before"] or r["load_after"])[0]
         verdict = "met" if r["met"] else "MISSED"
         print(
-            f"{r['recipe']:<9} {r['model']:<12} {r['workers']:>2} {r['epochs']:>6} {wall:>8} "
+            f"{r['recipe']:<9} {r['model']:<12} {r['workers']:>2} {r['epochs']:>6} {wall:>8} {per_epoch:>7.1f} "
             f"{_pct(r['test_accuracy']):>9} {_pct(r['val_accuracy']):>9} {r['images_per_s']:>7,.0f} "
-            f"{r['load_before'][0]:>8.2f}  >= {r['target']:.1%} in {r['minutes']:.0f} min: {verdict}"
+            f"{load:>8.2f}  >= {r['target']:.1%} in {r['minutes']:.0f} min: {verdict}"
         )
 
 
@@ -160,6 +205,9 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=None, help="workspace (default: a temp folder)")
     parser.add_argument("--source", type=Path, default=SOURCE, help="folder with the Fashion-MNIST .gz files")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "recipe.json")
+    parser.add_argument(
+        "--record", type=Path, metavar="RUN_DIR", help="record this finished run (of the one recipe named) instead"
+    )
     args = parser.parse_args()
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in RECIPES]
@@ -168,12 +216,17 @@ def main() -> None:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.processor())
     rows: list[RunRow] = []
-    with tempfile.TemporaryDirectory(prefix="distml-bench-recipe-") as tmp:
-        home = args.home or Path(tmp)
-        ingest(home, args.source)
-        for name in names:
-            recipe = RECIPES[name]
-            rows.append(run_recipe(home, name, recipe, args.workers or recipe["workers"]))
+    if args.record:
+        if len(names) != 1:
+            parser.error("--record takes one recipe in --recipes")
+        rows.append(record_run(args.record, names[0], RECIPES[names[0]]))
+    else:
+        with tempfile.TemporaryDirectory(prefix="distml-bench-recipe-") as tmp:
+            home = args.home or Path(tmp)
+            ingest(home, args.source)
+            for name in names:
+                recipe = RECIPES[name]
+                rows.append(run_recipe(home, name, recipe, args.workers or recipe["workers"]))
     print_table(rows)
     doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
     doc.update(
