@@ -46,7 +46,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 dataset = "folder"
 source = "/data/flowers"
 image_size = [64, 64]
-metric = "macro_f1"
+metric = "val_macro_f1"
 
 [train]
 workers = 4
@@ -136,7 +136,7 @@ def test_the_rendered_pipeline_is_the_local_one(tmp_path: Path) -> None:
         got = load_config(path).train
         assert got == want.model_copy(update={"threads_per_worker": 4}), label
     pipeline = tomllib.loads(cm["distml.toml"])["pipeline"]
-    assert pipeline["source"] == "/workspace/sources/flowers" and pipeline["metric"] == "macro_f1"
+    assert pipeline["source"] == "/workspace/sources/flowers" and pipeline["metric"] == "val_macro_f1"
 
     template = yaml.safe_load((out / "workflow-template.yaml").read_text())
     tasks = {t["name"]: t for t in template["spec"]["templates"][0]["dag"]["tasks"]}

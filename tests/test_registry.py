@@ -404,14 +404,16 @@ def test_evaluate_a_run_writes_the_report_and_logs_to_mlflow(home: Path) -> None
 def test_select_picks_the_best_by_the_declared_metric_and_registers_it(home: Path) -> None:
     result = run_cli("--home", home, "select", "run*", "--register")
     assert result.code == 0, result.err
+    # Chosen on validation (the default metric), not on the test accuracy the model then reports.
     acc = {r: json.loads((home / "runs" / r / "evaluation" / "evaluation.json").read_text())["metrics"]
-           ["test_accuracy"] for r in ("run0", "run1")}  # fmt: skip
+           ["val_accuracy"] for r in ("run0", "run1")}  # fmt: skip
     best = max(sorted(acc), key=lambda r: acc[r])  # ties: equal parameters and close latency; name order decides
     winner_line = next(line for line in result.out.splitlines() if line.endswith("winner"))
     if acc["run0"] != acc["run1"]:
         assert winner_line.startswith(best)
     winner = winner_line.split()[0]
-    assert f"selected {winner} by test_accuracy (max)" in result.out
+    assert f"selected {winner} by val_accuracy (max); its test accuracy " in result.out
+    assert "TEST ACC*" in result.out and "* test accuracy: measured and shown, not used for the choice" in result.out
     registry = Registry(Workspace(home))
     champion = registry.lookup(f"models:/{NAME}@champion")
     assert champion.tags["distml.training_run"] == winner
@@ -429,6 +431,8 @@ def test_select_picks_the_best_by_the_declared_metric_and_registers_it(home: Pat
     [
         (["run0", "--max-params", "1"], "no candidate meets the constraints"),
         (["run0", "--metric", "speed"], "unknown metric 'speed'"),
+        (["run0", "--metric", "test_accuracy"], "test metrics only report, the choice is made on validation"),
+        (["run0", "--metric", "macro_f1"], "(use val_accuracy)"),
         (["ghost"], "no training run 'ghost'"),
         (["nomatch-*"], "no training run matches 'nomatch-*'"),
     ],
@@ -437,6 +441,77 @@ def test_select_bad_input(home: Path, args: list[str], needle: str) -> None:
     result = run_cli("--home", home, "select", *args)
     assert result.code == 2, result.err
     assert needle in result.err and "Traceback" not in result.err
+
+
+def _candidate(run: str, val: float, test: float, split: str = "a" * 64) -> dict[str, Any]:
+    return {"run": run, "val_accuracy": val, "val_loss": 1 - val, "test_accuracy": test, "macro_f1": test,
+            "parameters": 1000.0, "latency_b1_ms": 1.0,
+            "validation": {"fraction": 0.1, "seed": 0, "images": 26, "indices_sha256": split}}  # fmt: skip
+
+
+def test_select_ranks_on_validation_even_when_test_would_choose_another() -> None:
+    from distml.registry.selection import select, selection_table
+
+    # b has the better test accuracy; a the better validation accuracy: a is chosen, by default and explicitly.
+    candidates = [_candidate("b", val=0.80, test=0.95), _candidate("a", val=0.90, test=0.50)]
+    assert select(candidates).winner["run"] == "a"
+    assert select(candidates, metric="val_loss", direction="min").winner["run"] == "a"
+    table = selection_table(select(candidates))
+    assert table[0].split() == ["RUN", "VAL", "ACC", "TEST", "ACC*", "PARAMS", "B1", "MS", "DECISION"]
+    assert table[1].split()[:3] == ["a", "90.00%", "50.00%"] and table[1].endswith("winner")
+    assert table[-1] == "* test accuracy: measured and shown, not used for the choice (chosen on val_accuracy, max)"
+
+
+def test_select_refuses_test_metrics_runs_without_validation_and_different_splits() -> None:
+    from distml.config import load_config
+    from distml.errors import ConfigError
+    from distml.registry.selection import select
+
+    two = [_candidate("a", 0.9, 0.5), _candidate("b", 0.8, 0.95)]
+    for metric in ("test_accuracy", "test_loss", "macro_f1"):
+        with pytest.raises(UsageError, match=f"metric '{metric}' is measured on the test split: test metrics only"):
+            select(two, metric=metric)
+        with pytest.raises(ConfigError, match="test metrics only report, the choice is made on validation"):
+            load_config(overrides={"pipeline.metric": metric})
+    assert load_config().pipeline.metric == "val_accuracy"
+    other = [_candidate("a", 0.9, 0.5), _candidate("c", 0.99, 0.99, split="b" * 64)]
+    with pytest.raises(UsageError, match=r"held out different validation images.*split aaaaaaaaaaaa: a; split bbbb"):
+        select(other)
+    unvalidated = [{k: v for k, v in c.items() if not k.startswith("val_")} | {"validation": None} for c in two]
+    with pytest.raises(UsageError, match="a, b measured no val_accuracy: no validation split"):
+        select(unvalidated)
+    assert select(unvalidated, metric="latency_b1_ms", direction="min").winner["run"] == "a"  # no quality metric
+
+
+def test_evaluation_measures_the_runs_own_validation_split(home: Path) -> None:
+    from distml.data.split import validation_indices
+
+    result = run_cli("--home", home, "evaluate", "run1")
+    assert result.code == 0, result.err
+    report = json.loads((home / "runs" / "run1" / "evaluation" / "evaluation.json").read_text())
+    recorded = json.loads((home / "runs" / "run1" / "result.json").read_text())
+    assert report["validation"] == recorded["validation"] and recorded["validation"]["images"] == 26
+    # Recomputed independently: ONNX Runtime on the train images the run held out (default val_fraction 0.1).
+    train_split = open_dataset("tiny", home=home).split("train").arrays()
+    _, val_idx = validation_indices(256, 0.1, 0)
+    model = open_artifact(home / "runs" / "run1" / "model")
+    _, probs = model.session().run(None, {"images": np.ascontiguousarray(train_split.images[val_idx])})
+    assert report["metrics"]["val_accuracy"] == pytest.approx(float((probs.argmax(1) == train_split.labels[val_idx])
+                                                                    .mean()))  # fmt: skip
+    assert report["metrics"]["val_images"] == 26 and report["metrics"]["images"] == 1200
+    assert f"validation accuracy {report['metrics']['val_accuracy']:.2%}" in result.out
+    # The card carries the run's validation accuracy next to its test accuracy.
+    assert model.card.metrics.val_accuracy == recorded["val_accuracy"]
+
+
+def test_select_refuses_runs_that_held_out_different_validation_images(home: Path) -> None:
+    cfg = TrainConfig.model_validate({"dataset": "tiny", "model": "cnn-batchnorm", "workers": 1, "epochs": 1,
+                                      "batch_size": 32, "val_seed": 1, "log_every_steps": 1000})  # fmt: skip
+    train(cfg, Workspace(home), "other-split")
+    result = run_cli("--home", home, "select", "run0", "other-split")
+    assert result.code == 2, result.err
+    assert result.err.strip().splitlines()[-1].startswith("error: the runs held out different validation images")
+    assert "Traceback" not in result.err
 
 
 # -- what serve loads from the registry; moving the champion; fetching between processes ---------------------------

@@ -3,8 +3,8 @@
 A model artifact is a folder with ``model.onnx`` and ``model.json``. The graph takes one input, :data:`INPUT_NAME`
 (raw ``uint8`` images N x H x W x C, dynamic N), and returns :data:`LOGITS` and :data:`PROBABILITIES`
 (N x classes, float32); those names are defined here and nowhere else. The card says what the graph expects and
-where it came from: class names, the input spec, test metrics, the parity check it passed, its lineage and the
-sha256 of its files.
+where it came from: class names, the input spec, validation and test metrics, the parity check it passed, its
+lineage (with the validation split it was chosen on) and the sha256 of its files.
 
 The card is written as indented JSON with its keys in the order of the fields below; that layout, and the digest
 the registry records (:meth:`ModelCard.digest`), are what cards already written look like, so they keep reading
@@ -71,13 +71,30 @@ class Normalisation(_Part):
     std: list[float]
 
 
+def _without(data: dict[str, object], keys: tuple[str, ...]) -> dict[str, object]:
+    """``data`` less those of ``keys`` that are None: a card written before they existed keeps its bytes."""
+    for key in keys:
+        if data.get(key, 0) is None:
+            del data[key]
+    return data
+
+
 class Metrics(_Part):
-    """The training run's final test metrics (None when the run did not measure one)."""
+    """The training run's final metrics (None when the run did not measure one).
+
+    The validation numbers are what a model was chosen on; the test numbers are reported, never used to choose.
+    """
 
     test_accuracy: float | None
     test_loss: float | None
     epochs: int | None
     parameters: int | None
+    val_accuracy: float | None = None  # on lineage.validation; None: no validation split (or an older card)
+    val_loss: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unmeasured(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return _without(handler(self), ("val_accuracy", "val_loss"))
 
 
 class Parity(_Part):
@@ -100,6 +117,15 @@ class Parity(_Part):
         )
 
 
+class ValidationSplit(_Part):
+    """The train images a run held out for validation: :func:`distml.data.split.validation_record`."""
+
+    fraction: float
+    seed: int
+    images: int
+    indices_sha256: str  # equal for equal splits: models are only compared on the same one
+
+
 class Lineage(_Part):
     dataset: str
     dataset_digest: str
@@ -109,6 +135,11 @@ class Lineage(_Part):
     world_size: int
     config: dict[str, JsonValue]  # the training config as resolved (TrainConfig, dumped)
     code_version: str
+    validation: ValidationSplit | None = None  # None: a card from before validation splits
+
+    @model_serializer(mode="wrap")
+    def _without_unknown_split(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return _without(handler(self), ("validation",))
 
 
 class FileEntry(_Part):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distml.errors import ConfigError
 from distml.model_names import MODEL_NAMES, check_model_name
+from distml.registry.selection import test_metric_problem
 from distml.search.config import SearchConfig
 
 DEFAULT_HOME = Path(".distml")
@@ -204,12 +205,23 @@ class PipelineConfig(_Section):
         min_length=1,
         description="Models to train (comma-separated), each with [train]; [[candidates]] tables replace this list",
     )
-    metric: str = Field(default="test_accuracy", description="What picks the winner: test_accuracy, macro_f1...")
+    # Chosen on the validation split carved from train ([train] val_fraction): test metrics only report.
+    metric: str = Field(
+        default="val_accuracy", description="What picks the winner, on validation: val_accuracy, val_loss..."
+    )
     direction: Literal["max", "min"] = Field(default="max", description="Whether the largest or smallest wins")
     max_latency_ms: float | None = Field(
         default=None, gt=0, description="Only candidates whose batch-1 latency is at most this"
     )
     max_params: int | None = Field(default=None, gt=0, description="Only candidates with at most this many parameters")
+
+    @field_validator("metric")
+    @classmethod
+    def _not_a_test_metric(cls, metric: str) -> str:
+        problem = test_metric_problem(metric)
+        if problem:
+            raise ValueError(problem)
+        return metric
 
     @model_validator(mode="after")
     def _source_for_folder(self) -> PipelineConfig:

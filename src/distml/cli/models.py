@@ -181,8 +181,10 @@ def evaluate_cmd(app: AppContext, target: str, dataset: str | None, split: str) 
 def select_cmd(app: AppContext, runs: tuple[str, ...], register_: bool) -> None:
     """Pick the best of the training RUNS (names, folders or globs like 'cand-*') by a declared metric.
 
-    Each run is exported and evaluated first if it has not been. Ties go to fewer parameters, then lower
-    latency, then the run name. The table and the decision go to <home>/selections/ and to MLflow tags.
+    The metric is measured on each run's validation split (the train images it held out: [train] val_fraction,
+    val_seed), val_accuracy by default; test metrics are shown but never choose. Each run is exported and
+    evaluated first if it has not been. Ties go to fewer parameters, then lower latency, then the run name. The
+    table and the decision go to <home>/selections/ and to MLflow tags.
     """
     from distml.registry.evaluate import select_runs
     from distml.registry.registry import Registry
@@ -198,7 +200,7 @@ def select_cmd(app: AppContext, runs: tuple[str, ...], register_: bool) -> None:
         log=click.echo,
     )
     click.echo("\n".join(selection.table))
-    click.echo(f"selected {selection.choice.winner['run']} by {p.metric} ({p.direction}); report {selection.report}")
+    click.echo(report.selected_line(selection.choice, selection.report))
     if register_:
         version = Registry(app.workspace).register(selection.winner)
         click.echo(report.registered_line(version))

@@ -150,23 +150,29 @@ def run_outputs(run_dir: Path) -> StepResult:
 
     result = json.loads((run_dir / "result.json").read_text())
     final = list_checkpoints(run_dir / "checkpoints")[-1]
-    acc = result.get("test_accuracy")
+    acc, val = result.get("test_accuracy"), result.get("val_accuracy")
+    shown = [f"{name} acc {v:.2%}" for name, v in (("val", val), ("test", acc)) if isinstance(v, float)]
     return StepResult(
         outputs={
             "run": run_dir.name,
             "run_dir": str(run_dir),
-            "test_accuracy": acc,
+            "val_accuracy": val,  # what the select step chooses on
+            "test_accuracy": acc,  # reported only
+            "validation": result.get("validation"),
             "epochs": result.get("epochs"),
             "mlflow_run_id": result.get("mlflow_run_id"),
         },
         files={"checkpoint": final, "result": run_dir / "result.json"},
-        metric=f"test acc {acc:.2%}" if isinstance(acc, float) else "",
+        metric=", ".join(shown),
     )
 
 
 # -- select and register ------------------------------------------------------------------------------------
 def select_step(workspace: Workspace, config: DistmlConfig, runs: list[str], log: Log = print) -> StepResult:
-    """Export and evaluate every run, and choose the best by the ``[pipeline]`` metric and limits."""
+    """Export and evaluate every run, and choose the best by the ``[pipeline]`` metric (on validation) and limits.
+
+    The winner's test accuracy is in the outputs and the summary: reported, not used for the choice.
+    """
     p = config.pipeline
     selection = select_runs(
         workspace,
@@ -177,19 +183,22 @@ def select_step(workspace: Workspace, config: DistmlConfig, runs: list[str], log
         max_params=p.max_params,
         log=log,
     )
-    winner = selection.winner
-    value = selection.choice.winner[p.metric]
+    winner, row = selection.winner, selection.choice.winner
+    value, test = row[p.metric], row.get("test_accuracy")
+    chosen = f"val acc {value:.2%}" if p.metric == "val_accuracy" else f"{p.metric} {value:.4f}"
     return StepResult(
         outputs={
-            "winner": selection.choice.winner["run"],
+            "winner": row["run"],
             "artifact": str(winner.path),
             "metric": p.metric,
             "value": value,
+            "test_accuracy": test,  # the champion's test accuracy: reported, not used for the choice
+            "validation": row.get("validation"),
             "table": selection.table,
             "report": str(selection.report),
         },
         files={ONNX_FILE: winner.onnx_path, CARD_FILE: winner.path / CARD_FILE},
-        metric=f"{selection.choice.winner['run']}: {p.metric} {value:.4f}",
+        metric=f"{row['run']}: {chosen}" + (f", test acc {test:.2%}" if isinstance(test, float) else ""),
     )
 
 

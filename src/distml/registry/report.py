@@ -5,13 +5,17 @@ The commands only wire arguments; the wording of what they report lives here, ne
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # types only: printing a listing loads no ONNX Runtime or plotting
+    from pathlib import Path
+
     from distml.card import Parity
     from distml.registry.evaluate import Evaluation
     from distml.registry.predict import PredictResult
     from distml.registry.registry import Registry, Version
+    from distml.registry.selection import Choice
 
 
 def models_table(registry: Registry) -> list[str]:
@@ -52,11 +56,12 @@ def describe(registry: Registry, version: Version) -> list[str]:
         f"artifact   {artifact.path}",
         f"input      {card.input.dtype} {card.input.shape} ({card.input.layout})",
         f"classes    {', '.join(card.class_names)}",
-        f"metrics    test accuracy {_fmt(m.test_accuracy, '.2%')}, test loss {_fmt(m.test_loss, '.4f')}, "
-        f"{m.epochs} epochs",
+        f"metrics    val accuracy {_fmt(m.val_accuracy, '.2%')} (chosen on), test accuracy "
+        f"{_fmt(m.test_accuracy, '.2%')}, test loss {_fmt(m.test_loss, '.4f')}, {m.epochs} epochs",
         f"parity     {card.parity.describe()}",
         f"lineage    run {lineage.training_run} (MLflow {lineage.mlflow_run_id}), dataset "
         f"{lineage.dataset}@{lineage.dataset_digest[:12]}, {lineage.config['model']}",
+        f"validation {_split(lineage.validation.model_dump() if lineage.validation else None)}",
     ]
 
 
@@ -79,13 +84,36 @@ def predicted_line(result: PredictResult) -> str:
 
 
 def evaluation_lines(ev: Evaluation) -> list[str]:
-    """An evaluation's headline metrics and where its report went."""
+    """An evaluation's headline metrics (the split asked for, then validation) and where its report went."""
     m = ev.metrics
+    val = (
+        f"validation accuracy {m['val_accuracy']:.2%}, loss {m['val_loss']:.4f} on {_split(ev.validation)}"
+        if "val_accuracy" in m
+        else "validation: none (the run held no train images out, or this is not its dataset)"
+    )
     return [
         f"accuracy {m['test_accuracy']:.2%}, loss {m['test_loss']:.4f}, macro F1 {m['macro_f1']:.4f}, "
         f"latency b1 {m['latency_b1_ms']:.3f} ms / b64 {m['latency_b64_ms']:.3f} ms",
+        val,
         f"report: {ev.folder / 'evaluation.md'} (confusion matrix: {ev.folder / 'confusion_matrix.png'})",
     ]
+
+
+def selected_line(choice: Choice, report: Path) -> str:
+    """Which run a selection chose, on what, and the winner's test accuracy (reported, not used for the choice)."""
+    test = choice.winner.get("test_accuracy")
+    shown = f"; its test accuracy {test:.2%} is reported, not used for the choice" if isinstance(test, float) else ""
+    return f"selected {choice.winner['run']} by {choice.metric} ({choice.direction}){shown}; report {report}"
+
+
+def _split(record: Mapping[str, object] | None) -> str:
+    """A validation split in words: how many train images, which fraction and seed, and its digest."""
+    if not record:
+        return "none recorded"
+    return (
+        f"{record['images']} held-out train images (fraction {record['fraction']}, seed {record['seed']}, "
+        f"split {str(record['indices_sha256'])[:12]})"
+    )
 
 
 def _fmt(value: float | None, spec: str) -> str:
