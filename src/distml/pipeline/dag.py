@@ -217,7 +217,7 @@ def _search_step(workspace: Workspace, config: DistmlConfig, node: Node, base: T
         search_.search_params(config, base),
         inputs=lambda outputs, files: {"dataset": outputs[ingested]["digest"]},
         run=lambda ctx: search_.run_search(
-            workspace, config, base, ctx.upstream[ingested]["digest"], ctx.parts, ctx.log
+            workspace, config, base, ctx.upstream[ingested]["digest"], ctx.parts, ctx.log, forced=ctx.forced
         ),
         cores=cores,
         explain=search_.explain_trials,
@@ -238,7 +238,8 @@ def _search_select_step(workspace: Workspace, config: DistmlConfig, node: Node) 
         S.SELECT_LIBS,
         params,
         inputs=lambda outputs, files: {
-            label: f["sha256"] for label, f in files[searched].items() if label.endswith(".checkpoint")
+            "study": outputs[searched]["study"],  # the same weights in another study's runs: still run, to name them
+            **{label: f["sha256"] for label, f in files[searched].items() if label.endswith(".checkpoint")},
         },
         run=lambda ctx: S.select_step(workspace, choosing, list(ctx.upstream[searched]["complete"]), ctx.log),
     )

@@ -92,6 +92,10 @@ def lineage(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
         trial = _trial_of(search, sel.get("winner"))
         if trial is not None:  # chosen on validation; its test accuracy is reported, not used
             out["selected"].update(trial=trial["number"], test_accuracy=trial.get("test_accuracy"))
+        chosen = next((o for o in runs.values() if o.get("run") == sel.get("winner")), {})
+        validation = sel.get("validation") or chosen.get("validation")
+        if validation and "validation" not in out:  # the split the candidates were chosen on
+            out["validation"] = validation
     refit = steps.get("refit", {}).get("outputs") or {}
     if refit:
         out["refit"] = {

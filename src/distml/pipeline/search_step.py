@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from distml.workspace import Workspace
 
 if TYPE_CHECKING:
     from distml.data.sources.base import Log
-    from distml.search.tuner import StudyResult, TrialRecord
+    from distml.search.tuner import StudyResult
 
 # The search step's root modules: the tuner, and the training it starts (what the train steps' key covers).
 SEARCH_CODE = ("distml.search.tuner", "distml.train.launch", "distml.train.worker", "distml.train.candidates")
@@ -97,17 +98,48 @@ class LogStream(io.StringIO):
 
 
 def run_search(
-    workspace: Workspace, config: DistmlConfig, base: TrainConfig, dataset: str, parts: KeyParts, log: Log
+    workspace: Workspace,
+    config: DistmlConfig,
+    base: TrainConfig,
+    dataset: str,
+    parts: KeyParts,
+    log: Log,
+    *,
+    forced: bool = False,
 ) -> StepResult:
-    """Run (or continue) the study of this key until it holds ``[search] trials`` trials; its trials as outputs."""
+    """Run (or continue) the study of this key until it holds ``[search] trials`` trials; its trials as outputs.
+
+    ``forced`` (``--force search``, ``--no-cache``) starts the study over, as a forced training step starts
+    its run over: its storage and its trials' run folders are deleted first.
+    """
     from distml.search.tuner import tune
 
     study = study_name(parts)
+    if forced:
+        _start_over(workspace, study, log)
     searching = config.model_copy(update={"train": base.model_copy(update={"dataset": dataset[:16]})})
     stream = LogStream(log)
     result = tune(searching, workspace, study=study, stream=stream)
     stream.flush()
     return search_outputs(result, config.search.metric, log)
+
+
+def _start_over(workspace: Workspace, study: str, log: Log) -> None:
+    """Delete a study's storage and its trials' run folders, under its lock (refused while a tuner runs it)."""
+    from distml.search.study import lock_study, storage_path
+
+    lock = lock_study(workspace.home, study)
+    try:
+        storage = storage_path(workspace.home, study)
+        trials = sorted((workspace.home / "runs").glob(f"{study}-t[0-9]*"))
+        if not storage.exists() and not trials:
+            return
+        storage.unlink(missing_ok=True)
+        for run_dir in trials:
+            shutil.rmtree(run_dir)
+        log(f"starting study {study} over: deleted {storage.name} and {len(trials)} trial run(s)")
+    finally:
+        lock.release()
 
 
 def search_outputs(result: StudyResult, metric: str, log: Log) -> StepResult:
@@ -129,7 +161,9 @@ def search_outputs(result: StudyResult, metric: str, log: Log) -> StepResult:
     best = result.best or complete[0]
     value = best["value"]
     validation = json.loads((Path(best["run_dir"]) / "result.json").read_text()).get("validation")
-    for line in trial_lines(result.trials, metric):
+    from distml.search.report import trial_table
+
+    for line in trial_table(result).splitlines():
         log(line)
     return StepResult(
         outputs={
@@ -156,17 +190,6 @@ def search_outputs(result: StudyResult, metric: str, log: Log) -> StepResult:
         + (f"{metric} {value:.4f}" if value is not None else ""),
         note=f"{result.ran} trial{'s' if result.ran != 1 else ''} run now",
     )
-
-
-def trial_lines(trials: list[TrialRecord], metric: str) -> list[str]:
-    """The trial table: number, state, the validation metric, epochs used, time and params, one line each."""
-    lines = [f"{'TRIAL':<5} {'STATE':<8} {metric:>12} {'EPOCHS':>6} {'TIME':>7}  PARAMS"]
-    for t in trials:
-        value = f"{t['value']:.4f}" if t["value"] is not None else "-"
-        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(t["params"].items()))
-        used = f"{t['epochs_used']:>6} {t['seconds']:>6.0f}s"
-        lines.append(f"{t['number']:<5} {t['state']:<8} {value:>12} {used}  {params}")
-    return lines
 
 
 def choosing(config: DistmlConfig) -> DistmlConfig:
@@ -228,7 +251,3 @@ def refit_outputs(workspace: Workspace, run_dir: Path, selected: dict[str, Any],
 
 def _states(states: dict[str, int]) -> str:
     return ", ".join(f"{n} {s.lower()}" for s, n in states.items())
-
-
-def _short(value: object) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

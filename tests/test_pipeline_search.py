@@ -1,0 +1,178 @@
+"""``distml run --search``: the search step in the real pipeline (torchrun trials, Optuna on SQLite, MLflow).
+
+One small study (a tiny image folder, ``cnn``, 1 epoch, 2 trials) is taken through the pipeline's life: a cold
+run registers a champion from a trial and the record says so; a warm rerun is a hit; more --trials continues the
+study and runs only the new trial; --refit retrains the chosen trial on all of train and registers that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import make_image_folder, run_cli
+from distml.pipeline.cache import Entry, KeyParts
+from distml.pipeline.search_step import explain_trials, study_name
+from distml.pipeline.shape import search_shape
+
+FAST = ["--epochs", "1", "--workers", "1"]
+
+
+def _config(tmp_path: Path, images: Path) -> Path:
+    path = tmp_path / "distml.toml"
+    path.write_text(
+        f"""
+[pipeline]
+dataset = "folder"
+source = "{images}"
+image_size = [16, 16]
+mode = "L"
+test_fraction = 0.25
+
+[train]
+batch_size = 16
+log_every_steps = 1000
+
+[search]
+pruner = "none"
+
+[search.space]
+model = ["cnn"]
+lr = {{ low = 1e-3, high = 1e-2, log = true }}
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images", per_class=16)
+
+
+def _run(home: Path, config: Path, *args: str) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """Run the pipeline; its output, each step's decision line and the run record."""
+    result = run_cli("--home", home, "run", "--config", config, *args)
+    assert result.code == 0, result.out + result.err
+    decisions = {}
+    for line in result.out.splitlines():
+        parts = line.split(maxsplit=1)
+        if len(parts) == 2 and parts[1].split(":")[0] in ("hit", "ran", "FAILED", "skipped"):
+            decisions[parts[0]] = parts[1]
+    records = sorted((home / "pipeline" / "runs").glob("*/run.json"))
+    return result.out, decisions, json.loads(records[-1].read_text())
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.timeout(900)  # four 1-epoch trainings and their exports: about two minutes on a quiet 2-core machine
+def test_search_registers_a_trial_continues_the_study_and_refits(home: Path, tmp_path: Path, images: Path) -> None:
+    config = _config(tmp_path, images)
+
+    # Cold: the search step replaces the candidates; the champion is the trial select chose on validation.
+    out, cold, record = _run(home, config, "--search", "--trials", "2", *FAST)
+    assert list(cold) == ["ingest", "search", "select", "register"], cold
+    assert all(d.startswith("ran: no earlier run") for d in cold.values()), cold
+    assert record["dag"] == {"ingest": [], "search": ["ingest"], "select": ["search"], "register": ["select"]}
+    lineage = record["lineage"]
+    search, selected = lineage["search"], lineage["selected"]
+    study = search["study"]
+    assert search["trials"] == 2 and search["states"] == {"COMPLETE": 2} and search["ran"] == 2
+    assert set(search["best"]["params"]) == {"model", "lr"} and isinstance(search["best"]["value"], float)
+    assert selected["metric"] == "val_accuracy" and selected["trial"] in (0, 1)
+    assert selected["run"] == f"{study}-t{selected['trial']:03d}"
+    # The same rule as select_runs on validation: no complete trial beats the one chosen.
+    table = record["steps"]["search"]["outputs"]["table"]
+    assert selected["value"] == pytest.approx(max(t["value"] for t in table))
+    assert lineage["validation"]["fraction"] == 0.1 and lineage["validation"]["images"] > 0
+    winner_onnx = home / "runs" / selected["run"] / "model" / "model.onnx"
+    assert record["steps"]["register"]["outputs"]["onnx_sha256"] == _sha(winner_onnx)
+    assert "is champion" in out
+    shown = run_cli("--home", home, "runs", "show", "latest").out
+    assert f"search    study {study}" in shown and "2 trials (2 complete)" in shown
+
+    # Warm: every step is a verified hit, the study untouched.
+    started = time.perf_counter()
+    _, warm, _ = _run(home, config, "--search", "--trials", "2", *FAST)
+    took = time.perf_counter() - started
+    assert all(d.startswith("hit: same inputs as run ") for d in warm.values()), warm
+    assert took < 15, took  # ≤ 5 s on a quiet machine; the CI box is shared
+
+    # More trials: the same study continues; only the new trial trains, the old runs are not touched.
+    old = {n: (home / "runs" / f"{study}-t{n:03d}" / "result.json").stat().st_mtime_ns for n in (0, 1)}
+    _, grown, record = _run(home, config, "--search", "--trials", "3", *FAST)
+    assert grown["ingest"].startswith("hit")
+    assert grown["search"].startswith("ran: trials 2 -> 3: the study continues, 1 new trial"), grown
+    assert record["lineage"]["search"]["study"] == study
+    assert record["lineage"]["search"]["trials"] == 3 and record["lineage"]["search"]["ran"] == 1
+    assert {n: (home / "runs" / f"{study}-t{n:03d}" / "result.json").stat().st_mtime_ns for n in (0, 1)} == old
+    assert (home / "runs" / f"{study}-t002" / "result.json").is_file()
+    from distml.search.tuner import load_study_result
+    from distml.workspace import Workspace
+
+    assert len(load_study_result(Workspace(home), study).trials) == 3
+
+    # --refit: the chosen trial's settings retrain on all of train; that model is registered, and said so.
+    _, refit, record = _run(home, config, "--search", "--trials", "3", "--refit", *FAST)
+    assert refit["search"].startswith("hit") and refit["select"].startswith("hit"), refit
+    assert refit["refit"].startswith("ran: no earlier run") and refit["register"].startswith("ran"), refit
+    lineage = record["lineage"]
+    r = lineage["refit"]
+    assert r["refit"] is True and r["source_trial"] == lineage["selected"]["trial"]
+    assert r["source_run"] == lineage["selected"]["run"] and "val_accuracy" in r["reason"]
+    assert isinstance(r["test_accuracy"], float)
+    run_dir = home / "runs" / r["run"]
+    assert json.loads((run_dir / "job.json").read_text())["config"]["val_fraction"] == 0.0
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["validation"]["images"] == 0 and result["val_accuracy"] is None
+    trial_cfg = json.loads((home / "runs" / r["source_run"] / "job.json").read_text())["config"]
+    refit_cfg = json.loads((run_dir / "job.json").read_text())["config"]
+    assert refit_cfg["lr"] == trial_cfg["lr"] and refit_cfg["epochs"] == trial_cfg["epochs"]
+    assert record["steps"]["register"]["outputs"]["onnx_sha256"] == _sha(run_dir / "model" / "model.onnx")
+    shown = run_cli("--home", home, "runs", "show", "latest").out
+    assert f"refit     run {r['run']}: trial {r['source_trial']} retrained on all of train" in shown
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trials", "3"], "--trials needs --search"),
+        (["--refit"], "--refit needs --search"),
+        (["--search", "--candidates", "cnn"], "--candidates and --search exclude each other"),
+    ],
+)
+def test_search_options_without_search_are_one_clear_line(
+    home: Path, tmp_path: Path, images: Path, args: list[str], message: str
+) -> None:
+    result = run_cli("--home", home, "run", "--config", _config(tmp_path, images), *args)
+    assert result.code != 0 and message in result.err, result.err
+    assert "Traceback" not in result.err and not (home / "pipeline" / "runs").exists()
+
+
+def test_the_search_shape_and_its_refit() -> None:
+    assert search_shape().needs() == {"ingest": [], "search": ["ingest"], "select": ["search"], "register": ["select"]}
+    assert search_shape(refit=True).needs() == {
+        "ingest": [],
+        "search": ["ingest"],
+        "select": ["search"],
+        "refit": ["ingest", "select"],
+        "register": ["refit"],
+    }
+
+
+def test_the_study_is_named_without_the_trial_count_and_a_longer_study_says_so() -> None:
+    def parts(trials: int, seed: int = 0) -> KeyParts:
+        return KeyParts("search", {"m": "c"}, {"seed": seed, "trials": trials}, {"dataset": "d"}, {"optuna": "5"})
+
+    assert study_name(parts(2)) == study_name(parts(12)) != study_name(parts(2, seed=1))
+    assert parts(2).key != parts(12).key  # the step itself re-runs for more trials
+    done = Entry("search", parts(8).key, parts(8).to_json(), {"trials": 8}, {}, "run-1", 1.0)
+    assert explain_trials(parts(12), [done]) == "trials 8 -> 12: the study continues, 4 new trials"
+    assert explain_trials(parts(8, seed=1), [done]) is None  # another study: the usual explanation
+    assert "none new" in (explain_trials(parts(6), [done]) or "")
