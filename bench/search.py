@@ -12,7 +12,8 @@
 (c) ``--e2e``: ``distml run --search`` from an empty workspace with the default space and budget: the champion's
     test accuracy and the wall time. Target: >= 94.0% within 30 minutes.
 
-Prints a table and writes ``bench/results/search.json`` (machine, git revision, load averages).
+Prints a table and writes ``bench/results/search.json``: a section per part, each with the machine, git revision,
+date and load averages it ran with.
 
 Usage: python bench/search.py [--trials 16] [--epochs 8] [--only pruning,overhead] [--e2e] [--quick] [--out FILE]
 """
@@ -266,15 +267,18 @@ def main() -> None:
     quick_out = Path(tempfile.gettempdir()) / "distml-bench-search-quick.json"
     out = args.out or (quick_out if args.quick else REPO / "bench" / "results" / "search.json")
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # track into the bench's own workspace
-    doc: dict[str, Any] = {
+    # Each section carries the machine and revision it ran on: a later --e2e keeps the (a)/(b) of an earlier run.
+    when = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
         },
         "git_rev": _git_rev(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "quick": args.quick,
     }
+    doc: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="distml-bench-search-") as name:
         tmp = Path(name)
         home = tmp / "home"
@@ -296,6 +300,7 @@ def main() -> None:
     print(table(doc))
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() else {}
+    doc = {section: {**when, **numbers} for section, numbers in doc.items()}
     out.write_text(json.dumps({**previous, **doc}, indent=2) + "\n")  # (c) alone keeps (a) and (b)
     print(f"wrote {out}")
 
