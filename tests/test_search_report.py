@@ -197,3 +197,6 @@ def test_a_study_is_one_parent_run_with_each_trials_training_run_as_its_child(
     assert run.info.status == "RUNNING" and run.data.params["sampler"] == "tpe"
     assert run.data.tags["distml.search.sampler"] == "random" and run.data.tags["distml.search.trials"] == "4"
     assert len(client.search_runs([run.info.experiment_id])) == 2  # the study's run and its one trial's
+
+    client.delete_run(parent)  # someone deleted it in the UI: the study gets a new run, not a deleted one
+    assert start_study_run(home, "s", more) not in (parent, None)

@@ -106,15 +106,18 @@ def start_study_run(home: Path, study: str, config: DistmlConfig) -> str:
 
 
 def _reopen(client: MlflowClient, uri: str, recorded: tuple[str, str] | None) -> tuple[str | None, dict[str, str]]:
-    """(run id, its params) of the recorded parent run if it is in this store and still there, else (None, {})."""
+    """(run id, its params) of the recorded parent run if it is in this store and not deleted, else (None, {})."""
     if recorded is None or recorded[0] != uri:  # none yet, or MLFLOW_TRACKING_URI now names another store
         return None, {}
     from mlflow.exceptions import MlflowException
 
     try:
-        return recorded[1], dict(client.get_run(recorded[1]).data.params)
+        run = client.get_run(recorded[1])
     except MlflowException:  # the recorded run is gone (the store was replaced): start a new one
         return None, {}
+    if run.info.lifecycle_stage == "deleted":  # deleted in the UI: it stays readable, but is not the study's now
+        return None, {}
+    return recorded[1], dict(run.data.params)
 
 
 def trial_env(parent_run_id: str, trial_number: int, study: str | None = None) -> dict[str, str]:
