@@ -18,7 +18,7 @@ from typing import Any, assert_never
 
 from distml.config import DistmlConfig, TrainConfig
 from distml.errors import TrainingError
-from distml.pipeline import search_step as search_
+from distml.pipeline import search_step
 from distml.pipeline import steps as S  # noqa: N812 (the steps, read as S.ingest_step, S.TRAIN_CODE)
 from distml.pipeline.cache import Entry, verify_files
 from distml.pipeline.runner import Log, Step, StepContext
@@ -103,23 +103,21 @@ def ingest(workspace: Workspace, config: DistmlConfig, log: Log = print) -> Step
 
 def _select_step(workspace: Workspace, config: DistmlConfig, node: Node) -> Step:
     """Export and evaluate every candidate's run, choose one; its key covers the checkpoints it read."""
-    p = config.pipeline
     trains = node.needs
-    params = {
-        "metric": p.metric,
-        "direction": p.direction,
-        "max_latency_ms": p.max_latency_ms,
-        "max_params": p.max_params,
-    }
     return Step(
         node.name,
         trains,
         S.SELECT_CODE,
         S.SELECT_LIBS,
-        params,
+        _select_params(config),
         inputs=lambda outputs, files: {n: files[n]["checkpoint"]["sha256"] for n in trains},
         run=lambda ctx: S.select_step(workspace, config, [ctx.upstream[n]["run_dir"] for n in trains], ctx.log),
     )
+
+
+def _select_params(config: DistmlConfig) -> dict[str, Any]:
+    """What a select step's choice depends on: the ``[pipeline]`` metric, its direction and the limits."""
+    return config.pipeline.model_dump(mode="json", include={"metric", "direction", "max_latency_ms", "max_params"})
 
 
 def _register_step(workspace: Workspace, node: Node) -> Step:
@@ -212,31 +210,28 @@ def _search_step(workspace: Workspace, config: DistmlConfig, node: Node, base: T
     return Step(
         node.name,
         node.needs,
-        search_.SEARCH_CODE,
-        search_.SEARCH_LIBS,
-        search_.search_params(config, base),
+        search_step.SEARCH_CODE,
+        search_step.SEARCH_LIBS,
+        search_step.search_params(config, base),
         inputs=lambda outputs, files: {"dataset": outputs[ingested]["digest"]},
-        run=lambda ctx: search_.run_search(
+        run=lambda ctx: search_step.run_search(
             workspace, config, base, ctx.upstream[ingested]["digest"], ctx.parts, ctx.log, forced=ctx.forced
         ),
         cores=cores,
-        explain=search_.explain_trials,
+        explain=search_step.explain_trials,
     )
 
 
 def _search_select_step(workspace: Workspace, config: DistmlConfig, node: Node) -> Step:
     """Choose among the finished trials on the study's validation metric (the rule of ``distml select``)."""
     (searched,) = node.needs
-    choosing = search_.choosing(config)
-    p = choosing.pipeline
-    params = {"metric": p.metric, "direction": p.direction, "max_latency_ms": p.max_latency_ms,
-              "max_params": p.max_params}  # fmt: skip
+    choosing = search_step.choosing(config)
     return Step(
         node.name,
         node.needs,
         S.SELECT_CODE,
         S.SELECT_LIBS,
-        params,
+        _select_params(choosing),
         inputs=lambda outputs, files: {
             "study": outputs[searched]["study"],  # the same weights in another study's runs: still run, to name them
             **{label: f["sha256"] for label, f in files[searched].items() if label.endswith(".checkpoint")},
@@ -250,7 +245,7 @@ def _refit_step(workspace: Workspace, node: Node, base: TrainConfig, cores: int)
     ingested, selected = node.needs
 
     def settings(outputs: dict[str, dict[str, Any]]) -> TrainConfig:
-        return search_.refit_config(workspace, outputs[selected]["winner"], outputs[ingested]["digest"])
+        return search_step.refit_config(workspace, outputs[selected]["winner"], outputs[ingested]["digest"])
 
     def run(ctx: StepContext) -> S.StepResult:
         folder = workspace.home / "runs" / f"pl-refit-{ctx.key[:10]}"
@@ -258,19 +253,19 @@ def _refit_step(workspace: Workspace, node: Node, base: TrainConfig, cores: int)
             shutil.rmtree(folder)  # forced: train from scratch, not on from this key's earlier checkpoints
         resumed = any((folder / "checkpoints").glob("*.pt"))
         _train(ctx, workspace, settings(ctx.upstream), folder, ctx.upstream[ingested]["dataset"])
-        result = search_.refit_outputs(workspace, folder, ctx.upstream[selected], ctx.log)
+        result = search_step.refit_outputs(workspace, folder, ctx.upstream[selected], ctx.log)
         result.note = "resumed the interrupted run from its last checkpoint" if resumed else ""
         return result
 
     return Step(
         node.name,
         node.needs,
-        search_.REFIT_CODE,
-        search_.REFIT_LIBS,
+        search_step.REFIT_CODE,
+        search_step.REFIT_LIBS,
         {"val_fraction": 0.0},
         inputs=lambda outputs, files: {
             "dataset": outputs[ingested]["digest"],
-            "settings": search_.settings_digest(settings(outputs)),
+            "settings": search_step.settings_digest(settings(outputs)),
         },
         run=run,
         cores=cores,
