@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,6 +83,9 @@ def test_cold_warm_longer_and_changed_candidate(home: Path, tmp_path: Path, imag
     assert set(cold) == {"ingest", "train[cnn]", "train[cnn-dropout]", "select", "register"}
     assert all(d.startswith("ran: no earlier run") for d in cold.values()), cold
     assert "is champion" in out and "distml serve models:/images-classifier@champion" in out
+    # The summary: each candidate's validation and test accuracy; the choice on validation, the test figure reported.
+    assert re.search(r"^train\[cnn\] .* val acc \d+\.\d\d%, test acc \d+\.\d\d%$", out, re.M), out
+    assert re.search(r"^select .* pl-cnn\S*: val acc \d+\.\d\d%, test acc \d+\.\d\d%$", out, re.M), out
 
     started = time.perf_counter()
     code, out, err = _run(home, config, "--candidates", "cnn,cnn-dropout", *FAST)

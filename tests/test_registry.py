@@ -140,6 +140,7 @@ def test_register_promote_and_rollback_move_the_champion(home: Path) -> None:
     assert NAME in listed.out and listed.out.splitlines()[1].split()[1:3] == ["2", "2"]
     shown = run_cli("--home", home, "models", "show", f"{NAME}@champion")
     assert shown.code == 0 and "version 2 (champion)" in shown.out and "top-1 agreement 100.00%" in shown.out
+    assert "metrics    val accuracy " in shown.out and "(what selection uses), test accuracy " in shown.out
 
 
 def test_failed_parity_registers_nothing_and_leaves_the_champion(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,7 +56,7 @@ def describe(registry: Registry, version: Version) -> list[str]:
         f"artifact   {artifact.path}",
         f"input      {card.input.dtype} {card.input.shape} ({card.input.layout})",
         f"classes    {', '.join(card.class_names)}",
-        f"metrics    val accuracy {_fmt(m.val_accuracy, '.2%')} (chosen on), test accuracy "
+        f"metrics    val accuracy {_fmt(m.val_accuracy, '.2%')} (what selection uses), test accuracy "
         f"{_fmt(m.test_accuracy, '.2%')}, test loss {_fmt(m.test_loss, '.4f')}, {m.epochs} epochs",
         f"parity     {card.parity.describe()}",
         f"lineage    run {lineage.training_run} (MLflow {lineage.mlflow_run_id}), dataset "
