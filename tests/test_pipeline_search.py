@@ -155,6 +155,16 @@ def test_search_options_without_search_are_one_clear_line(
     assert "Traceback" not in result.err and not (home / "pipeline" / "runs").exists()
 
 
+def test_a_search_without_a_validation_split_is_refused_before_anything_runs(
+    home: Path, tmp_path: Path, images: Path
+) -> None:
+    config = _config(tmp_path, images)
+    config.write_text(config.read_text().replace("log_every_steps = 1000", "log_every_steps = 1000\nval_fraction = 0"))
+    result = run_cli("--home", home, "run", "--config", config, "--search")
+    assert result.code != 0 and "val_fraction is 0: a search chooses on the validation split" in result.err
+    assert len(result.err.strip().splitlines()) <= 2 and not (home / "pipeline" / "runs").exists()
+
+
 def test_the_search_shape_and_its_refit() -> None:
     assert search_shape().needs() == {"ingest": [], "search": ["ingest"], "select": ["search"], "register": ["select"]}
     assert search_shape(refit=True).needs() == {

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, assert_never
 
 from distml.config import DistmlConfig, TrainConfig
-from distml.errors import TrainingError
+from distml.errors import ConfigError, TrainingError
 from distml.pipeline import search_step
 from distml.pipeline import steps as S  # noqa: N812 (the steps, read as S.ingest_step, S.TRAIN_CODE)
 from distml.pipeline.cache import Entry, verify_files
@@ -49,6 +49,11 @@ def build(
     overrides = {**(train_overrides or {}), "dataset": "pending"}
     if search:
         base = TrainConfig.model_validate({**config.train.model_dump(), **overrides})
+        if base.val_fraction <= 0:  # said before the ingest, not after it by the tuner
+            raise ConfigError(
+                "[train] val_fraction is 0: a search chooses on the validation split",
+                hint="set val_fraction > 0 (e.g. 0.1); --refit then retrains the chosen trial on all of train",
+            )
         shape, jobs = search_shape(refit=refit), {}
     else:
         configs = candidate_configs(config, models, overrides)
