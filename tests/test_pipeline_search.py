@@ -186,3 +186,21 @@ def test_the_study_is_named_without_the_trial_count_and_a_longer_study_says_so()
     assert explain_trials(parts(12), [done]) == "trials 8 -> 12: the study continues, 4 new trials"
     assert explain_trials(parts(8, seed=1), [done]) is None  # another study: the usual explanation
     assert "none new" in (explain_trials(parts(6), [done]) or "")
+
+
+def test_force_starts_the_study_over_and_leaves_other_runs(home: Path) -> None:
+    from distml.pipeline.search_step import start_study_over
+    from distml.search.study import storage_path
+    from distml.workspace import Workspace
+
+    study = "pl-search-0123456789"
+    storage = storage_path(home, study)
+    storage.parent.mkdir(parents=True)
+    storage.write_bytes(b"sqlite")
+    for run in (f"{study}-t000", f"{study}-t001", "pl-search-9999999999-t000", "pl-cnn-0123456789"):
+        (home / "runs" / run).mkdir(parents=True)
+    said: list[str] = []
+    start_study_over(Workspace(home), study, said.append)
+    assert not storage.exists()
+    assert sorted(p.name for p in (home / "runs").iterdir()) == ["pl-cnn-0123456789", "pl-search-9999999999-t000"]
+    assert said == [f"starting study {study} over: deleted {storage.name} and 2 trial run(s)"]

@@ -116,7 +116,7 @@ def run_search(
 
     study = study_name(parts)
     if forced:
-        _start_over(workspace, study, log)
+        start_study_over(workspace, study, log)
     searching = config.model_copy(update={"train": base.model_copy(update={"dataset": dataset[:16]})})
     stream = LogStream(log)
     result = tune(searching, workspace, study=study, stream=stream)
@@ -124,7 +124,7 @@ def run_search(
     return search_outputs(result, config.search.metric, log)
 
 
-def _start_over(workspace: Workspace, study: str, log: Log) -> None:
+def start_study_over(workspace: Workspace, study: str, log: Log) -> None:
     """Delete a study's storage and its trials' run folders, under its lock (refused while a tuner runs it)."""
     from distml.search.study import lock_study, storage_path
 
