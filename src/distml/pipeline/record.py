@@ -150,9 +150,13 @@ def describe(doc: dict[str, Any]) -> list[str]:
         if "search" in lin:
             lines += _search_lines(lin["search"], lin.get("validation"))
         if "selected" in lin:
-            lines.append(
-                f"  selected  {lin['selected']['run']} ({lin['selected']['metric']} {lin['selected']['value']:.4f})"
-            )
+            sel = lin["selected"]
+            trial = ""
+            if sel.get("trial") is not None:
+                test = sel.get("test_accuracy")
+                shown = f", test accuracy {test:.2%} (reported, not used to choose)" if test is not None else ""
+                trial = f": trial {sel['trial']}{shown}"
+            lines.append(f"  selected  {sel['run']} ({sel['metric']} {sel['value']:.4f}){trial}")
         if "refit" in lin:
             r = lin["refit"]
             acc = r.get("test_accuracy")
@@ -174,10 +178,12 @@ def _search_lines(search: dict[str, Any], validation: dict[str, Any] | None) -> 
     lines = [f"  search    study {search['study']} ({search['storage']}): {search['trials']} trials ({states})"]
     best = search.get("best") or {}
     if best:
-        params = ", ".join(f"{k}={v}" for k, v in sorted((best.get("params") or {}).items()))
+        params = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(best["params"].items())
+        )
         value = best.get("value")
         lines.append(
-            f"            best trial {best.get('number')}: {search.get('metric')} "
+            f"            the study's best: trial {best.get('number')}, {search.get('metric')} "
             + (f"{value:.4f}" if isinstance(value, float) else "-")
             + f" ({params})"
         )
