@@ -25,7 +25,7 @@ from distml.search.config import Choice, Range
 if TYPE_CHECKING:
     import optuna
 
-    from distml.config import TrainConfig
+    from distml.config import DistmlConfig, TrainConfig
 
 Space = Mapping[str, list[Choice] | Range]
 Params = dict[str, Choice]
@@ -198,3 +198,25 @@ def differences(old: Mapping[str, object], new: Mapping[str, object]) -> list[st
         elif a != b:
             out.append(key)
     return out
+
+
+def check_batches(config: DistmlConfig) -> None:
+    """Every batch size choice must split over the workers (a range is checked per trial, as a failed trial)."""
+    workers = config.train.workers
+    choices = config.search.space.get("batch_size", [config.train.batch_size])
+    for batch in choices if isinstance(choices, list) else []:
+        if isinstance(batch, int) and batch % workers:
+            raise ConfigError(
+                f"[search.space] batch_size: {batch} does not divide by [train] workers {workers}",
+                hint=f"the batch is global: use multiples of {workers}",
+            )
+
+
+def max_epochs(config: DistmlConfig) -> int:
+    """The most epochs a trial may train (the pruners' largest resource)."""
+    entry = config.search.space.get("epochs")
+    if entry is None:
+        return config.train.epochs
+    if isinstance(entry, list):
+        return max(int(e) for e in entry)
+    return int(entry.high)

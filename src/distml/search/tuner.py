@@ -15,12 +15,9 @@ so the same seed with one trial at a time gives the same params whether or not t
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -29,23 +26,25 @@ from distml.config import DistmlConfig, TrainConfig
 from distml.errors import ConfigError, DistmlError, TrainingError
 from distml.search.executor import TrialExecutor, TrialJob
 from distml.search.result import StudyResult, TrialRecord, from_study, load_study_result
-from distml.search.space import Params, grid_size, sample, space_document, space_sha256
+from distml.search.space import Params, check_batches, grid_size, max_epochs, sample, space_document, space_sha256
 from distml.search.study import check_study_name, lock_study, make_sampler, open_study, storage_path
+from distml.search.trials import (
+    finite,
+    first_eta,
+    log_error,
+    metric_of,
+    read_history,
+    read_text,
+    trial_run_dir,
+    wait_for_run,
+)
 from distml.workspace import Workspace
 
 if TYPE_CHECKING:
     import optuna
 
-    from distml.train.job import EpochRecord
 
 __all__ = ["StudyResult", "TrialRecord", "load_study_result", "trial_run_dir", "tune"]
-
-_ETA = re.compile(r"ETA (\d+)m(\d+)s")
-
-
-def trial_run_dir(home: Path, study: str, number: int) -> Path:
-    """``<home>/runs/<S>-t<NNN>``: where trial ``number`` of ``study`` trains."""
-    return home / "runs" / f"{study}-t{number:03d}"
 
 
 @dataclass
@@ -90,7 +89,7 @@ def tune(
             "[train] val_fraction is 0: the search chooses on the validation split",
             hint="set val_fraction > 0 (e.g. 0.1)",
         )
-    _check_batches(config)
+    check_batches(config)
     digest, dataset_name = _dataset(base, workspace)
     total = search.trials
     if search.sampler == "grid" and total > grid_size(search.space):
@@ -100,7 +99,7 @@ def tune(
     path = storage_path(workspace.home, study)
     lock = lock_study(workspace.home, study)
     try:
-        opened = open_study(path, study, search, document, space_sha256(document), digest, _max_epochs(config))
+        opened = open_study(path, study, search, document, space_sha256(document), digest, max_epochs(config))
         return _Loop(config, workspace, opened, path, total, stream, executor, poll_s, dataset_name).run()
     finally:
         lock.release()
@@ -211,7 +210,7 @@ class _Loop:
         has_checkpoint = any((run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").is_dir() else False
         how = "from its checkpoint" if has_checkpoint else "from the start (it had no checkpoint yet)"
         self.say(f"resuming trial {frozen.number} {how}")
-        _wait_for_run(run_dir, self.say)
+        wait_for_run(run_dir, self.say)
         before = float(frozen.user_attrs.get("seconds", 0.0))
         self._launch(trial, params, resumed=True, reported=len(frozen.intermediate_values), before=before)
 
@@ -252,8 +251,8 @@ class _Loop:
         """Report new epochs, prune if told to, and settle a job that has ended."""
         code = self.executor.poll(act.job) if act.job is not None else 0
         metric = self.search.metric
-        for rec in _history(act.run_dir)[act.reported :]:
-            value = _metric(rec, metric)
+        for rec in read_history(act.run_dir)[act.reported :]:
+            value = metric_of(rec, metric)
             act.reported = int(rec["epoch"])
             self.epochs_seen += 1
             act.trial.report(value, act.reported)
@@ -268,9 +267,9 @@ class _Loop:
         if code is None:
             return
         result_file = act.run_dir / "result.json"
-        history = _history(act.run_dir)
+        history = read_history(act.run_dir)
         if code == 0 and result_file.is_file() and history:
-            value = _metric(history[-1], metric)
+            value = metric_of(history[-1], metric)
             if math.isnan(value):
                 self._fail(act.trial, f"the final {metric} is NaN", act)
                 return
@@ -280,21 +279,21 @@ class _Loop:
                 f"{act.seconds():.0f}s"
             )
             return
-        self._fail(act.trial, f"{_log_error(act.run_dir, code)} (log {act.run_dir / 'train.log'})", act)
+        self._fail(act.trial, f"{log_error(act.run_dir, code)} (log {act.run_dir / 'train.log'})", act)
 
     def _stop(self, act: _Active) -> None:
         if act.job is not None:
             self.executor.stop(act.job)
 
     def _tell(self, act: _Active, state: str, value: float | None = None) -> None:
-        history = _history(act.run_dir)
+        history = read_history(act.run_dir)
         last = history[-1] if history else None
         attrs: dict[str, object] = {
             "epochs_used": act.reported,
             "seconds": round(act.seconds(), 1),
-            "val_accuracy": _finite(last, "val_accuracy"),
-            "test_accuracy": _finite(last, "test_accuracy"),
-            "mlflow_run_id": _read(act.run_dir / "mlflow_run_id"),
+            "val_accuracy": finite(last, "val_accuracy"),
+            "test_accuracy": finite(last, "test_accuracy"),
+            "mlflow_run_id": read_text(act.run_dir / "mlflow_run_id"),
         }
         for key, attr in attrs.items():
             act.trial.set_user_attr(key, attr)
@@ -321,10 +320,10 @@ class _Loop:
             self.say(f"trial {act.number} stopped at the {minutes:g}-minute budget after {act.reported} epoch(s)")
 
     def _check_reports(self, act: _Active) -> None:
-        for rec in _history(act.run_dir)[act.reported :]:
+        for rec in read_history(act.run_dir)[act.reported :]:
             act.reported = int(rec["epoch"])
             self.epochs_seen += 1
-            act.trial.report(_metric(rec, self.search.metric), act.reported)
+            act.trial.report(metric_of(rec, self.search.metric), act.reported)
 
     # -- the end --------------------------------------------------------------------------------------------
 
@@ -338,38 +337,13 @@ class _Loop:
     def _check_outcome(self, result: StudyResult) -> None:
         if self.budget_cut and self.ran and self.epochs_seen == 0 and result.best is None:
             minutes = self.search.budget_minutes or 0
-            eta = _first_eta(self.workspace.home, self.study.study_name, result)
+            eta = first_eta(result)
             raise TrainingError(
                 f"--budget-minutes {minutes:g} is too small for one epoch: no trial finished an epoch in it{eta}",
                 hint="give a larger budget, or fewer/smaller epochs",
             )
         if self.ran and result.best is None:
             raise TrainingError(f"every trial of study {result.study} failed: " + "; ".join(self.failures[-5:]))
-
-
-def _wait_for_run(run_dir: Path, say: Callable[[str], None], timeout_s: float = 90.0) -> None:
-    """Wait until the interrupted job of a run has let go of its folder (it stops when the tuner dies, not at once).
-
-    Without this, restarting the trial right after a kill could find the folder still locked by the job that is
-    saving and stopping, and record a failure that is none.
-    """
-    from distml.train.runlock import lock_run
-
-    if not run_dir.is_dir():  # killed before its job started
-        return
-    deadline = time.monotonic() + timeout_s
-    said = False
-    while True:
-        try:
-            lock_run(run_dir).release()
-            return
-        except TrainingError:
-            if time.monotonic() > deadline:
-                raise
-            if not said:
-                say(f"waiting for the interrupted job in {run_dir.name} to stop")
-                said = True
-            time.sleep(0.5)
 
 
 def _state(name: str) -> optuna.trial.TrialState:
@@ -394,27 +368,6 @@ def _dataset(base: TrainConfig, workspace: Workspace) -> tuple[str, str]:
     return dataset.digest, dataset.name
 
 
-def _check_batches(config: DistmlConfig) -> None:
-    """Every batch size choice must split over the workers (a range is checked per trial, as a failed trial)."""
-    workers = config.train.workers
-    choices = config.search.space.get("batch_size", [config.train.batch_size])
-    for batch in choices if isinstance(choices, list) else []:
-        if isinstance(batch, int) and batch % workers:
-            raise ConfigError(
-                f"[search.space] batch_size: {batch} does not divide by [train] workers {workers}",
-                hint=f"the batch is global: use multiples of {workers}",
-            )
-
-
-def _max_epochs(config: DistmlConfig) -> int:
-    entry = config.search.space.get("epochs")
-    if entry is None:
-        return config.train.epochs
-    if isinstance(entry, list):
-        return max(int(e) for e in entry)
-    return int(entry.high)
-
-
 def _start_parent(home: Path, study: str, config: DistmlConfig) -> str | None:
     from distml.search.tracking import start_study_run
 
@@ -429,52 +382,9 @@ def _trial_env(parent_run: str | None, number: int, study: str) -> dict[str, str
     return trial_env(parent_run, number, study)
 
 
-def _history(run_dir: Path) -> list[EpochRecord]:
-    try:
-        records: list[EpochRecord] = json.loads((run_dir / "history.json").read_text())
-    except (OSError, ValueError):  # not written yet, or being replaced
-        return []
-    return records
-
-
-def _metric(rec: EpochRecord, metric: str) -> float:
-    value = rec.get(metric)
-    return float(value) if isinstance(value, int | float) else math.nan
-
-
-def _finite(rec: EpochRecord | None, key: str) -> float | None:
-    if rec is None:
-        return None
-    value = _metric(rec, key)
-    return value if math.isfinite(value) else None
-
-
 def _metric_text(metric: str, value: float) -> str:
     return f"val accuracy {value:.2%}" if metric == "val_accuracy" else f"val loss {value:.4f}"
 
 
 def _params_text(params: Params) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _log_error(run_dir: Path, code: int) -> str:
-    """The job's last ``error:`` line (what ``distml train`` would have printed), or its exit code."""
-    text = _read(run_dir / "train.log") or ""
-    lines = [ln.removeprefix("error: ") for ln in text.splitlines() if ln.startswith("error:")]
-    return lines[-1] if lines else f"exited with {code}"
-
-
-def _first_eta(home: Path, study: str, result: StudyResult) -> str:
-    """`` (trial 0's first epoch was to take 1m20s)`` from the ETA its log printed, when it printed one."""
-    for rec in result.trials:
-        found = _ETA.findall(_read(Path(rec["run_dir"]) / "train.log") or "") if rec["run_dir"] else []
-        if found:
-            return f" (trial {rec['number']}'s first epoch was to take about {found[-1][0]}m{found[-1][1]}s)"
-    return ""

@@ -1,0 +1,100 @@
+"""What a trial's run folder says: where it is, its epochs so far, its error, whether its job let go of it.
+
+The tuner reads these files while the trial's job writes them (``history.json`` is replaced atomically, so a read
+sees the last complete version or nothing yet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from distml.errors import TrainingError
+
+if TYPE_CHECKING:
+    from distml.search.result import StudyResult
+    from distml.train.job import EpochRecord
+
+_ETA = re.compile(r"ETA (\d+)m(\d+)s")
+
+
+def trial_run_dir(home: Path, study: str, number: int) -> Path:
+    """``<home>/runs/<S>-t<NNN>``: where trial ``number`` of ``study`` trains."""
+    return home / "runs" / f"{study}-t{number:03d}"
+
+
+def wait_for_run(run_dir: Path, say: Callable[[str], None], timeout_s: float = 90.0) -> None:
+    """Wait until the interrupted job of a run has let go of its folder (it stops when the tuner dies, not at once).
+
+    Without this, restarting the trial right after a kill could find the folder still locked by the job that is
+    saving and stopping, and record a failure that is none.
+    """
+    from distml.train.runlock import lock_run
+
+    if not run_dir.is_dir():  # killed before its job started
+        return
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while True:
+        try:
+            lock_run(run_dir).release()
+            return
+        except TrainingError:
+            if time.monotonic() > deadline:
+                raise
+            if not said:
+                say(f"waiting for the interrupted job in {run_dir.name} to stop")
+                said = True
+            time.sleep(0.5)
+
+
+def read_history(run_dir: Path) -> list[EpochRecord]:
+    """The epochs the run has finished so far (``history.json``), or none yet."""
+    try:
+        records: list[EpochRecord] = json.loads((run_dir / "history.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return []
+    return records
+
+
+def metric_of(rec: EpochRecord, metric: str) -> float:
+    """One epoch's ``metric`` (``val_accuracy``...), NaN when the record lacks it."""
+    value = rec.get(metric)
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def finite(rec: EpochRecord | None, key: str) -> float | None:
+    """``key`` of ``rec`` when it is a finite number, else None (as a trial's user attr)."""
+    if rec is None:
+        return None
+    value = metric_of(rec, key)
+    return value if math.isfinite(value) else None
+
+
+def read_text(path: Path) -> str | None:
+    """A small file's stripped text, or None when it is missing or empty."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def log_error(run_dir: Path, code: int) -> str:
+    """The job's last ``error:`` line (what ``distml train`` would have printed), or its exit code."""
+    text = read_text(run_dir / "train.log") or ""
+    lines = [ln.removeprefix("error: ") for ln in text.splitlines() if ln.startswith("error:")]
+    return lines[-1] if lines else f"exited with {code}"
+
+
+def first_eta(result: StudyResult) -> str:
+    """`` (trial 0's first epoch was to take 1m20s)`` from the ETA its log printed, when it printed one."""
+    for rec in result.trials:
+        found = _ETA.findall(read_text(Path(rec["run_dir"]) / "train.log") or "") if rec["run_dir"] else []
+        if found:
+            return f" (trial {rec['number']}'s first epoch was to take about {found[-1][0]}m{found[-1][1]}s)"
+    return ""
