@@ -63,8 +63,9 @@ def _run(home: Path, config: Path, *args: str) -> tuple[str, dict[str, str], dic
         parts = line.split(maxsplit=1)
         if len(parts) == 2 and parts[1].split(":")[0] in ("hit", "ran", "FAILED", "skipped"):
             decisions[parts[0]] = parts[1]
-    records = sorted((home / "pipeline" / "runs").glob("*/run.json"))
-    return result.out, decisions, json.loads(records[-1].read_text())
+    # "pipeline run ID: ..." names the record (ids sort by the second only, and two runs may share one)
+    run_id = next(ln for ln in result.out.splitlines() if ln.startswith("pipeline run ")).split()[2].rstrip(":")
+    return result.out, decisions, json.loads((home / "pipeline" / "runs" / run_id / "run.json").read_text())
 
 
 def _sha(path: Path) -> str:
