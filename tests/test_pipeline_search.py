@@ -91,6 +91,9 @@ def test_search_registers_a_trial_continues_the_study_and_refits(home: Path, tmp
     # The same rule as select_runs on validation: no complete trial beats the one chosen.
     table = record["steps"]["search"]["outputs"]["table"]
     assert selected["value"] == pytest.approx(max(t["value"] for t in table))
+    # The study's report (as 'distml tune show' writes it) beside the study: the history plot and report.md.
+    report = [Path(f) for f in record["steps"]["search"]["outputs"]["report"]]
+    assert {f.name for f in report} >= {"history.png", "report.md"} and all(f.is_file() for f in report)
     assert lineage["validation"]["fraction"] == 0.1 and lineage["validation"]["images"] > 0
     winner_onnx = home / "runs" / selected["run"] / "model" / "model.onnx"
     assert record["steps"]["register"]["outputs"]["onnx_sha256"] == _sha(winner_onnx)

@@ -161,10 +161,13 @@ def search_outputs(result: StudyResult, metric: str, log: Log) -> StepResult:
     best = result.best or complete[0]
     value = best["value"]
     validation = json.loads((Path(best["run_dir"]) / "result.json").read_text()).get("validation")
-    from distml.search.report import trial_table
+    from distml.search.report import trial_table, write_report
 
     for line in trial_table(result).splitlines():
         log(line)
+    # The same report as 'distml tune show': plots and report.md beside the study, and on its MLflow run.
+    report = write_report(result)
+    log(f"study report: {', '.join(str(f) for f in report)}")
     return StepResult(
         outputs={
             "study": result.study,
@@ -184,6 +187,7 @@ def search_outputs(result: StudyResult, metric: str, log: Log) -> StepResult:
             "complete": [t["run_dir"] for t in complete],
             "table": [dict(t) for t in result.trials],
             "validation": validation,
+            "report": [str(f) for f in report],
         },
         files=files,
         metric=f"{result.study}: {len(result.trials)} trials ({_states(states)}), best t{best['number']:03d} "
