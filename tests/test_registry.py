@@ -96,6 +96,8 @@ def test_export_writes_a_verified_onnx_artifact_that_matches_pytorch(home: Path,
     assert card["lineage"]["training_run"] == "run0" and card["lineage"]["mlflow_run_id"]
     assert card["lineage"]["config"]["model"] == "cnn-batchnorm"
     assert card["lineage"]["code_version"].startswith("0.")  # the package version (+ the git commit in a checkout)
+    result = json.loads((home / "runs" / "run0" / "result.json").read_text())
+    assert card["lineage"]["validation"] == result["validation"] and result["validation"]["images"] > 0
     assert len(card["class_names"]) == 10 and card["metrics"]["test_accuracy"] is not None
     # Written as before the card was typed: the fields in this order, indented JSON, a final newline.
     fields = "format name version task class_names input outputs normalisation metrics parity lineage files created"

@@ -40,6 +40,7 @@ from distml.card import (
     Normalisation,
     Parity,
     TensorSpec,
+    ValidationSplit,
     model_name_for,
 )
 from distml.data.reader import open_path
@@ -201,6 +202,8 @@ def _card(
             world_size=job.world_size,
             config=job.config.model_dump(mode="json"),
             code_version=_code_version(),
+            # The images the run held out (result.json's record): what its validation score rests on.
+            validation=ValidationSplit.model_validate(metrics["validation"]) if metrics.get("validation") else None,
         ),
         files=files,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
