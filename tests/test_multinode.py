@@ -151,7 +151,8 @@ def _assert_same_training(got: Run, ref: Run) -> None:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> MnistFiles:
-    return make_mnist(tmp_path_factory.mktemp("source"), n_train=256, n_test=64, seed=5)
+    # 284 images: the default validation split holds out round(28.4) = 28, leaving 256 = 8 steps of 32 per epoch.
+    return make_mnist(tmp_path_factory.mktemp("source"), n_train=284, n_test=64, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,8 @@ def test_two_hosts_sharing_a_home_equal_one_host_with_two_workers(
         _wait(hosts, deadline)
     outputs = "".join(h.output() for h in hosts)
     # One job of two ranks, one per agent, averaging over TCP (the one-host run averages through shared memory).
-    assert "2 worker(s) x 16 = batch 32, 8 steps/epoch, 2 epochs, gloo all-reduce" in outputs, outputs
+    started = "2 worker(s) x 16 = batch 32, 8 steps/epoch, 2 epochs, 28 validation images, gloo all-reduce"
+    assert started in outputs, outputs
     assert sorted(p.name for p in (run_dir / "status").glob("*.done")) == ["rank-0.done", "rank-1.done"]
     for host in hosts:  # both hosts report the finished run with its results
         assert "run shared: cnn-dropout on tiny, 2 epochs, test accuracy" in host.output(), host.output()
