@@ -323,7 +323,7 @@ def test_the_register_key_does_not_cover_the_training_code() -> None:
 
 def test_an_edit_the_step_cannot_run_is_a_hit_and_one_it_can_run_says_which(home: Path, tmp_path: Path) -> None:
     """The real pipeline, run from an edited copy of the package (PYTHONPATH), so the real sources stay as they are."""
-    images = make_image_folder(tmp_path / "images", per_class=8)
+    images = make_image_folder(tmp_path / "images", per_class=16)  # a batch of 16 left after validation
     config = _config(tmp_path, images)
     code = _copy_of_the_package(tmp_path)
 

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distml.errors import ConfigError
 from distml.model_names import MODEL_NAMES, check_model_name
-from distml.registry.selection import test_metric_problem
 from distml.search.config import SearchConfig
+from distml.selection_rule import test_metric_problem
 
 DEFAULT_HOME = Path(".distml")
 HOME_ENV = "DISTML_HOME"

@@ -36,6 +36,9 @@ def mlflow_client(uri: str) -> Any:
 
     for noisy in ("alembic", "mlflow.store.db.utils"):  # schema creation chatter on a new store
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MLflow draws a tqdm bar on stderr for every artifact download once tqdm is installed (optuna brings it):
+    # six lines around the one-line error a refused model gets, and noise in every serve and predict.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return MlflowClient(tracking_uri=uri)
 
 

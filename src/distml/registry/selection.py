@@ -6,7 +6,7 @@ measured on the validation split (``val_accuracy`` by default) or a property of 
 a test metric is refused, since choosing by the number a model then reports would flatter it; test accuracy is
 shown beside the choice, marked as not used for it. Runs that held out different validation images are not
 compared. Ties go to fewer parameters, then lower batch-1 latency, then the run name, so the choice is
-deterministic. A leaf module: the config checks its ``[pipeline] metric`` with :func:`test_metric_problem`.
+deterministic. The rule of which metrics may choose is :mod:`distml.selection_rule` (the config uses it too).
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distml.errors import UsageError
-
-# Measured on the test split: shown and recorded, never a selection key (the choice is made on validation).
-TEST_METRICS = ("test_accuracy", "test_loss", "macro_f1")
+from distml.selection_rule import test_metric_problem
 
 
 @dataclass(frozen=True)
@@ -26,17 +24,6 @@ class Choice:
     winner: dict[str, Any]
     metric: str
     direction: str
-
-
-def test_metric_problem(metric: str) -> str | None:
-    """Why ``metric`` cannot choose a model (it is measured on the test split), or None if it can."""
-    if not (metric.startswith("test_") or metric in TEST_METRICS):
-        return None
-    instead = f"val_{metric.removeprefix('test_')}" if metric.startswith("test_") else "val_accuracy"
-    return (
-        f"metric {metric!r} is measured on the test split: test metrics only report, the choice is made on "
-        f"validation (use {instead})"
-    )
 
 
 def check_selection_metric(metric: str) -> str:
