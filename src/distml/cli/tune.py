@@ -13,16 +13,21 @@ if TYPE_CHECKING:
 
 
 @click.group("tune", invoke_without_command=True)
-@config_options("search", "trials max_concurrent budget_minutes sampler pruner seed")
-@config_options("train", "dataset workers epochs")
+@config_options("search", "trials max_concurrent budget_minutes sampler pruner seed epochs")
+@config_options("train", "dataset workers")
 @click.option(
     "--study",
     metavar="NAME",
     help="The study (its storage: <home>/studies/NAME.db); the same name again continues it.  "
     "[default: <dataset>-search]",
 )
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Delete the study first (its storage, trial runs, MLflow link and report), then run it anew.",
+)
 @pass_app
-def tune_cmd(app: AppContext, study: str | None) -> None:
+def tune_cmd(app: AppContext, study: str | None, restart: bool) -> None:
     """Search [train] settings with Optuna: each trial is a distml training run, pruned early when it lags.
 
     The space is [search] space in distml.toml: each [train] setting a list of choices or a range
@@ -37,14 +42,19 @@ def tune_cmd(app: AppContext, study: str | None) -> None:
     Examples:
       distml tune --trials 16 --budget-minutes 30
       distml tune --study fm --sampler random --pruner median --max-concurrent 2
+      distml tune --study fm --restart --epochs 4
       distml tune show fm
     """
     ctx = click.get_current_context()
     if ctx.invoked_subcommand is not None:
         return
+    from distml.search.study import start_over
     from distml.search.tuner import tune
 
-    _show(tune(app.config, app.workspace, study=study or _default_study(app)), report=True)
+    name = study or _default_study(app)
+    if restart:
+        start_over(app.workspace.home, name, click.echo)
+    _show(tune(app.config, app.workspace, study=name), report=True)
 
 
 @tune_cmd.command("show")
@@ -75,5 +85,14 @@ def _default_study(app: AppContext) -> str:
     """``<dataset>-search``, by the dataset's name in the store (the config may give a digest prefix)."""
     from distml.data.reader import open_path
     from distml.data.store import DatasetStore
+    from distml.errors import UsageError
+    from distml.search.study import check_study_name
 
-    return f"{open_path(DatasetStore(app.workspace).resolve(app.config.train.dataset)).name}-search"
+    name = f"{open_path(DatasetStore(app.workspace).resolve(app.config.train.dataset)).name}-search"
+    try:
+        return check_study_name(name)
+    except UsageError as exc:
+        raise UsageError(
+            f"the default study name {name!r} (from the dataset's name) is not allowed: {exc.hint}",
+            hint="pass --study NAME",
+        ) from None

@@ -9,13 +9,19 @@ Each entry of ``space`` is a ``[train]`` setting and either a list of choices or
     model = ["resnet-small", "cnn-batchnorm"]
     lr = { low = 1e-3, high = 1e-2, log = true }
     batch_size = [64, 128]
+    [[search.enqueue]]               # run first: a known good recipe (a partial set samples the rest)
+    model = "resnet-small"
+    lr = 3e-3
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from distml.errors import ConfigError
 
 Choice = str | int | float | bool
 
@@ -65,12 +71,34 @@ class SearchConfig(BaseModel):
     )
     seed: int = Field(default=0, description="Seeds the sampler (same seed, sequential trials: same study)")
     metric: Literal["val_accuracy", "val_loss"] = Field(default="val_accuracy", description="What the search optimises")
+    epochs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Epochs of a trial that is not stopped early, the pruner's last rung; None: [train] epochs",
+    )
+    enqueue: list[dict[str, Choice]] = Field(
+        default_factory=list,
+        description="Trials to run first, e.g. a known good recipe: each a full or partial set of the space's "
+        "parameters",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
         # distml.search.space holds the checks (they build TrainConfigs); imported here, when a config is
         # validated, because distml.config imports this module before it defines TrainConfig.
-        from distml.search.space import check_space
+        from distml.search.space import check_enqueued, check_space
 
         check_space(self.space)
+        if self.epochs is not None and "epochs" in self.space:
+            raise ConfigError(
+                f"[search] epochs {self.epochs} (tune --epochs) is set, but epochs is also in [search.space]: "
+                "each trial's epochs are sampled from the space",
+                hint="drop one of them",
+            )
+        check_enqueued(self.space, self.enqueue)
         return self
+
+
+def params_text(params: Mapping[str, Choice], sep: str = " ") -> str:
+    """A trial's params as ``batch_size=64 lr=0.004 model=cnn`` (sorted, floats to 3 figures), for one line."""
+    return sep.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))

@@ -85,6 +85,47 @@ def check_space(space: Space) -> None:
             _check_value(TrainConfig, where, key, choice)
 
 
+def check_enqueued(space: Space, enqueue: list[dict[str, Choice]]) -> None:
+    """Raise a ConfigError for the first ``[[search.enqueue]]`` value that the space could not have sampled.
+
+    Each entry names some of the space's keys; a value must be one of the listed choices, or inside the range
+    (on its step, a whole number for a whole-number setting). Optuna would only warn and run it anyway.
+    """
+    for i, params in enumerate(enqueue):
+        for key, value in params.items():
+            where = f"[[search.enqueue]] {i + 1}: {key}"
+            if key not in space:
+                raise ConfigError(f"{where}: not a key of [search.space]{_nearest(key, list(space))}")
+            entry = space[key]
+            if isinstance(entry, Range):
+                _check_in_range(where, key, value, entry)
+            elif not any(_same_choice(value, c) for c in entry):
+                raise ConfigError(f"{where}: {value!r} is not one of its choices {entry!r}")
+
+
+def enqueued_params(space: Space, params: Mapping[str, Choice]) -> dict[str, Choice]:
+    """An enqueued set as Optuna's distributions take it: a whole-number setting's value as an int."""
+    return {k: int(v) if isinstance(space.get(k), Range) and _field_kind(k) is int else v for k, v in params.items()}
+
+
+def _same_choice(a: Choice, b: Choice) -> bool:
+    """Equal as the space means it: 1 and 1.0 are one number, True is not 1."""
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+
+def _check_in_range(where: str, key: str, value: Choice, entry: Range) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: {value!r} is not a number in its range")
+    if not entry.low <= value <= entry.high:
+        raise ConfigError(f"{where}: {value:g} is outside its range {entry.low:g} to {entry.high:g}")
+    if _field_kind(key) is int and not float(value).is_integer():
+        raise ConfigError(f"{where}: {key} is a whole number, not {value:g}")
+    if entry.step is not None:
+        steps = (value - entry.low) / entry.step
+        if abs(steps - round(steps)) > 1e-9:
+            raise ConfigError(f"{where}: {value:g} is not on the range's steps of {entry.step:g} from {entry.low:g}")
+
+
 def _check_range(where: str, key: str, entry: Range, kind: type) -> None:
     if kind not in (int, float):
         raise ConfigError(f"{where}: a range needs a numeric setting; give a list of choices for {key}")

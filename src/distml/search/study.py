@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -83,6 +85,43 @@ def lock_study(home: Path, study: str) -> StudyLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return StudyLock(fd, path)
+
+
+def leftovers(home: Path, study: str) -> list[Path]:
+    """What a study leaves beside its storage: its trials' run folders, ``<S>.mlflow.json`` and ``<S>-report/``."""
+    from distml.search.trials import trial_runs
+
+    studies = studies_dir(home)
+    others = [studies / f"{study}.mlflow.json", studies / f"{study}-report"]
+    return trial_runs(home, study) + [p for p in others if p.exists()]
+
+
+def start_over(home: Path, study: str, log: Callable[[str], None]) -> None:
+    """Delete study ``study``: its storage and :func:`leftovers`, under its lock (refused while a tuner runs it)."""
+    lock = lock_study(home, check_study_name(study))
+    try:
+        storage = storage_path(home, study)
+        gone = [storage] if storage.exists() else []
+        gone += leftovers(home, study)
+        if not gone:
+            return
+        for path in gone:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        log(f"starting study {study} over: deleted {_names(gone)}")
+    finally:
+        lock.release()
+
+
+def _names(paths: list[Path]) -> str:
+    """``S.db, S.mlflow.json and 2 trial run(s)``: the files by name, the trial run folders as a count."""
+    names = [p.name for p in paths if p.parent.name != "runs"]
+    runs = len(paths) - len(names)
+    if runs:
+        names.append(f"{runs} trial run(s)")
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
 
 
 def make_sampler(search: SearchConfig, trial_number: int = 0) -> optuna.samplers.BaseSampler:

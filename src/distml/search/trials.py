@@ -6,6 +6,7 @@ sees the last complete version or nothing yet).
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import re
@@ -23,9 +24,23 @@ if TYPE_CHECKING:
 _ETA = re.compile(r"ETA (\d+)m(\d+)s")
 
 
+def trial_run_name(study: str, number: int) -> str:
+    """``<S>-t<NNN>``: the run name (and folder under ``<home>/runs``) of trial ``number`` of ``study``."""
+    return f"{study}-t{number:03d}"
+
+
 def trial_run_dir(home: Path, study: str, number: int) -> Path:
     """``<home>/runs/<S>-t<NNN>``: where trial ``number`` of ``study`` trains."""
-    return home / "runs" / f"{study}-t{number:03d}"
+    return home / "runs" / trial_run_name(study, number)
+
+
+def trial_runs(home: Path, study: str) -> list[Path]:
+    """The run folders of ``study``'s trials that exist, by number (not those of a study named ``<S>-t001``)."""
+    runs = home / "runs"
+    pattern = re.compile(re.escape(study) + r"-t\d{3,}")
+    if not runs.is_dir():
+        return []
+    return sorted(p for p in runs.glob(f"{glob.escape(study)}-t*") if pattern.fullmatch(p.name) and p.is_dir())
 
 
 def wait_for_run(run_dir: Path, say: Callable[[str], None], timeout_s: float = 90.0) -> None:

@@ -26,7 +26,16 @@ from distml.config import DistmlConfig, TrainConfig
 from distml.errors import ConfigError, DistmlError, TrainingError
 from distml.search.executor import TrialExecutor, TrialJob
 from distml.search.result import StudyResult, TrialRecord, from_study, load_study_result
-from distml.search.space import Params, check_batches, grid_size, max_epochs, sample, space_document, space_sha256
+from distml.search.space import (
+    Params,
+    check_batches,
+    enqueued_params,
+    grid_size,
+    max_epochs,
+    sample,
+    space_document,
+    space_sha256,
+)
 from distml.search.study import check_study_name, lock_study, make_sampler, open_study, storage_path
 from distml.search.trials import (
     finite,
@@ -82,6 +91,7 @@ def tune(
     failed or the budget ended before any trial finished an epoch.
     """
     stream = stream or sys.stdout  # looked up now: the CLI's stdout may be redirected
+    config = with_search_epochs(config)
     search, base = config.search, config.train
     check_study_name(study)
     if base.val_fraction <= 0:
@@ -103,6 +113,14 @@ def tune(
         return _Loop(config, workspace, opened, path, total, stream, executor, poll_s, dataset_name).run()
     finally:
         lock.release()
+
+
+def with_search_epochs(config: DistmlConfig) -> DistmlConfig:
+    """``config`` with ``[search] epochs`` (when set) as ``[train] epochs``: each trial's epochs, the last rung."""
+    epochs = config.search.epochs
+    if epochs is None:
+        return config
+    return config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
 
 
 class _Loop:
@@ -149,8 +167,9 @@ class _Loop:
         if self.parent_run is not None:
             self.study.set_user_attr("mlflow_run_id", self.parent_run)
         interrupted = self.study.get_trials(deepcopy=False, states=(_state("RUNNING"),))
-        existing = len(self.study.get_trials(deepcopy=False))
+        existing = self._started()
         new = max(0, self.total - existing)
+        self._enqueue(new)
         self.say(
             f"study {self.study.study_name} ({self.path}): {existing - len(interrupted)} trial(s) done, "
             f"{len(interrupted)} interrupted, {new} new to run (--trials {self.total})"
@@ -191,8 +210,23 @@ class _Loop:
 
     # -- starting -------------------------------------------------------------------------------------------
 
+    def _started(self) -> int:
+        """Trials the study has started (an enqueued trial waiting for its turn is not one yet)."""
+        return len(self.study.get_trials(deepcopy=False)) - len(self._waiting())
+
+    def _waiting(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=(_state("WAITING"),))
+
+    def _enqueue(self, room: int) -> None:
+        """Queue ``[search] enqueue``'s trials (at most ``room``); one the study already has is not queued again."""
+        for params in self.search.enqueue:
+            if len(self._waiting()) >= room:
+                return
+            self.study.enqueue_trial(enqueued_params(self.search.space, params), skip_if_exists=True)
+
     def _start_new(self) -> None:
-        number = len(self.study.get_trials(deepcopy=False))
+        waiting = self._waiting()  # ask() takes the first enqueued trial, with its number
+        number = waiting[0].number if waiting else len(self.study.get_trials(deepcopy=False))
         self.study.sampler = make_sampler(self.search, number)  # seeded by the trial's number
         trial = self.study.ask()
         params = sample(trial, self.search.space)
