@@ -465,6 +465,25 @@ def test_select_ranks_on_validation_even_when_test_would_choose_another() -> Non
     assert table[-1] == "* test accuracy: measured and shown, not used for the choice (chosen on val_accuracy, max)"
 
 
+def test_select_breaks_ties_by_size_settings_and_name_never_by_measured_latency() -> None:
+    from distml.registry.selection import select
+
+    def tied(run: str, latency: float, **extra: Any) -> dict[str, Any]:
+        return {**_candidate(run, val=0.9, test=0.9), "latency_b1_ms": latency, **extra}
+
+    # Equal validation accuracy and size: the name decides, whichever run happened to be timed faster.
+    assert select([tied("b", latency=0.5), tied("a", latency=9.0)]).winner["run"] == "a"
+    assert select([tied("a", latency=9.0), tied("b", latency=0.5)]).winner["run"] == "a"
+    # Settings (canonical JSON: key order and spacing do not matter) come before the name.
+    slow = tied("z", latency=9.0, settings={"model": "cnn", "lr": 0.001})
+    fast = tied("a", latency=0.5, settings={"lr": 0.002, "model": "cnn"})
+    assert select([fast, slow]).winner["run"] == "z" and select([slow, fast]).winner["run"] == "z"
+    # A smaller model still wins a tie on the metric; a better metric still wins over everything else.
+    small = {**tied("y", latency=9.0), "parameters": 10.0}
+    assert select([tied("a", latency=0.5), small]).winner["run"] == "y"
+    assert select([small, {**tied("x", latency=9.0), "val_accuracy": 0.91}]).winner["run"] == "x"
+
+
 def test_select_refuses_test_metrics_runs_without_validation_and_different_splits() -> None:
     from distml.config import load_config
     from distml.errors import ConfigError

@@ -5,12 +5,15 @@ declared metric and direction, after optional constraints (latency, parameter co
 measured on the validation split (``val_accuracy`` by default) or a property of the model (latency, parameters):
 a test metric is refused, since choosing by the number a model then reports would flatter it; test accuracy is
 shown beside the choice, marked as not used for it. Runs that held out different validation images are not
-compared. Ties go to fewer parameters, then lower batch-1 latency, then the run name, so the choice is
-deterministic. The rule of which metrics may choose is :mod:`distml.selection_rule` (the config uses it too).
+compared. Ties go to fewer parameters, then the training settings (their canonical JSON, when a candidate
+carries them as ``settings``), then the run name: never to a measured time, so the same runs give the same
+choice however noisy the machine was while they were timed. The rule of which metrics may choose is
+:mod:`distml.selection_rule` (the config uses it too).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +48,8 @@ def select(
     """Rank ``candidates`` and pick the best eligible one; a test metric is refused as ``metric``.
 
     Each candidate is a dict with ``run``, its evaluation metrics and ``validation`` (the record of the split its
-    ``val_*`` were measured on, or None): all must share one split.
+    ``val_*`` were measured on, or None): all must share one split. An optional ``settings`` dict (the run's
+    training settings) breaks ties before the run name does.
     """
     if direction not in ("max", "min"):
         raise UsageError(f"direction {direction!r} is not max or min")
@@ -73,10 +77,18 @@ def select(
             reasons.append(f"{int(c['parameters']):,} parameters > {max_params:,}")
         rows.append({**c, "eligible": not reasons, "reason": "; ".join(reasons)})
     sign = -1.0 if direction == "max" else 1.0
-    rows.sort(key=lambda r: (not r["eligible"], sign * r[metric], r["parameters"], r["latency_b1_ms"], r["run"]))
+    # Ties: fewer parameters, then the settings, then the name; a measured latency would make the choice noisy.
+    rows.sort(
+        key=lambda r: (not r["eligible"], sign * r[metric], r["parameters"], _canonical(r.get("settings")), r["run"])
+    )
     if not rows[0]["eligible"]:
         raise UsageError("no candidate meets the constraints: " + "; ".join(f"{r['run']}: {r['reason']}" for r in rows))
     return Choice(rows, rows[0], metric, direction)
+
+
+def _canonical(settings: object) -> str:
+    """A candidate's settings as canonical JSON (sorted keys, no spaces): an order that no timing can change."""
+    return "" if settings is None else json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def _check_same_validation(candidates: list[dict[str, Any]]) -> None:
