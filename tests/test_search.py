@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from distml.data.reader import open_path
 from distml.data.sources import FashionMnistSource, IdxSpec, MnistLikeSpec
 from distml.errors import ConfigError
 from distml.search.study import lock_study, open_study, storage_path, storage_url
-from distml.search.tuner import load_study_result, tune
+from distml.search.tuner import StudyResult, load_study_result, tune
 from distml.workspace import Workspace
 
 # Settings every trial here shares: one worker, tiny batches, SGD (whose lr 1e12 makes the loss NaN).
@@ -224,7 +225,7 @@ def test_every_trial_failing_is_an_error_and_a_budget_below_one_epoch_says_so(ba
     assert "trial 0 stopped at the 0.01-minute budget after 0 epoch(s)" in cut.out
     assert time.monotonic() - started < 60  # stopped, not trained to the end
     stored = load_study_result(Workspace(bands_home), "quick")
-    assert [(t["state"], t["value"]) for t in stored.trials] == [("PRUNED", None)] and stored.best is None
+    assert [(t["state"], t["value"]) for t in stored.trials] == [("STOPPED", None)] and stored.best is None
 
 
 def _tune_args(home: Path, config: Path, trials: int) -> list[str]:
@@ -353,3 +354,327 @@ def test_trials_at_once_fit_the_cores_with_their_workers(tmp_path: Path) -> None
     assert fit(2, 2, 2) == (1, 1)  # a 2-worker trial takes both cores
     assert fit(16, 2, 3) == (3, 2)  # 3 trials x 2 workers x 2 threads = 12 <= 16
     assert fit(8, 1, 1) == (1, 8)  # one trial at a time gets every core
+
+
+# -- the tuner's rules, with jobs that only write their files (no training: cheap) ----------------------------------
+
+
+class _Job:
+    """A scripted trial job: each poll writes the next history (None while it runs), then it ends with ``code``."""
+
+    def __init__(self, run_dir: Path, epochs: list[list[int]], code: int, slow_first_poll_s: float = 0.0) -> None:
+        self.run_dir, self.epochs, self.code, self.slow_s = run_dir, epochs, code, slow_first_poll_s
+        self.polls = 0
+
+    def poll(self) -> int | None:
+        if self.polls < len(self.epochs):
+            history = [_record(e) for e in self.epochs[self.polls]]
+            (self.run_dir / "history.json").write_text(json.dumps(history))
+            self.polls += 1
+            if self.polls == 1 and self.slow_s:
+                time.sleep(self.slow_s)  # the budget runs out while this poll looks
+            return None
+        if self.code == 0:
+            (self.run_dir / "result.json").write_text("{}")
+        else:
+            (self.run_dir / "train.log").write_text("error: loss is nan at step 1\n")
+        return self.code
+
+
+def _record(epoch: int) -> dict[str, float]:
+    return {"epoch": epoch, "val_accuracy": 0.5 + epoch / 100, "val_loss": 1.0 / epoch, "test_accuracy": 0.5}
+
+
+class _Executor:
+    """A :class:`~distml.search.executor.TrialExecutor` running :class:`_Job`\\ s from ``script(trial_number)``."""
+
+    def __init__(self, script: Callable[[int], _Job | BaseException]) -> None:
+        self.script = script
+        self.started: list[tuple[int, object]] = []  # (trial number, its TrainConfig)
+        self.stopped: list[int] = []
+
+    def capacity(self, base: object, wanted: int) -> int:
+        return wanted
+
+    def start(self, cfg: object, run_dir: Path, env: object) -> _Job:
+        number = int(run_dir.name.rsplit("-t", 1)[1])
+        self.started.append((number, cfg))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        job = self.script(number)
+        if isinstance(job, BaseException):
+            raise job
+        job.run_dir = run_dir
+        return job
+
+    def poll(self, job: _Job) -> int | None:
+        return job.poll()
+
+    def stop(self, job: _Job) -> None:
+        self.stopped.append(int(job.run_dir.name.rsplit("-t", 1)[1]))
+        job.epochs, job.polls, job.code = [], 0, 130  # a stopped job ends interrupted
+
+
+def _done(epochs: int = 1) -> Callable[[int], _Job]:
+    return lambda n: _Job(Path(), [list(range(1, e + 1)) for e in range(1, epochs + 1)], 0)
+
+
+@pytest.fixture(scope="module")
+def _template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home with the bands dataset and an MLflow store's schema, made once: a new store takes seconds to create."""
+    from distml import tracking
+
+    home = _ingest(tmp_path_factory.mktemp("template") / "home", tmp_path_factory.mktemp("template-src"))
+    tracking.mlflow_client(tracking.tracking_uri(home)).search_experiments()  # creates the schema
+    return home
+
+
+@pytest.fixture
+def fake_home(_template: Path, tmp_path: Path) -> Path:
+    """Each test's own copy of the template home (no experiment in it yet: each is made with this home's paths)."""
+    home = tmp_path / "home"
+    shutil.copytree(_template, home)
+    return home
+
+
+def _fake_tune(
+    home: Path, config: Path, study: str, executor: _Executor, **overrides: object
+) -> tuple[StudyResult, str]:
+    out = io.StringIO()
+    cfg = load_config(config, overrides={"workspace.home": home, **overrides})
+    result = tune(cfg, Workspace(home), study=study, stream=out, executor=executor, poll_s=0.05)
+    return result, out.getvalue()
+
+
+def _parent_status(home: Path, study: str) -> tuple[str, str]:
+    from distml import tracking
+    from distml.search.tracking import recorded_run
+
+    recorded = recorded_run(home / "studies", study)
+    assert recorded is not None
+    run = tracking.mlflow_client(recorded[0]).get_run(recorded[1])
+    return recorded[1], str(run.info.status)
+
+
+def test_search_epochs_and_enqueue_are_checked_with_the_space(tmp_path: Path) -> None:
+    sampled = _toml(tmp_path / "sampled.toml", "epochs = [1, 2]")
+    refused = run_cli("--home", tmp_path / "home", "--config", sampled, "tune", "--epochs", "3")
+    assert refused.code == 2 and "[search] epochs 3 (tune --epochs) is set, but epochs is also in [search.space]" in (
+        refused.err
+    )
+    space = 'lr = { low = 0.01, high = 0.1, step = 0.01 }\nmodel = ["cnn", "cnn-batchnorm"]'
+    for enqueue, needle in (
+        ("lrr = 0.05", "[[search.enqueue]] 1: lrr: not a key of [search.space] (did you mean 'lr'?)"),
+        ("lr = 0.5", "lr: 0.5 is outside its range 0.01 to 0.1"),
+        ("lr = 0.055", "lr: 0.055 is not on the range's steps of 0.01 from 0.01"),
+        ('model = "resnet-fast"', "model: 'resnet-fast' is not one of its choices ['cnn', 'cnn-batchnorm']"),
+    ):
+        config = _toml(tmp_path / "e.toml", space + f"\n[[search.enqueue]]\n{enqueue}")
+        with pytest.raises(ConfigError) as err:
+            load_config(config)
+        assert needle in str(err.value) and "\n" not in str(err.value)
+    assert load_config(_toml(tmp_path / "ok.toml", space + '\n[[search.enqueue]]\nlr = 0.05\nmodel = "cnn"'))
+
+
+def test_enqueued_trials_run_first_once_and_search_epochs_set_each_trials_epochs(
+    fake_home: Path, tmp_path: Path
+) -> None:
+    space = 'lr = { low = 0.001, high = 0.1, log = true }\nmodel = ["cnn", "cnn-batchnorm"]'
+    enqueue = '[[search.enqueue]]\nlr = 0.05\nmodel = "cnn-batchnorm"\n[[search.enqueue]]\nlr = 0.002'
+    search = 'sampler = "random"\nepochs = 3\ntrials = 1\npruner = "none"'
+    config = _toml(tmp_path / "distml.toml", f"{space}\n{enqueue}", search=search)
+    executor = _Executor(_done(3))
+    first, _ = _fake_tune(fake_home, config, "q", executor)
+    assert [t["params"] for t in first.trials] == [{"lr": 0.05, "model": "cnn-batchnorm"}]  # room for one only
+    assert [cfg.epochs for _, cfg in executor.started] == [3]  # [search] epochs, not [train] epochs (2)
+    stored = optuna.load_study(study_name="q", storage=storage_url(first.storage))
+    assert stored.trials[0].intermediate_values == pytest.approx({1: 0.51, 2: 0.52, 3: 0.53})
+    grown, log = _fake_tune(fake_home, config, "q", executor, **{"search.trials": 3})
+    assert "1 trial(s) done, 0 interrupted, 2 new to run" in log
+    params = [t["params"] for t in grown.trials]
+    assert params[:2] == [{"lr": 0.05, "model": "cnn-batchnorm"}, {"lr": 0.002, "model": params[1]["model"]}]
+    assert params[2]["lr"] not in (0.05, 0.002) and [t["state"] for t in grown.trials] == ["COMPLETE"] * 3
+    again, log = _fake_tune(fake_home, config, "q", executor, **{"search.trials": 3})
+    assert len(again.trials) == 3 and "nothing to run" in log  # not enqueued a second time
+
+
+def test_trial_seeds_of_neighbouring_study_seeds_are_not_shifted_copies() -> None:
+    from distml.search.config import SearchConfig
+    from distml.search.study import make_sampler
+
+    def draws(seed: int, number: int) -> list[float]:
+        study = optuna.create_study(sampler=make_sampler(SearchConfig(seed=seed, sampler="random"), number))
+        dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+        return [float(study.ask(dist).params["x"]) for _ in range(3)]
+
+    assert draws(0, 1) == draws(0, 1)  # reproducible
+    assert draws(0, 1) != draws(1, 0) and draws(3, 5) != draws(4, 4) and draws(0, 1) != draws(0, 2)
+
+
+def test_epochs_are_reported_by_their_number_once_each_in_order(fake_home: Path, tmp_path: Path) -> None:
+    """A job killed between its checkpoint and its history write resumes past the missing epoch (3 here)."""
+    config = _toml(tmp_path / "distml.toml", "lr = [0.05]", {"epochs": 5}, search='trials = 1\npruner = "none"')
+    executor = _Executor(lambda n: _Job(Path(), [[1, 2, 4], [1, 2, 4], [2, 1, 4, 5]], 0))
+    result, log = _fake_tune(fake_home, config, "ep", executor)
+    stored = optuna.load_study(study_name="ep", storage=storage_url(result.storage)).trials[0]
+    assert sorted(stored.intermediate_values) == [1, 2, 4, 5], log
+    told = [ln.removeprefix("trial 0: ") for ln in log.splitlines() if ": epoch " in ln]
+    assert told == [f"epoch {e}/5 val accuracy {50 + e}.00%" for e in (1, 2, 4, 5)]
+    assert result.trials[0]["state"] == "COMPLETE" and result.trials[0]["value"] == 0.55
+    assert result.trials[0]["epochs_used"] == 5
+
+
+def test_a_resumed_trial_runs_with_the_config_its_job_recorded(fake_home: Path, tmp_path: Path) -> None:
+    from distml.train.job import Job
+
+    config = _toml(tmp_path / "distml.toml", "lr = [0.05]", search="trials = 1")
+    executor = _Executor(lambda n: KeyboardInterrupt())  # the tuner is stopped as trial 0 starts
+    with pytest.raises(KeyboardInterrupt):
+        _fake_tune(fake_home, config, "r", executor)
+    stored = optuna.load_study(study_name="r", storage=storage_url(storage_path(fake_home, "r")))
+    assert [t.state.name for t in stored.trials] == ["RUNNING"]
+    run_dir = fake_home / "runs" / "r-t000"
+    ran_with = load_config(config, overrides={"workspace.home": fake_home}).train.model_copy(update={"lr": 0.05})
+    Job(ran_with, run_dir, fake_home, "digest", world_size=1).write()  # as its job wrote it, with 1 worker
+
+    executor = _Executor(_done(2))
+    result, log = _fake_tune(fake_home, config, "r", executor, **{"train.workers": 2})
+    assert "resuming trial 0 from the start" in log
+    assert [(n, cfg.workers, cfg.lr) for n, cfg in executor.started] == [(0, 1, 0.05)]  # its own workers, not 2
+    assert result.trials[0]["state"] == "COMPLETE"
+
+
+def test_the_budget_settles_a_finished_trial_and_leaves_a_stopped_one_resumable(
+    fake_home: Path, tmp_path: Path
+) -> None:
+    from distml.search.report import trial_table
+
+    search = 'sampler = "grid"\nmax_concurrent = 2\npruner = "none"'
+    config = _toml(tmp_path / "distml.toml", "lr = [0.01, 0.05]", search=search)
+    # trial 0 has finished when the budget runs out (its next poll says so); trial 1 is in its second epoch
+    script = {0: _Job(Path(), [[1]], 0, slow_first_poll_s=4), 1: _Job(Path(), [[1]] * 1000, 0)}
+    executor = _Executor(lambda n: script[n])
+    result, log = _fake_tune(fake_home, config, "b", executor, **{"search.budget_minutes": 0.05})
+    states = {t["number"]: t["state"] for t in result.trials}
+    assert states == {0: "COMPLETE", 1: "STOPPED"}, log
+    assert executor.stopped == [1] and result.budget_stopped
+    assert "trial 1 stopped at the 0.05-minute budget after 1 epoch(s); the next distml tune resumes it" in log
+    table = trial_table(load_study_result(Workspace(fake_home), "b"))
+    assert " 1 STOPPED " in table and "STOPPED: stopped by the budget" in table
+    stored = optuna.load_study(study_name="b", storage=storage_url(result.storage)).trials[1]
+    assert stored.state.name == "RUNNING" and stored.user_attrs["stopped_by"] == "budget"
+
+    executor = _Executor(lambda n: _Job(Path(), [[1], [1, 2]], 0))
+    resumed, log = _fake_tune(fake_home, config, "b", executor)
+    assert "1 trial(s) done, 1 interrupted (1 stopped by the budget), 0 new to run" in log
+    assert "resuming trial 1 (the budget stopped it)" in log and [n for n, _ in executor.started] == [1]
+    assert [t["state"] for t in resumed.trials] == ["COMPLETE", "COMPLETE"] and not resumed.budget_stopped
+    stored = optuna.load_study(study_name="b", storage=storage_url(result.storage)).trials[1]
+    assert sorted(stored.intermediate_values) == [1, 2]
+
+
+def test_an_interrupted_study_ends_its_mlflow_run_and_the_resumed_one_finishes_it(
+    fake_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _toml(tmp_path / "distml.toml", "lr = [0.05]", search="trials = 1")
+    with pytest.raises(RuntimeError):
+        _fake_tune(fake_home, config, "m", _Executor(lambda n: RuntimeError("x")))
+    run_id, status = _parent_status(fake_home, "m")
+    assert status == "FAILED"
+    with pytest.raises(KeyboardInterrupt):
+        _fake_tune(fake_home, config, "m", _Executor(lambda n: KeyboardInterrupt()))
+    assert _parent_status(fake_home, "m") == (run_id, "KILLED")
+
+    class Terminated(_Job):  # the tuner gets SIGTERM while it watches the trial
+        def poll(self) -> int | None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return None
+
+    import distml.search.tuner
+
+    terminated = _Executor(lambda n: Terminated(Path(), [], 0))
+    monkeypatch.setattr(distml.search.tuner, "_local_executor", lambda ws: terminated)
+    handler = signal.getsignal(signal.SIGTERM)
+    stopped = run_cli("--home", fake_home, "--config", config, "tune", "--study", "m")
+    assert stopped.code == 130 and "interrupted" in stopped.err and "Traceback" not in stopped.err
+    assert signal.getsignal(signal.SIGTERM) == handler and terminated.stopped == [0]  # its job was stopped
+    assert _parent_status(fake_home, "m") == (run_id, "KILLED")
+
+    result, _ = _fake_tune(fake_home, config, "m", _Executor(_done()))
+    assert result.trials[0]["state"] == "COMPLETE"
+    assert _parent_status(fake_home, "m") == (run_id, "FINISHED")  # the same run, ended this time
+
+
+def test_a_new_study_refuses_an_earlier_studys_leftovers_and_restart_clears_them(
+    fake_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import distml.search.tuner
+    from distml.search.study import start_over
+
+    config = _toml(tmp_path / "distml.toml", "lr = [0.05]", search="trials = 1")
+    runs = fake_home / "runs"
+    for run in ("old-t000", "old-t001", "old-t000-t000", "old-x"):  # the last two: another study's, another run
+        (runs / run).mkdir(parents=True)
+    (fake_home / "studies").mkdir()
+    (fake_home / "studies" / "old.mlflow.json").write_text("{}")
+    refused = run_cli("--home", fake_home, "--config", config, "tune", "--study", "old")
+    assert refused.code == 2 and "Traceback" not in refused.err, refused.err
+    assert (
+        "study old is new (no old.db), but an earlier study old left runs/old-t000 (and 1 more trial run(s)), "
+        "studies/old.mlflow.json"
+        in refused.err
+        and "distml tune --study old --restart" in refused.err
+    )
+    assert not storage_path(fake_home, "old").exists()
+
+    monkeypatch.setattr(distml.search.tuner, "_local_executor", lambda ws: _Executor(_done()))
+    restarted = run_cli("--home", fake_home, "--config", config, "tune", "--study", "old", "--restart")
+    assert restarted.code == 0, restarted.err
+    assert "starting study old over: deleted old.mlflow.json and 2 trial run(s)" in restarted.out
+    assert sorted(p.name for p in runs.iterdir()) == ["old-t000", "old-t000-t000", "old-x"]  # t000: the new trial
+    said: list[str] = []
+    start_over(fake_home, "old", said.append)
+    assert said == ["starting study old over: deleted old.db, old.mlflow.json, old-report and 1 trial run(s)"]
+    assert sorted(p.name for p in runs.iterdir()) == ["old-t000-t000", "old-x"]
+    assert sorted(p.name for p in (fake_home / "studies").iterdir()) == ["old.lock"]
+
+
+def test_rerunning_a_study_whose_every_trial_failed_fails_the_same_way(
+    fake_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import distml.search.tuner
+
+    config = _toml(tmp_path / "distml.toml", "lr = [0.05]", search="trials = 1")
+    monkeypatch.setattr(distml.search.tuner, "_local_executor", lambda ws: _Executor(lambda n: _Job(Path(), [], 1)))
+    first = run_cli("--home", fake_home, "--config", config, "tune", "--study", "f")
+    again = run_cli("--home", fake_home, "--config", config, "tune", "--study", "f")
+    assert first.code == again.code == 1, again.out
+    errors = [[ln for ln in r.err.splitlines() if ln.startswith("error:")] for r in (first, again)]
+    assert errors[0][0].startswith("error: every trial of study f failed: trial 0: loss is nan at step 1 (log ")
+    assert errors[1] == errors[0] and "nothing to run" in again.out
+
+
+def test_a_default_study_name_that_is_no_study_name_says_to_pass_study() -> None:
+    from distml.errors import UsageError
+    from distml.search.study import default_study_name
+
+    assert default_study_name("fashion-mnist") == "fashion-mnist-search"
+    with pytest.raises(UsageError) as err:
+        default_study_name("my photos")
+    assert "the default study name 'my photos-search' (from the dataset's name) is not allowed" in str(err.value)
+    assert err.value.hint == "pass --study NAME"
+
+
+def test_gpus_go_back_when_a_trial_cannot_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import distml.train.candidates
+    from distml.config import TrainConfig
+    from distml.search.executor import LocalExecutor
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("no such interpreter")
+
+    monkeypatch.setattr(distml.train.candidates, "start_job", fail)
+    executor = LocalExecutor(Workspace(tmp_path), cores=4, gpus=2)
+    executor.capacity(TrainConfig(workers=1), 2)
+    with pytest.raises(OSError, match="no such interpreter"):
+        executor.start(TrainConfig(workers=2), tmp_path / "runs" / "s-t000", {})
+    assert executor.free_gpus == [0, 1]

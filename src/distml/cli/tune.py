@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import click
@@ -54,7 +56,20 @@ def tune_cmd(app: AppContext, study: str | None, restart: bool) -> None:
     name = study or _default_study(app)
     if restart:
         start_over(app.workspace.home, name, click.echo)
-    _show(tune(app.config, app.workspace, study=name), report=True)
+    # SIGTERM (a scheduler stopping the tuner) is an interrupt like Ctrl-C: the trials stop with their checkpoints,
+    # and the study's MLflow run is ended, where the default action would just kill the tuner.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = tune(app.config, app.workspace, study=name)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _show(result, report=True)
+    if result.budget_stopped:
+        ended = sum(t["state"] in ("COMPLETE", "PRUNED", "FAIL") for t in result.trials)
+        click.echo(
+            f"the {app.config.search.budget_minutes or 0:g}-minute budget ended the study early: {ended} of "
+            f"{app.config.search.trials} trial(s) finished; run it again (a larger --budget-minutes) to continue"
+        )
 
 
 @tune_cmd.command("show")
@@ -81,18 +96,14 @@ def _show(result: StudyResult, *, report: bool) -> None:
         click.echo(f"report: {', '.join(str(f) for f in files)}")
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def _default_study(app: AppContext) -> str:
     """``<dataset>-search``, by the dataset's name in the store (the config may give a digest prefix)."""
     from distml.data.reader import open_path
     from distml.data.store import DatasetStore
-    from distml.errors import UsageError
-    from distml.search.study import check_study_name
+    from distml.search.study import default_study_name
 
-    name = f"{open_path(DatasetStore(app.workspace).resolve(app.config.train.dataset)).name}-search"
-    try:
-        return check_study_name(name)
-    except UsageError as exc:
-        raise UsageError(
-            f"the default study name {name!r} (from the dataset's name) is not allowed: {exc.hint}",
-            hint="pass --study NAME",
-        ) from None
+    return default_study_name(open_path(DatasetStore(app.workspace).resolve(app.config.train.dataset)).name)

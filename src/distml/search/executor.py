@@ -85,7 +85,11 @@ class LocalExecutor:
         gpus: list[int] = []
         if self.gpus:
             gpus, self.free_gpus = self.free_gpus[: cfg.workers], self.free_gpus[cfg.workers :]
-        proc = start_job(cfg, self.workspace, run_dir, self.threads, gpus, env)
+        try:
+            proc = start_job(cfg, self.workspace, run_dir, self.threads, gpus, env)
+        except BaseException:  # not started: its GPUs go back, or every later trial would find fewer
+            self.free_gpus.extend(gpus)
+            raise
         return LocalJob(run_dir, proc, gpus)
 
     def poll(self, job: TrialJob) -> int | None:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distml.files import write_atomic
-from distml.search.config import Choice
+from distml.search.config import params_text
 
 if TYPE_CHECKING:
     import optuna
@@ -48,7 +47,7 @@ def trial_table(result: StudyResult) -> str:
         lines.append(
             f"{mark} {trial['number']:>4} {trial['state']:<8} {_value(trial['value'], metric):>9} "
             f"{trial['epochs_used'] or 0:>6} {_duration(trial['seconds']):>7} "
-            f"{_value(trial['test_accuracy'], 'accuracy'):>9}  {_params(trial['params'])}"
+            f"{_value(trial['test_accuracy'], 'accuracy'):>9}  {params_text(trial['params'])}"
         )
     if result.best is not None:
         early = " (pruned: no trial completed)" if result.best["state"] != "COMPLETE" else ""
@@ -56,6 +55,8 @@ def trial_table(result: StudyResult) -> str:
     else:
         lines.append("no trial has reported a value yet: no best")
     lines.append(f"TEST ACC*: measured on the test split, {NOT_USED}")
+    if any(t["state"] == "STOPPED" for t in result.trials):
+        lines.append("STOPPED: stopped by the budget; the next distml tune resumes it from its checkpoint")
     return "\n".join(lines)
 
 
@@ -195,7 +196,8 @@ def _png(fig: Figure) -> bytes:
 
 def _markdown(result: StudyResult, importances: dict[str, float], why_not: str, files: list[Path]) -> str:
     metric = result.metric
-    counts = {s: sum(t["state"] == s for t in result.trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    states = ("COMPLETE", "PRUNED", "STOPPED", "FAIL", "RUNNING")
+    counts = {s: sum(t["state"] == s for t in result.trials) for s in states}
     lines = [
         f"# Study {result.study}",
         "",
@@ -244,8 +246,3 @@ def _duration(seconds: float | None) -> str:
         return "-"
     minutes, secs = divmod(round(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def _params(params: Mapping[str, Choice]) -> str:
-    """``model=resnet-small lr=0.00316 batch_size=128``: floats to three significant digits."""
-    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))

@@ -19,7 +19,10 @@ from distml.workspace import Workspace
 if TYPE_CHECKING:
     import optuna
 
-TrialStateName = Literal["COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"]
+# Optuna's states, and STOPPED: a trial the budget stopped. Optuna keeps it RUNNING (with the user attr
+# ``stopped_by = "budget"``), so that the next tune resumes it from its checkpoint like an interrupted one.
+TrialStateName = Literal["COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING", "STOPPED"]
+BUDGET = "budget"  # the ``stopped_by`` user attr of a trial the budget stopped
 
 
 class TrialRecord(TypedDict):
@@ -46,6 +49,7 @@ class StudyResult:
     ran: int
     metric: str = "val_accuracy"
     direction: str = "maximize"
+    budget_stopped: bool = False  # the budget ended that call early: trials stopped or not started
 
 
 def record(trial: optuna.trial.FrozenTrial) -> TrialRecord:
@@ -56,6 +60,8 @@ def record(trial: optuna.trial.FrozenTrial) -> TrialRecord:
         value = trial.intermediate_values[max(trial.intermediate_values)]
     test = attrs.get("test_accuracy")
     state: TrialStateName = trial.state.name  # type: ignore[assignment]  # optuna's names are these five
+    if state == "RUNNING" and attrs.get("stopped_by") == BUDGET:
+        state = "STOPPED"
     return TrialRecord(
         number=trial.number,
         state=state,
@@ -71,20 +77,22 @@ def record(trial: optuna.trial.FrozenTrial) -> TrialRecord:
 def best_of(records: list[TrialRecord], direction: str) -> TrialRecord | None:
     """The best COMPLETE trial; failing that, the best trial stopped with a value (a budget cut every trial)."""
     sign = 1.0 if direction == "minimize" else -1.0
-    for state in ("COMPLETE", "PRUNED"):
+    for states in (("COMPLETE",), ("PRUNED", "STOPPED")):
         scored = [
-            (sign * r["value"], r["number"], r) for r in records if r["state"] == state and r["value"] is not None
+            (sign * r["value"], r["number"], r) for r in records if r["state"] in states and r["value"] is not None
         ]
         if scored:
             return min(scored, key=lambda s: (s[0], s[1]))[2]
     return None
 
 
-def from_study(study: optuna.Study, path: Path, ran: int) -> StudyResult:
+def from_study(study: optuna.Study, path: Path, ran: int, *, budget_stopped: bool = False) -> StudyResult:
+    """The study as records; ``ran`` and ``budget_stopped`` say what the call that ran it did."""
     records = [record(t) for t in study.get_trials(deepcopy=False)]
     direction = str(study.user_attrs.get("direction", "maximize"))
     metric = str(study.user_attrs.get("metric", "val_accuracy"))
-    return StudyResult(study.study_name, path, records, best_of(records, direction), ran, metric, direction)
+    best = best_of(records, direction)
+    return StudyResult(study.study_name, path, records, best, ran, metric, direction, budget_stopped)
 
 
 def load_study_result(workspace: Workspace, study: str) -> StudyResult:

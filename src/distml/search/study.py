@@ -8,11 +8,9 @@ also what lets the next one treat a trial left RUNNING as interrupted (see :mod:
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -22,6 +20,8 @@ from distml.search.space import differences, grid
 
 if TYPE_CHECKING:
     import optuna
+
+    from distml.train.runlock import FileLock
 
 Direction = Literal["maximize", "minimize"]
 DIRECTIONS: dict[str, Direction] = {"val_accuracy": "maximize", "val_loss": "minimize"}
@@ -47,44 +47,38 @@ def check_study_name(name: str) -> str:
     return name
 
 
-@dataclass
-class StudyLock:
-    """An exclusive ``flock`` on ``<S>.lock``, held for the tuner's life (the kernel drops it if the tuner dies)."""
+def default_study_name(dataset: str) -> str:
+    """``<dataset>-search``, the study of ``distml tune`` without ``--study``; a UsageError if that is no study name."""
+    name = f"{dataset}-search"
+    try:
+        return check_study_name(name)
+    except UsageError as exc:
+        raise UsageError(
+            f"the default study name {name!r} (from the dataset's name) is not allowed: {exc.hint}",
+            hint="pass --study NAME",
+        ) from None
 
-    fd: int
-    path: Path
 
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+def lock_study(home: Path, study: str) -> FileLock:
+    """Lock study ``study`` for this process, held for the tuner's life (the kernel drops it if the tuner dies).
 
+    Raises UsageError naming the process that tunes it.
+    """
+    from distml.train.runlock import LockHeld, lock_exclusive
 
-def lock_study(home: Path, study: str) -> StudyLock:
-    """Lock study ``study`` for this process, or raise UsageError naming the process that tunes it."""
     folder = studies_dir(home)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{study}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise WorkspaceError(f"cannot create the study lock in {folder}: {exc.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 100, 0).decode(errors="replace").strip()
-        os.close(fd)
-        who = f"process {holder}" if holder.isdigit() else "another process"
+        return lock_exclusive(folder / f"{study}.lock", str(os.getpid()))
+    except LockHeld as held:
+        who = f"process {held.holder}" if held.holder.isdigit() else "another process"
         raise UsageError(
             f"study {study} is being tuned by another distml tune ({who})",
             hint="wait for it to finish or stop it, or use another --study",
         ) from None
-    except OSError as exc:
-        os.close(fd)
-        raise WorkspaceError(f"cannot lock {path}: {exc.strerror}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return StudyLock(fd, path)
 
 
 def leftovers(home: Path, study: str) -> list[Path]:
@@ -94,6 +88,23 @@ def leftovers(home: Path, study: str) -> list[Path]:
     studies = studies_dir(home)
     others = [studies / f"{study}.mlflow.json", studies / f"{study}-report"]
     return trial_runs(home, study) + [p for p in others if p.exists()]
+
+
+def refuse_leftovers(home: Path, study: str) -> None:
+    """A new study must not run in an earlier study's trial folders (it would resume them, or fail in them)."""
+    found = leftovers(home, study)
+    if not found:
+        return
+    runs = [p for p in found if p.parent.name == "runs"]
+    named = [str(p.relative_to(home)) for p in found if p not in runs]
+    if runs:
+        more = f" (and {len(runs) - 1} more trial run(s))" if len(runs) > 1 else ""
+        named.insert(0, f"{runs[0].relative_to(home)}{more}")
+    raise UsageError(
+        f"study {study} is new (no {storage_path(home, study).name}), but an earlier study {study} left "
+        f"{', '.join(named)} in {home}",
+        hint=f"distml tune --study {study} --restart deletes them and starts it anew",
+    )
 
 
 def start_over(home: Path, study: str, log: Callable[[str], None]) -> None:
@@ -125,7 +136,7 @@ def _names(paths: list[Path]) -> str:
 
 
 def make_sampler(search: SearchConfig, trial_number: int = 0) -> optuna.samplers.BaseSampler:
-    """The sampler of ``--sampler`` for trial ``trial_number``, seeded with ``--seed`` + ``trial_number``.
+    """The sampler of ``--sampler`` for trial ``trial_number``, seeded by ``--seed`` and ``trial_number``.
 
     A sampler per trial, seeded by its number: trial N's params depend on the seed and the trials before it
     only, so an interrupted and resumed study samples what an uninterrupted one would. The grid sampler is the
@@ -133,7 +144,7 @@ def make_sampler(search: SearchConfig, trial_number: int = 0) -> optuna.samplers
     """
     import optuna
 
-    seed = search.seed if search.sampler == "grid" else search.seed + trial_number
+    seed = search.seed if search.sampler == "grid" else trial_seed(search.seed, trial_number)
     if search.sampler == "grid":
 
         class Grid(optuna.samplers.GridSampler):
@@ -146,6 +157,16 @@ def make_sampler(search: SearchConfig, trial_number: int = 0) -> optuna.samplers
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
+
+
+def trial_seed(seed: int, trial_number: int) -> int:
+    """Trial ``trial_number``'s sampler seed: NumPy's SeedSequence of the pair, so that no two pairs share one.
+
+    (``seed + number`` would give seed s's trial n the draws of seed s+1's trial n-1.)
+    """
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed % 2**64, trial_number]).generate_state(1)[0])
 
 
 def make_pruner(search: SearchConfig, max_epochs: int) -> optuna.pruners.BasePruner:
@@ -200,12 +221,16 @@ def open_study(
         what = f" (differs in {', '.join(changed)})" if changed else ""
         raise ConfigError(
             f"study {name} in {path} was made for another search space or [train] settings{what}",
-            hint=f"use --study NEW for a new study, or delete {path} to start {name} over",
+            hint=_start_over_hint(name, path),
         )
     if attrs.get("dataset_digest") != dataset_digest:
         raise ConfigError(
             f"study {name} was made on dataset {str(attrs.get('dataset_digest'))[:12]}, this one is "
             f"{dataset_digest[:12]} (the dataset changed since)",
-            hint=f"use --study NEW for a new study, or delete {path} to start {name} over",
+            hint=_start_over_hint(name, path),
         )
     return study
+
+
+def _start_over_hint(name: str, path: Path) -> str:
+    return f"use --study NEW for a new study, or distml tune --study {name} --restart to start it over (deletes {path})"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 from distml import tracking
 from distml.files import write_atomic
@@ -142,7 +142,7 @@ def finish_study_run(home: Path, run_id: str, result: StudyResult, *, ok: bool =
     client = tracking.mlflow_client(tracking.tracking_uri(home))
     metrics = {
         f"trials_{s.lower()}": float(sum(t["state"] == s for t in result.trials))
-        for s in ("COMPLETE", "PRUNED", "FAIL")
+        for s in ("COMPLETE", "PRUNED", "STOPPED", "FAIL")
     }
     metrics["epochs_spent"] = float(sum(t["epochs_used"] or 0 for t in result.trials))
     tags = {"distml.study": result.study}
@@ -161,6 +161,15 @@ def finish_study_run(home: Path, run_id: str, result: StudyResult, *, ok: bool =
         tags=[RunTag(k, v) for k, v in sorted(tags.items())],
     )
     client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+def end_study_run(home: Path, run_id: str, status: Literal["KILLED", "FAILED"]) -> None:
+    """End the study's parent run of an interrupted tuner (KILLED) or one that crashed (FAILED).
+
+    The next tune of the study reopens it (:func:`start_study_run`) and ends it FINISHED.
+    """
+    client = tracking.mlflow_client(tracking.tracking_uri(home))
+    client.set_terminated(run_id, status=status)
 
 
 def log_report(storage: Path, study: str, files: list[Path]) -> str | None:

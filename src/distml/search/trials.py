@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from distml.errors import TrainingError
 
 if TYPE_CHECKING:
+    from distml.config import TrainConfig
     from distml.search.result import StudyResult
     from distml.train.job import EpochRecord
 
@@ -77,6 +78,37 @@ def read_history(run_dir: Path) -> list[EpochRecord]:
     return records
 
 
+def new_epochs(history: list[EpochRecord], after: int) -> list[EpochRecord]:
+    """The records of epochs after epoch ``after``, in epoch order, each once (the last record of an epoch wins).
+
+    By the ``epoch`` field, not by position: a job killed between its checkpoint and its history write resumes
+    past an epoch the file never got, so position ``n`` is not always epoch ``n + 1``.
+    """
+    latest = {int(rec["epoch"]): rec for rec in history if int(rec["epoch"]) > after}
+    return [latest[epoch] for epoch in sorted(latest)]
+
+
+def last_epoch(history: list[EpochRecord]) -> EpochRecord | None:
+    """The record of the latest epoch, or None before the first."""
+    return max(history, key=lambda rec: int(rec["epoch"])) if history else None
+
+
+def recorded_config(run_dir: Path) -> TrainConfig | None:
+    """The config a trial's job ran with (its ``job.json``), or None when no job got as far as writing it.
+
+    An interrupted trial resumes with it: its checkpoint only fits those settings (the workers, say), whatever
+    ``[train]`` says now.
+    """
+    from distml.train.job import JOB_FILE, Job
+
+    if not (run_dir / JOB_FILE).is_file():
+        return None
+    try:
+        return Job.read(run_dir).config
+    except (OSError, ValueError, KeyError):  # torn or from another version: the trial starts from [train]
+        return None
+
+
 def metric_of(rec: EpochRecord, metric: str) -> float:
     """One epoch's ``metric`` (``val_accuracy``...), NaN when the record lacks it."""
     value = rec.get(metric)
@@ -97,13 +129,6 @@ def read_text(path: Path) -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
-
-
-def log_error(run_dir: Path, code: int) -> str:
-    """The job's last ``error:`` line (what ``distml train`` would have printed), or its exit code."""
-    text = read_text(run_dir / "train.log") or ""
-    lines = [ln.removeprefix("error: ") for ln in text.splitlines() if ln.startswith("error:")]
-    return lines[-1] if lines else f"exited with {code}"
 
 
 def first_eta(result: StudyResult) -> str:

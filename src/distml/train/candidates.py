@@ -182,8 +182,18 @@ def _finish(job: Candidate) -> None:
         job.state, job.result = "done", json.loads(result_file.read_text())
         return
     job.state = "failed"
-    lines = [ln for ln in job.log.read_text(errors="replace").splitlines() if ln.startswith("error:")]
-    job.error = lines[-1].removeprefix("error: ") if lines else f"exited with {job.proc.returncode}"
+    job.error = last_error(job.log) or f"exited with {job.proc.returncode}"
+
+
+def last_error(log: Path) -> str | None:
+    """The last ``error:`` line a job printed to its log (what ``distml train`` would have said), without the
+    prefix; None when it printed none (it was killed, say) or the log is missing."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    lines = [ln.removeprefix("error: ") for ln in text.splitlines() if ln.startswith("error:")]
+    return lines[-1] if lines else None
 
 
 def _live(job: Candidate) -> tuple[str, str, str, str]:

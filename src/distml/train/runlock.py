@@ -20,8 +20,8 @@ from pathlib import Path
 from distml.errors import TrainingError, WorkspaceError
 
 
-class RunLock:
-    """A held lock on a run folder; :meth:`release` (or the end of the process) lets it go."""
+class FileLock:
+    """A held ``flock`` on an open file; :meth:`release` (or the end of the process) lets it go."""
 
     def __init__(self, fd: int, path: Path) -> None:
         self._fd: int | None = fd
@@ -41,14 +41,24 @@ class RunLock:
             self._fd = None
 
 
-def lock_file(run_dir: Path, node_rank: int = 0) -> Path:
-    """The lock file of ``run_dir`` for the host with ``node_rank``."""
-    return run_dir / (".train.lock" if node_rank == 0 else f".train-node-{node_rank}.lock")
+RunLock = FileLock  # a run folder's lock (the name the launcher uses)
 
 
-def lock_run(run_dir: Path, node_rank: int = 0) -> RunLock:
-    """Lock ``run_dir`` for this host, or raise TrainingError naming the process that holds it."""
-    path = lock_file(run_dir, node_rank)
+class LockHeld(Exception):  # noqa: N818 (not an error of the user's: the caller turns it into one)
+    """Another process holds the lock; ``holder`` is the line it wrote into the file (may be empty)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def lock_exclusive(path: Path, owner: str) -> FileLock:
+    """Take an exclusive ``flock`` on ``path`` (created if missing) and write ``owner`` into it, without waiting.
+
+    Raises :class:`LockHeld` when another process holds it, WorkspaceError when the file cannot be opened or
+    locked. A holder that died left its own line in the file; the kernel released its lock, and this write
+    replaces the line.
+    """
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
@@ -56,28 +66,39 @@ def lock_run(run_dir: Path, node_rank: int = 0) -> RunLock:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _holder(fd)
+        try:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        except OSError:
+            holder = ""
         os.close(fd)
-        raise TrainingError(
-            f"run {run_dir.name} is already being trained by {holder}",
-            hint="wait for it to finish (or stop it), or use another --run-name",
-        ) from None
+        raise LockHeld(holder) from None
     except OSError as exc:  # e.g. ENOLCK: a network file system without lock support
         os.close(fd)
         raise WorkspaceError(f"cannot lock {path}: {exc.strerror}") from None
-    # Whoever finds the folder locked is told who holds it. A holder that died left its own line here; the kernel
-    # released its lock, and this write replaces the line.
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-    return RunLock(fd, path)
+    os.pwrite(fd, f"{owner}\n".encode(), 0)
+    return FileLock(fd, path)
 
 
-def _holder(fd: int) -> str:
-    """'process PID on HOST' from the lock file (written right after locking; may be a moment late)."""
+def lock_file(run_dir: Path, node_rank: int = 0) -> Path:
+    """The lock file of ``run_dir`` for the host with ``node_rank``."""
+    return run_dir / (".train.lock" if node_rank == 0 else f".train-node-{node_rank}.lock")
+
+
+def lock_run(run_dir: Path, node_rank: int = 0) -> RunLock:
+    """Lock ``run_dir`` for this host, or raise TrainingError naming the process that holds it."""
     try:
-        fields = os.pread(fd, 200, 0).decode(errors="replace").split()
-    except OSError:
-        fields = []
+        return lock_exclusive(lock_file(run_dir, node_rank), f"{os.getpid()} {socket.gethostname()}")
+    except LockHeld as held:
+        raise TrainingError(
+            f"run {run_dir.name} is already being trained by {_holder(held.holder)}",
+            hint="wait for it to finish (or stop it), or use another --run-name",
+        ) from None
+
+
+def _holder(line: str) -> str:
+    """'process PID on HOST' from the lock file's line (written right after locking; may be a moment late)."""
+    fields = line.split()
     if len(fields) >= 2 and fields[0].isdigit():
         return f"process {fields[0]} on {fields[1][:64]}"
     return "another process"
