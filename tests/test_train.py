@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -450,3 +451,72 @@ def test_without_a_validation_split_training_is_as_before(home: Path, tmp_path: 
         prepare(_cfg(val_fraction=0.2), Workspace(home), "noval")
     with pytest.raises(ResumeError, match=r"incompatible config: val_seed 0 -> 1"):
         prepare(_cfg(val_fraction=0.0, val_seed=1), Workspace(home), "noval")
+
+
+def test_two_workers_with_fewer_validation_and_test_images_than_workers_finish(home: Path, tmp_path: Path) -> None:
+    """One validation and one test image for two workers: rank 0 has nothing to evaluate and must not hang rank 1.
+
+    (Through DDP, the first forward after training broadcasts the batch-norm buffers: a collective the rank with
+    an empty part never joined.) The job runs in a child with a deadline, so a hang fails the test, not CI.
+    """
+    from distml.data.reader import open_dataset
+    from distml.train.dist import DistContext
+    from distml.train.loop import _batchers, evaluate
+    from distml.train.models import ModelSpec, build_model
+
+    _dataset(home, tmp_path, n_train=40, n_test=1)  # val_fraction 0.025: 1 validation image, 39 = 1 step of 32
+    cfg = _cfg(model="cnn-batchnorm", workers=2, val_fraction=0.025)
+    script = (
+        "import sys; from pathlib import Path; from distml.config import TrainConfig; from distml.train import train; "
+        "from distml.workspace import Workspace; "
+        "train(TrainConfig.model_validate_json(sys.argv[2]), Workspace(Path(sys.argv[1])), 'few')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(home), cfg.model_dump_json()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    run_dir = home / "runs" / "few"
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun follows its parent (die_with_parent), the workers too
+        for pid_file in (run_dir / "status").glob("rank-*.pid"):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        proc.communicate(timeout=30)
+        pytest.fail("the two-worker job hung evaluating 1 validation image (a collective one rank never joined)")
+    assert proc.returncode == 0, out[-3000:]
+    (record,) = _history(run_dir)
+    assert record["val_accuracy"] in (0.0, 1.0) and record["test_accuracy"] in (0.0, 1.0)
+    assert json.loads((run_dir / "result.json").read_text())["validation"]["images"] == 1
+
+    # Rank 1 measured the one image with rank 0's batch-norm statistics: the model the checkpoint holds.
+    loaded = load_latest(run_dir / "checkpoints", warn=print)
+    assert loaded is not None
+    net = build_model("cnn-batchnorm", ModelSpec(1, 28, 28, 10))
+    net.load_state_dict(loaded[1]["model"])
+    cpu = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    _, val, test = _batchers(open_dataset("tiny", home=home), cfg, cpu)
+    assert val is not None and test is not None
+    no_autocast = torch.autocast("cpu", enabled=False)
+    assert record["val_loss"] == pytest.approx(evaluate(net, val, cpu, 1, no_autocast)[0], abs=1e-5)
+    assert record["test_loss"] == pytest.approx(evaluate(net, test, cpu, 1, no_autocast)[0], abs=1e-5)
+
+
+def test_a_validation_split_that_holds_out_nothing_is_refused_before_anything_starts(tiny_home: Path) -> None:
+    with pytest.raises(UsageError, match=r"val_fraction 0.001 of 256 train images holds out no image"):
+        prepare(_cfg(val_fraction=0.001), Workspace(tiny_home), "nothing-held-out")
+    with pytest.raises(UsageError, match=r"holds out 230 of 256 train images and leaves 26, fewer than one batch"):
+        prepare(_cfg(val_fraction=0.9), Workspace(tiny_home), "nothing-left")
+    assert not (tiny_home / "runs" / "nothing-held-out").exists() and not (tiny_home / "runs" / "nothing-left").exists()
+    config = tiny_home / "split.toml"
+    config.write_text("[train]\nval_fraction = 0.001\n")
+    result = run_cli("--config", config, "train", "--dataset", "tiny", "--epochs", "1", "--home", tiny_home)
+    assert result.code == 2, result.err
+    assert result.err.strip().splitlines() == [
+        "error: val_fraction 0.001 of 256 train images holds out no image (round(256 x 0.001) = 0); set "
+        "val_fraction = 0 to train on all of them, or at least 0.0039 for one image"
+    ]

@@ -250,3 +250,50 @@ def test_the_validation_split_depends_on_its_seed_and_fraction_zero_is_empty() -
     assert validation_record(1000, 0.0, 0)["images"] == 0
     # Pinned: the same numpy draws on any machine, so a recorded split can be recomputed and compared later.
     assert validation_indices(10, 0.3, seed=0)[1].tolist() == [2, 4, 6]
+
+
+_REFUSED_SPLITS = [
+    (
+        40,
+        0.01,
+        32,
+        "val_fraction 0.01 of 40 train images holds out no image (round(40 x 0.01) = 0); set val_fraction "
+        "= 0 to train on all of them, or at least 0.025 for one image",
+    ),
+    (3000, 0.0001, 32, "or at least 0.00033 for one image"),
+    (
+        256,
+        0.9,
+        32,
+        "val_fraction 0.9 holds out 230 of 256 train images and leaves 26, fewer than one batch of 32; "
+        "set val_fraction = 0, or set val_fraction to at most 0.875, or use a --batch-size of 26 or less",
+    ),
+    (40, 0.5, 64, "leaves 20, fewer than one batch of 64; use a --batch-size of 20 or less"),
+    (20, 0.0, 32, "the train split has 20 images, fewer than one batch of 32; use --batch-size 20 or smaller"),
+]
+
+
+@pytest.mark.parametrize(("n", "fraction", "batch", "needle"), _REFUSED_SPLITS)
+def test_a_validation_split_that_holds_out_nothing_or_leaves_no_batch_is_refused(
+    n: int, fraction: float, batch: int, needle: str
+) -> None:
+    from distml.config import TrainConfig
+    from distml.data.split import validation_indices
+    from distml.train.job import check_split
+
+    with pytest.raises(UsageError) as refused:
+        check_split(TrainConfig(val_fraction=fraction, batch_size=batch), n)
+    assert needle in f"{refused.value.message}; {refused.value.hint}"
+    # The fractions the hint offers do what it says, by the split's own arithmetic.
+    for offered in (0.025, 0.00033, 0.875):
+        if f"{offered} " in f"{refused.value.hint} ":
+            train_idx, val_idx = validation_indices(n, offered, seed=0)
+            assert len(val_idx) >= 1 and len(train_idx) >= batch
+
+
+@pytest.mark.parametrize(("n", "fraction", "batch"), [(40, 0.025, 32), (60000, 0.1, 256), (32, 0.0, 32), (10, 0.1, 9)])
+def test_a_validation_split_with_an_image_and_a_batch_left_is_accepted(n: int, fraction: float, batch: int) -> None:
+    from distml.config import TrainConfig
+    from distml.train.job import check_split
+
+    check_split(TrainConfig(val_fraction=fraction, batch_size=batch), n)

@@ -4,7 +4,8 @@ Evaluation runs the exported ONNX graph (what will be served, not the PyTorch we
 reports accuracy, loss, per-class precision / recall / F1, the confusion matrix (PNG), a per-class bar chart
 (PNG) and the graph's latency at batch 1 and batch 64. It also measures the model's validation split (the train
 images its run held out, recomputed from the run's ``val_fraction`` / ``val_seed``: :mod:`distml.data.split`) as
-``val_*``. The report (``evaluation.md`` + ``evaluation.json`` and the two PNGs) lands in a folder, and
+``val_*``. A run's test-time augmentation (``[train] tta``) is inside the graph, so it is measured as served.
+The report (``evaluation.md`` + ``evaluation.json`` and the two PNGs) lands in a folder, and
 everything is logged to the training run's MLflow run.
 
 :func:`select_runs` evaluates runs and chooses one on validation (:mod:`distml.registry.selection`); the
@@ -216,7 +217,8 @@ def _markdown(artifact: ModelArtifact, ev: Evaluation) -> str:
         _validation_text(ev),
         f"- ONNX Runtime latency (median of {LATENCY_REPEATS}): batch 1 {m['latency_b1_ms']:.3f} ms, "
         f"batch 64 {m['latency_b64_ms']:.3f} ms",
-        f"- dataset {lineage.dataset}@{lineage.dataset_digest[:12]}, model {lineage.config['model']}",
+        f"- dataset {lineage.dataset}@{lineage.dataset_digest[:12]}, model {lineage.config['model']}"
+        f"{_tta_text(lineage.config.get('tta'))}",
         "",
         "| class | precision | recall | F1 | support |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -231,6 +233,13 @@ def _markdown(artifact: ModelArtifact, ev: Evaluation) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _tta_text(tta: object) -> str:
+    """The report's note on test-time augmentation: it is inside the graph, so the figures above include it."""
+    if tta != "flip":
+        return ""
+    return ", flip test-time augmentation (in the graph: the mean of each image's and its mirror's softmax)"
 
 
 def _validation_text(ev: Evaluation) -> str:

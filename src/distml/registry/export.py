@@ -1,7 +1,8 @@
 """Export a finished training run to a model artifact: ONNX with normalisation inside, checked against PyTorch.
 
 The graph is the trained network behind a small wrapper: ``uint8`` N x H x W x C in, NCHW float normalised with
-the dataset's own mean and std, then ``logits`` and their softmax ``probabilities``. Before anything is written
+the dataset's own mean and std, then ``logits`` and their softmax ``probabilities`` (with ``[train] tta = "flip"``
+the mean of the softmax of the image and of its mirror image, the logits their log). Before anything is written
 in place, ONNX Runtime runs the graph on the first ``parity_images`` test images and compares with PyTorch: the
 largest difference of a probability must be at most ``PARITY_MAX_ABS`` and every top-1 class must agree, or
 the export fails and leaves nothing behind.
@@ -77,7 +78,7 @@ def export_run(
 
     from distml.train.checkpoint import load_latest
     from distml.train.job import Job
-    from distml.train.models import ModelSpec, UInt8Classifier, build_model
+    from distml.train.models import ModelSpec, UInt8Classifier, build_model, for_prediction
 
     if out.exists():
         raise UsageError(f"{out} already exists", hint="choose a new --out folder")
@@ -101,7 +102,9 @@ def export_run(
     net = build_model(job.config.model, spec, width=job.config.width, dropout=job.config.dropout)
     net.load_state_dict(state["model"])
     stats = dataset.manifest.stats
-    wrapper = UInt8Classifier(net, stats["mean"], stats["std"]).eval()
+    # The run's test-time augmentation goes into the graph: serving, evaluation and the parity check below all
+    # run the function the run's own val/test figures measured.
+    wrapper = UInt8Classifier(for_prediction(net, job.config.tta), stats["mean"], stats["std"]).eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -7,13 +7,14 @@ the records a job writes back (``history.json``, ``result.json``), read by the l
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypedDict, get_args
 
 from distml.config import TrainConfig
 from distml.data.split import ValidationRecord
-from distml.errors import ResumeError
+from distml.errors import ResumeError, UsageError
 from distml.files import write_atomic
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ RESUMABLE_CHANGES = frozenset(
     }
 )
 
+# Fields added after checkpoints were first written, with the value that does what a checkpoint without them did:
+# such a checkpoint resumes as if it had them.
+LATER_FIELDS: dict[str, object] = {"tta": "none"}
 
 # The per-epoch numbers that also go to MLflow and TensorBoard, in the order they are logged.
 EpochMetric = Literal[
@@ -76,6 +80,7 @@ class RunResult(TypedDict):
     test_accuracy: float | None  # None when no epoch ran; reported, never used to choose a model
     test_loss: float | None
     validation: ValidationRecord  # which train images were held out (images 0 with val_fraction 0)
+    tta: Literal["none", "flip"]  # how the val_* and test_* figures were predicted (as the exported model does)
     epochs: int
     global_step: int
     seconds: float
@@ -121,6 +126,40 @@ class Job:
         )
 
 
+def check_split(cfg: TrainConfig, train_images: int) -> None:
+    """Refuse, before any process starts, a validation split that holds out nothing or leaves no batch to train on.
+
+    ``train_images`` is the size of the dataset's train split, before the validation images are taken from it.
+    """
+    held_out = round(train_images * cfg.val_fraction)  # as distml.data.split.validation_indices takes them
+    if cfg.val_fraction > 0 and held_out == 0 and train_images > 0:
+        raise UsageError(
+            f"val_fraction {cfg.val_fraction} of {train_images:,} train images holds out no image "
+            f"(round({train_images:,} x {cfg.val_fraction}) = 0)",
+            hint=f"set val_fraction = 0 to train on all of them, or at least {1 / train_images:.2g} for one image",
+        )
+    left = train_images - held_out
+    if left >= cfg.batch_size:
+        return
+    if held_out == 0:
+        raise UsageError(
+            f"the train split has {train_images:,} images, fewer than one batch of {cfg.batch_size}",
+            hint=f"use --batch-size {train_images} or smaller"
+            if train_images
+            else "ingest a dataset with train images",
+        )
+    fixes = ["set val_fraction = 0"] if train_images >= cfg.batch_size else []
+    # The largest fraction that leaves one batch, rounded down so that it does.
+    most = math.floor((train_images - cfg.batch_size) / train_images * 1000) / 1000
+    if most > 0:
+        fixes.append(f"set val_fraction to at most {most:g}")
+    raise UsageError(
+        f"val_fraction {cfg.val_fraction} holds out {held_out:,} of {train_images:,} train images and leaves "
+        f"{left:,}, fewer than one batch of {cfg.batch_size}",
+        hint=", or ".join([*fixes, f"use a --batch-size of {left} or less"]),
+    )
+
+
 def check_resume(state: CheckpointState, job: Job, checkpoint: str) -> None:
     """Raise ResumeError if the checkpoint ``state`` must not be continued by ``job``."""
     where = f"run {job.run_dir.name}: checkpoint {checkpoint}"
@@ -135,7 +174,7 @@ def check_resume(state: CheckpointState, job: Job, checkpoint: str) -> None:
             f"{where} was written by {state.get('world_size')} workers, this job has {job.world_size}",
             hint="resume with the same --workers, or use a new --run-name",
         )
-    saved = dict(state.get("config", {}))
+    saved = {**LATER_FIELDS, **state.get("config", {})}
     current = job.config.model_dump(mode="json")
     changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
     if changed:

@@ -25,7 +25,7 @@ from distml.errors import TrainingError, UsageError, WorkspaceError
 from distml.files import write_atomic
 from distml.model_names import check_model_name
 from distml.train.dist import usable_cores
-from distml.train.job import Job, check_resume
+from distml.train.job import Job, check_resume, check_split
 from distml.train.runlock import RunLock, lock_run
 from distml.workspace import Workspace
 
@@ -162,6 +162,7 @@ def _prepare_locked(
             hint="use fewer workers, or pass --allow-oversubscribe (slower: workers wait for each other)",
         )
     dataset = open_path(DatasetStore(workspace).resolve(cfg.dataset))
+    check_split(cfg, len(dataset.split("train")))
     name = run_name or f"{cfg.model}-{dataset.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
         raise UsageError(f"run name {name!r} is not allowed", hint="use letters, digits, '-', '_' and '.'")

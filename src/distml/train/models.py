@@ -15,8 +15,10 @@ to multiples of 8, which the CPU's vector units like) and ``dropout`` (None: the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -153,11 +155,37 @@ MODELS: dict[str, Builder] = {
 }
 
 
+class FlipAverage(nn.Module):
+    """Flip test-time augmentation around ``net``: the mean of the softmax of each image and of its mirror image.
+
+    It returns the logarithm of that mean, a valid set of logits for it: ``softmax(FlipAverage(net)(x))`` is the
+    mean of the two softmaxes, so cross-entropy, argmax and the exported graph's ``probabilities`` (a softmax of
+    the logits) all see the averaged prediction and nothing is normalised twice. It has no parameters of its own
+    (``net``'s state dict is what a checkpoint keeps); both views go through ``net`` as one batch of 2N.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        log_p = torch.log_softmax(self.net(torch.cat([x, x.flip(3)])).float(), dim=1)  # NCHW: dim 3 is the width
+        # log((p + q) / 2), computed in log space so a confident class does not round to log(0)
+        return torch.logsumexp(torch.stack([log_p[:n], log_p[n:]]), dim=0) - math.log(2.0)
+
+
+def for_prediction(net: nn.Module, tta: Literal["none", "flip"]) -> nn.Module:
+    """``net`` as a run with test-time augmentation ``tta`` ("none" or "flip") predicts: evaluation and export."""
+    return FlipAverage(net) if tta == "flip" else net
+
+
 class UInt8Classifier(nn.Module):
     """What is exported: ``uint8`` N x H x W x C -> (logits, probabilities), normalising inside the graph.
 
     The same arithmetic as training's batches (``distml.train.batches.Batcher``), so a served model needs
-    nothing but raw pixels.
+    nothing but raw pixels. ``net`` is what the run predicts with (:func:`for_prediction`): with flip
+    test-time augmentation the logits are the log of the averaged probabilities.
     """
 
     def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
