@@ -34,10 +34,12 @@ def tune_cmd(app: AppContext, study: str | None, restart: bool) -> None:
 
     The space is [search] space in distml.toml: each [train] setting a list of choices or a range
     ({ low, high, log }). Every epoch a trial reports its validation metric; the pruner stops the bad ones
-    (state PRUNED, the epochs used recorded). Trial N trains in <home>/runs/STUDY-tNNN.
+    (state PRUNED, the epochs used recorded). Trial N trains in <home>/runs/STUDY-tNNN. Trials listed in
+    [[search.enqueue]] (a known good recipe, say) run first.
 
     --trials is the study's total: a larger number continues the study with only the new trials. After a
-    kill, the same command resumes the interrupted trial from its checkpoint. Open the study with
+    kill, the same command resumes the interrupted trial from its checkpoint; so does it for trials that
+    --budget-minutes stopped (state STOPPED). Open the study with
     optuna-dashboard sqlite:///<home>/studies/STUDY.db.
 
     \b
