@@ -88,13 +88,15 @@ def test_tta_is_in_the_training_steps_key_and_a_checkpoint_without_it_resumes() 
     assert LATER_FIELDS["tta"] == TrainConfig().tta  # an older checkpoint predicted without it
 
 
-def test_a_run_with_tta_records_it_and_evaluates_through_it(
+def test_a_run_with_tta_records_it_evaluates_and_exports_through_it(
     home: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     from distml.data import DatasetStore
     from distml.data.ingest import ingest
     from distml.data.reader import open_dataset
     from distml.data.sources import FashionMnistSource
+    from distml.registry.evaluate import evaluate as evaluate_graph
+    from distml.registry.export import export_run
     from distml.train import train
     from distml.train.checkpoint import load_latest
     from distml.train.dist import DistContext
@@ -132,3 +134,12 @@ def test_a_run_with_tta_records_it_and_evaluates_through_it(
     assert record["val_loss"] == pytest.approx(val_loss, abs=1e-6) and record["val_accuracy"] == val_acc
     assert record["test_loss"] == pytest.approx(test_loss, abs=1e-6) and record["test_accuracy"] == test_acc
     assert plain_val_loss != pytest.approx(val_loss, abs=1e-4)  # which tells them apart
+
+    # Its exported graph predicts the same way: the registry's ONNX evaluation reproduces the run's test figures.
+    artifact, parity = export_run(result.run_dir, tmp_path / "model", keep_checkpoint=False)
+    assert parity.ok and artifact.card.lineage.config["tta"] == "flip"
+    arrays = open_dataset("tiny", home=home).split("test").arrays()
+    ev = evaluate_graph(artifact, arrays.images, arrays.labels, tmp_path / "evaluation")
+    assert ev.metrics["test_accuracy"] == saved["test_accuracy"]
+    assert ev.metrics["test_loss"] == pytest.approx(saved["test_loss"], abs=1e-4)
+    assert "flip test-time augmentation" in (tmp_path / "evaluation" / "evaluation.md").read_text()
