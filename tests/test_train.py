@@ -461,7 +461,8 @@ def test_two_workers_with_fewer_validation_and_test_images_than_workers_finish(h
     """
     from distml.data.reader import open_dataset
     from distml.train.dist import DistContext
-    from distml.train.loop import _batchers, evaluate
+    from distml.train.evaluation import evaluate
+    from distml.train.loop import _batchers
     from distml.train.models import ModelSpec, build_model
 
     _dataset(home, tmp_path, n_train=40, n_test=1)  # val_fraction 0.025: 1 validation image, 39 = 1 step of 32

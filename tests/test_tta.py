@@ -100,7 +100,8 @@ def test_a_run_with_tta_records_it_evaluates_and_exports_through_it(
     from distml.train import train
     from distml.train.checkpoint import load_latest
     from distml.train.dist import DistContext
-    from distml.train.loop import _batchers, evaluate
+    from distml.train.evaluation import evaluate
+    from distml.train.loop import _batchers
     from distml.workspace import Workspace
 
     files = make_mnist(tmp_path / "src", n_train=96, n_test=64)

@@ -34,12 +34,11 @@ from distml.train import shm_allreduce
 from distml.train.batches import Batcher, EpochOrder, step_generator
 from distml.train.checkpoint import CheckpointState, load_latest, save_checkpoint
 from distml.train.dist import DistContext, RankLogger, usable_cores
+from distml.train.evaluation import evaluate, share_buffers
 from distml.train.job import EPOCH_METRICS, EpochRecord, Job, RunResult, check_resume
 from distml.train.models import ModelSpec, build_model, count_parameters, for_prediction
 from distml.train.schedule import lr_at
 from distml.train.tracking import RankTracker
-
-EVAL_BATCH = 1024
 
 
 @dataclass
@@ -280,7 +279,7 @@ def _epoch_record(t: Training, ep: Epoch) -> EpochRecord:
     step_losses = (sums[:-1] / t.job.world_size)[ep.first_step :].tolist()
     train_acc = float(sums[-1]) / max(1, steps_run * t.cfg.batch_size)
     if t.ctx.distributed:
-        _share_buffers(t.model)
+        share_buffers(t.model)
     val_loss, val_acc = _evaluate(t, t.val)
     test_loss, test_acc = _evaluate(t, t.test)
     seconds = time.perf_counter() - ep.started
@@ -370,16 +369,6 @@ def _seed_dropout(seed: int, device: torch.device) -> None:
         torch.default_generator.manual_seed(seed)
 
 
-def _share_buffers(model: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm's running statistics), the model its checkpoint will hold.
-
-    Each rank's statistics drift with its own batches; DDP copies rank 0's at the start of each forward, but
-    evaluation runs the bare model, so it is done here, by every rank, before any rank evaluates.
-    """
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
-
-
 def _evaluate(t: Training, data: Batcher | None) -> tuple[float, float]:
     """Loss and accuracy of the model in training on ``data``; NaN for a split the dataset does not have."""
     if data is None:
@@ -390,33 +379,6 @@ def _evaluate(t: Training, data: Batcher | None) -> tuple[float, float]:
 def _number(value: float) -> float | None:
     """``value``, or None for NaN (``result.json`` says "not measured" as null, not NaN)."""
     return None if math.isnan(value) else value
-
-
-def evaluate(
-    model: nn.Module, data: Batcher, ctx: DistContext, world_size: int, autocast: AbstractContextManager[object]
-) -> tuple[float, float]:
-    """Loss and accuracy on the whole split: each rank takes a contiguous part, sums are all-reduced.
-
-    ``model`` must hold no collective in its forward (not a DDP wrapper): a rank's part may be empty, or have
-    fewer batches than another's. The one all-reduce at the end is joined by every rank, whatever its part.
-    """
-    n = len(data)
-    lo, hi = ctx.rank * n // world_size, (ctx.rank + 1) * n // world_size
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    model.eval()
-    with torch.no_grad(), autocast:
-        for start in range(lo, hi, EVAL_BATCH):
-            idx = torch.arange(start, min(hi, start + EVAL_BATCH), device=ctx.device)
-            x, y = data.batch(idx)
-            logits = model(x).float()
-            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            sums[1] += (logits.argmax(1) == y).sum()
-            sums[2] += len(y)
-    model.train()
-    if ctx.distributed:
-        dist.all_reduce(sums)
-    total = max(1.0, float(sums[2]))
-    return float(sums[0]) / total, float(sums[1]) / total
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
