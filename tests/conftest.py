@@ -8,7 +8,11 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
+import secrets
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -123,6 +127,44 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
+# -- the pipeline tests' small workspace (tests/test_pipeline.py, tests/test_pipeline_search.py) ----------------
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """A tiny image folder: 3 classes of 16 images (a batch of 16 is left after the validation split)."""
+    return make_image_folder(tmp_path / "images", per_class=16)
+
+
+def pipeline_config(tmp_path: Path, images: Path, extra: str = "") -> Path:
+    """``tmp_path/distml.toml`` over the image folder (16x16 grey, a quarter for test); ``extra`` ends ``[train]``."""
+    path = tmp_path / "distml.toml"
+    path.write_text(
+        f"""
+[pipeline]
+dataset = "folder"
+source = "{images}"
+image_size = [16, 16]
+mode = "L"
+test_fraction = 0.25
+
+[train]
+batch_size = 16
+log_every_steps = 1000
+{extra}
+"""
+    )
+    return path
+
+
+def step_decisions(out: str) -> dict[str, str]:
+    """step -> 'hit: why' / 'ran: why' / 'FAILED: why' / 'skipped: why', from the pipeline runner's own lines."""
+    found = {}
+    for line in out.splitlines():
+        parts = line.split(maxsplit=1)
+        if len(parts) == 2 and parts[1].split(":")[0] in ("hit", "ran", "FAILED", "skipped"):
+            found[parts[0]] = parts[1]
+    return found
+
+
 @pytest.fixture
 def mnist(tmp_path: Path) -> MnistFiles:
     return make_mnist(tmp_path / "mnist-src")
@@ -169,6 +211,35 @@ def run_cli(*args: str | Path) -> CliResult:
         except SystemExit as exc:
             code = int(exc.code or 0)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+# Runs the CLI, then writes the names of every module it imported to the file named by argv[1].
+_FRESH = """
+import json, sys
+from distml.cli.main import main
+try:
+    main(sys.argv[2:])
+finally:
+    with open(sys.argv[1], "w") as fh:
+        json.dump(sorted(sys.modules), fh)
+"""
+
+
+def run_cli_fresh(tmp_path: Path, *args: str | Path, timeout_s: float = 300) -> tuple[CliResult, set[str]]:
+    """Run ``distml ARGS`` in a new interpreter, as a user's command runs (its imports included).
+
+    Returns its result and the top-level packages it imported (``torch``, ``mlflow``... when it did).
+    """
+    report = tmp_path / f"modules-{secrets.token_hex(4)}.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH, str(report), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    loaded = {name.split(".")[0] for name in json.loads(report.read_text())} if report.is_file() else set()
+    return CliResult(proc.returncode, proc.stdout, proc.stderr), loaded
 
 
 requires_fashion = pytest.mark.skipif(

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from conftest import make_image_folder, run_cli
+from conftest import make_image_folder, pipeline_config, run_cli, step_decisions
 from distml.data.sources.folder import FolderOptions, FolderSource
 from distml.pipeline import steps as S  # noqa: N812 (as pipeline/dag.py reads them)
 from distml.pipeline.cache import Entry, KeyParts, StepCache, explain_miss, file_record, verify_files
@@ -35,51 +35,16 @@ from distml.pipeline.runner import workspace_lock
 FAST = ["--epochs", "1", "--workers", "1"]
 
 
-def _config(tmp_path: Path, images: Path, extra: str = "") -> Path:
-    path = tmp_path / "distml.toml"
-    path.write_text(
-        f"""
-[pipeline]
-dataset = "folder"
-source = "{images}"
-image_size = [16, 16]
-mode = "L"
-test_fraction = 0.25
-
-[train]
-batch_size = 16
-log_every_steps = 1000
-{extra}
-"""
-    )
-    return path
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> Path:
-    return make_image_folder(tmp_path / "images", per_class=16)
-
-
 def _run(home: Path, config: Path, *args: str) -> tuple[int, str, str]:
     result = run_cli("--home", home, "run", "--config", config, *args)
     return result.code, result.out, result.err
 
 
-def _decisions(out: str) -> dict[str, str]:
-    """step -> 'hit: why' / 'ran: why' / 'FAILED: why' / 'skipped: why', from the runner's own lines."""
-    found = {}
-    for line in out.splitlines():
-        parts = line.split(maxsplit=1)
-        if len(parts) == 2 and parts[1].split(":")[0] in ("hit", "ran", "FAILED", "skipped"):
-            found[parts[0]] = parts[1]
-    return found
-
-
 def test_cold_warm_longer_and_changed_candidate(home: Path, tmp_path: Path, images: Path) -> None:
-    config = _config(tmp_path, images)
+    config = pipeline_config(tmp_path, images)
     code, out, err = _run(home, config, "--candidates", "cnn,cnn-dropout", *FAST)
     assert code == 0, out + err
-    cold = _decisions(out)
+    cold = step_decisions(out)
     assert set(cold) == {"ingest", "train[cnn]", "train[cnn-dropout]", "select", "register"}
     assert all(d.startswith("ran: no earlier run") for d in cold.values()), cold
     assert "is champion" in out and "distml serve models:/images-classifier@champion" in out
@@ -91,13 +56,13 @@ def test_cold_warm_longer_and_changed_candidate(home: Path, tmp_path: Path, imag
     code, out, err = _run(home, config, "--candidates", "cnn,cnn-dropout", *FAST)
     warm_s = time.perf_counter() - started
     assert code == 0, out + err
-    warm = _decisions(out)
+    warm = step_decisions(out)
     assert all(d.startswith("hit: same inputs as run ") for d in warm.values()), warm
     assert warm_s < 15, warm_s  # the README's figure (≤ 5 s) comes from bench/pipeline.py on a quiet machine
 
     code, out, err = _run(home, config, "--candidates", "cnn,cnn-dropout", "--epochs", "2", "--workers", "1")
     assert code == 0, out + err
-    longer = _decisions(out)
+    longer = step_decisions(out)
     assert longer["ingest"].startswith("hit")
     for name in ("train[cnn]", "train[cnn-dropout]"):
         assert longer[name] == "ran: param epochs 1 → 2", longer
@@ -107,11 +72,11 @@ def test_cold_warm_longer_and_changed_candidate(home: Path, tmp_path: Path, imag
     assert epochs == [1, 2]  # the longer run carries the shorter one's first epoch
 
     # One candidate's hyperparameter changes: only it, and the steps after it, run.
-    config2 = _config(tmp_path, images, '\n[[candidates]]\nmodel = "cnn"\n\n[[candidates]]\nmodel = "cnn-dropout"\n'
-                      "lr = 0.001\n")  # fmt: skip
+    two = '\n[[candidates]]\nmodel = "cnn"\n\n[[candidates]]\nmodel = "cnn-dropout"\nlr = 0.001\n'
+    config2 = pipeline_config(tmp_path, images, two)
     code, out, err = _run(home, config2, "--epochs", "2", "--workers", "1")
     assert code == 0, out + err
-    changed = _decisions(out)
+    changed = step_decisions(out)
     assert changed["ingest"].startswith("hit") and changed["train[cnn]"].startswith("hit")
     assert changed["train[cnn-dropout]"] == "ran: param lr 0.002 → 0.001", changed
     assert changed["select"].startswith("ran: input train[cnn-dropout]")
@@ -125,13 +90,13 @@ def test_cold_warm_longer_and_changed_candidate(home: Path, tmp_path: Path, imag
 
 
 def test_deleted_outputs_rerun_and_say_why(home: Path, tmp_path: Path, images: Path) -> None:
-    config = _config(tmp_path, images)
+    config = pipeline_config(tmp_path, images)
     assert _run(home, config, "--candidates", "cnn", *FAST)[0] == 0
     for ckpt in (home / "runs").glob("pl-cnn-*/checkpoints/*.pt"):
         ckpt.unlink()
     code, out, err = _run(home, config, "--candidates", "cnn", *FAST)
     assert code == 0, out + err
-    d = _decisions(out)
+    d = step_decisions(out)
     assert d["ingest"].startswith("hit")
     assert d["train[cnn]"].startswith("ran: the cached result failed verification: checkpoint "), d
     assert "is missing" in d["train[cnn]"]
@@ -139,11 +104,11 @@ def test_deleted_outputs_rerun_and_say_why(home: Path, tmp_path: Path, images: P
     # --force select: only select runs (and says so); register's input, the winner's ONNX file, is unchanged.
     code, out, err = _run(home, config, "--candidates", "cnn", *FAST, "--force", "select")
     assert code == 0, out + err
-    d = _decisions(out)
+    d = step_decisions(out)
     assert d["select"] == "ran: --force" and d["train[cnn]"].startswith("hit") and d["register"].startswith("hit")
     code, out, err = _run(home, config, "--candidates", "cnn", *FAST, "--no-cache")
     assert code == 0, out + err
-    assert set(_decisions(out).values()) == {"ran: --no-cache"}
+    assert set(step_decisions(out).values()) == {"ran: --no-cache"}
     assert "train[cnn]" in out and "(trained from scratch)" in out  # not "resumed" from its own finished run
 
     # --serve: every step hits, then the champion is served and answers a real request before we stop it.
@@ -171,22 +136,22 @@ def test_deleted_outputs_rerun_and_say_why(home: Path, tmp_path: Path, images: P
 
 def test_a_failing_step_stops_its_dependents_only(home: Path, tmp_path: Path, images: Path) -> None:
     bad = '\n[[candidates]]\nmodel = "cnn"\n\n[[candidates]]\nmodel = "cnn-dropout"\noptimizer = "sgd"\nlr = 1e30\n'
-    config = _config(tmp_path, images, bad + 'schedule = "constant"\n')
+    config = pipeline_config(tmp_path, images, bad + 'schedule = "constant"\n')
     code, out, err = _run(home, config, *FAST)
     assert code == 1
-    d = _decisions(out)
+    d = step_decisions(out)
     assert d["train[cnn]"].startswith("ran") and d["train[cnn-dropout]"].startswith("FAILED: ")
     assert "loss is" in d["train[cnn-dropout]"]
     assert d["select"] == "skipped: train[cnn-dropout] did not finish" and d["register"].startswith("skipped")
     assert "step train[cnn-dropout] failed" in err and "log: " in err and "train.log" in err
     # The independent candidate's result was kept: the next run (with the bad one fixed) hits it.
-    code, out, err = _run(home, _config(tmp_path, images, '\n[[candidates]]\nmodel = "cnn"\n'), *FAST)
+    code, out, err = _run(home, pipeline_config(tmp_path, images, '\n[[candidates]]\nmodel = "cnn"\n'), *FAST)
     assert code == 0, out + err
-    assert _decisions(out)["train[cnn]"].startswith("hit")
+    assert step_decisions(out)["train[cnn]"].startswith("hit")
 
 
 def test_killed_mid_training_resumes_from_the_checkpoint(home: Path, tmp_path: Path, images: Path) -> None:
-    config = _config(tmp_path, images, "checkpoint_every_steps = 1\n")
+    config = pipeline_config(tmp_path, images, "checkpoint_every_steps = 1\n")
     cmd = [sys.executable, "-m", "distml", "--home", str(home), "run", "--config", str(config),
            "--candidates", "cnn", "--epochs", "6", "--workers", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -206,7 +171,7 @@ def test_killed_mid_training_resumes_from_the_checkpoint(home: Path, tmp_path: P
     time.sleep(1.0)
     code, out, err = _run(home, config, "--candidates", "cnn", "--epochs", "6", "--workers", "1")
     assert code == 0, out + err
-    d = _decisions(out)
+    d = step_decisions(out)
     assert d["ingest"].startswith("hit")
     assert "resumed the interrupted run from its last checkpoint" in out
     assert d["train[cnn]"].startswith("ran: no earlier run")  # nothing was cached for the killed attempt
@@ -215,7 +180,7 @@ def test_killed_mid_training_resumes_from_the_checkpoint(home: Path, tmp_path: P
 
 
 def test_ctrl_c_stops_training_records_it_and_the_next_run_resumes(home: Path, tmp_path: Path, images: Path) -> None:
-    config = _config(tmp_path, images, "checkpoint_every_steps = 1\n")
+    config = pipeline_config(tmp_path, images, "checkpoint_every_steps = 1\n")
     cmd = [sys.executable, "-m", "distml", "--home", str(home), "run", "--config", str(config),
            "--candidates", "cnn", "--epochs", "6", "--workers", "1"]  # fmt: skip
     # Its own process group, signalled as a whole: what a terminal does on Ctrl-C.
@@ -238,11 +203,11 @@ def test_ctrl_c_stops_training_records_it_and_the_next_run_resumes(home: Path, t
     assert record["steps"]["ingest"]["status"] == "done"
     code, out, err = _run(home, config, "--candidates", "cnn", "--epochs", "6", "--workers", "1")
     assert code == 0, out + err
-    assert _decisions(out)["ingest"].startswith("hit") and "resumed the interrupted run" in out
+    assert step_decisions(out)["ingest"].startswith("hit") and "resumed the interrupted run" in out
 
 
 def test_a_second_run_on_the_same_workspace_is_refused(home: Path, tmp_path: Path, images: Path) -> None:
-    config = _config(tmp_path, images)
+    config = pipeline_config(tmp_path, images)
     with workspace_lock(home):
         code, _, err = _run(home, config, *FAST)
     assert code == 1
@@ -324,7 +289,7 @@ def test_the_register_key_does_not_cover_the_training_code() -> None:
 def test_an_edit_the_step_cannot_run_is_a_hit_and_one_it_can_run_says_which(home: Path, tmp_path: Path) -> None:
     """The real pipeline, run from an edited copy of the package (PYTHONPATH), so the real sources stay as they are."""
     images = make_image_folder(tmp_path / "images", per_class=16)  # a batch of 16 left after validation
-    config = _config(tmp_path, images)
+    config = pipeline_config(tmp_path, images)
     code = _copy_of_the_package(tmp_path)
 
     def run() -> dict[str, str]:
@@ -334,7 +299,7 @@ def test_an_edit_the_step_cannot_run_is_a_hit_and_one_it_can_run_says_which(home
             [sys.executable, "-m", "distml", *argv], capture_output=True, text=True, env=env, timeout=600, check=False
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        return _decisions(result.stdout)
+        return step_decisions(result.stdout)
 
     cold = run()
     assert cold["train[cnn]"].startswith("ran: no earlier run"), cold
@@ -377,6 +342,45 @@ def test_verify_files_catches_missing_and_changed(tmp_path: Path) -> None:
     assert verify_files(files) == f"checkpoint {f} changed since it was cached"
     f.unlink()
     assert verify_files(files) == f"checkpoint {f} is missing"
+
+
+def test_the_register_hit_check_reads_the_champion_without_mlflow_and_defers_to_the_registry(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real MLflow SQLite store: the direct read confirms only a plain yes; the registry answers the rest."""
+    from distml import tracking
+    from distml.pipeline.champion import champion_is
+    from distml.workspace import Workspace
+
+    name = "images-classifier"
+    assert not champion_is(home, name, "1")  # no store yet: the registry decides (and says there is no model)
+    home.mkdir(parents=True)
+    client = tracking.mlflow_client(tracking.tracking_uri(home))
+    client.create_registered_model(name)
+    for _ in range(2):
+        client.create_model_version(name, source="file:///nowhere")
+    client.set_registered_model_alias(name, "champion", "1")
+    registered = {"name": name, "version": "1", "ref": f"models:/{name}@champion"}
+    assert champion_is(home, name, "1") and not champion_is(home, name, "2")
+    assert S.verify_registered(Workspace(home), registered) is None
+    client.set_registered_model_alias(name, "champion", "2")  # moved by hand: the cached register is stale
+    assert not champion_is(home, name, "1")
+    assert S.verify_registered(Workspace(home), registered) == f"the champion of {name} is now version 2, not 1"
+    client.set_registered_model_tag(name, "distml.champion_move", "{}")  # a move half done: ask the registry
+    assert not champion_is(home, name, "2")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # a tracking server: never read directly
+    assert not champion_is(home, name, "2")
+
+
+def test_the_live_training_line_shows_validation_and_marks_test_as_reported_only() -> None:
+    from distml.pipeline.dag import progress_line
+
+    epochs = [{"val_accuracy": 0.8, "test_accuracy": 0.7}, {"val_accuracy": 0.9125, "test_accuracy": 0.875}]
+    assert progress_line([], 3) == ""
+    assert progress_line(epochs, 3) == (
+        "epoch 2/3: val accuracy 91.25%, test accuracy 87.50% (reported only, not used to choose)"
+    )
+    assert progress_line([{"val_accuracy": None, "test_accuracy": 0.5}], 1).startswith("epoch 1/1: no validation split")
 
 
 def test_runner_gives_concurrent_gpu_steps_distinct_gpus(tmp_path: Path) -> None:
@@ -474,13 +478,13 @@ def test_a_cache_entry_that_cannot_be_written_fails_the_step_not_the_cli(
     """ENOSPC on the step cache: before, the step's thread died, the run was 'done' and the CLI hit a KeyError."""
     cache = home / "pipeline" / "cache"
     full_disk(cache).fill()
-    code, out, err = _run(home, _config(tmp_path, images), *FAST)
+    code, out, err = _run(home, pipeline_config(tmp_path, images), *FAST)
     assert code == 1, out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("error: step ingest failed after ") and "cannot write the step cache entry " in err
     assert f"{cache}/ingest/" in err and "No space left on device" in err and "record: " in err
-    d = _decisions(out)
+    d = step_decisions(out)
     assert d["ingest"].startswith("FAILED: cannot write the step cache entry")
     assert all(why.startswith("skipped: ") for step, why in d.items() if step != "ingest"), d
     record = json.loads(next((home / "pipeline" / "runs").glob("*/run.json")).read_text())

@@ -54,16 +54,40 @@ def _is_type_checking(test: ast.expr) -> bool:
     return isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
 
 
+# Where statements nest (in source order): only a statement can be an import, so expressions are never walked.
+_BLOCKS = ("body", "handlers", "orelse", "finalbody", "cases")
+
+
+def _statements(node: ast.AST) -> list[ast.AST]:
+    """The statements (and ``except``/``case`` clauses, which hold statements) directly inside ``node``."""
+    return [child for block in _BLOCKS for child in getattr(node, block, ())]
+
+
 def _import_nodes(node: ast.AST, *, runtime: bool) -> Iterator[ast.Import | ast.ImportFrom]:
-    """Every import statement under ``node``; with ``runtime``, not those under ``if TYPE_CHECKING:``."""
-    for child in ast.iter_child_nodes(node):
+    """Every import statement under ``node``, in source order; with ``runtime``, not those under ``if TYPE_CHECKING:``.
+
+    It walks statements only, with a stack: a warm ``distml run`` reads every module its steps can run, and a
+    walk of every node of every module was most of its time.
+    """
+    stack = list(reversed(_statements(node)))
+    while stack:
+        child = stack.pop()
         if isinstance(child, ast.Import | ast.ImportFrom):
             yield child
         elif runtime and isinstance(child, ast.If) and _is_type_checking(child.test):
-            for other in child.orelse:
-                yield from _import_nodes(ast.Module(body=[other], type_ignores=[]), runtime=runtime)
+            stack.extend(reversed(child.orelse))
         else:
-            yield from _import_nodes(child, runtime=runtime)
+            stack.extend(reversed(_statements(child)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _imports_in(source: bytes, filename: str, runtime: bool) -> tuple[ast.Import | ast.ImportFrom, ...]:
+    """The import statements of one source file, parsed once per process for each content it has.
+
+    The steps of a run share most of their modules, so each is parsed once, not once per step; an edited file
+    is another content, so it is parsed anew.
+    """
+    return tuple(_import_nodes(ast.parse(source, filename=filename), runtime=runtime))
 
 
 def _from_base(package: str, node: ast.ImportFrom) -> str:
@@ -84,8 +108,7 @@ def _defining_module(package: str, attr: str, root: Path, depth: int = 0) -> str
     path = module_file(package, root)
     if path is None or path.name != "__init__.py" or depth > 8:
         return None
-    tree = ast.parse(path.read_bytes(), filename=str(path))
-    for node in _import_nodes(tree, runtime=False):  # the TYPE_CHECKING imports say where each name comes from
+    for node in _imports_in(path.read_bytes(), str(path), False):  # TYPE_CHECKING imports say where names come from
         if not isinstance(node, ast.ImportFrom):
             continue
         for alias in node.names:
@@ -105,10 +128,9 @@ def _with_parents(module: str, root: Path) -> set[str]:
 
 def module_imports(name: str, path: Path, root: Path = ROOT) -> set[str]:
     """The distml modules that running module ``name`` (at ``path``) can import, with their parent packages."""
-    tree = ast.parse(path.read_bytes(), filename=str(path))
     package = _package_of(name, path)
     out: set[str] = set()
-    for node in _import_nodes(tree, runtime=True):
+    for node in _imports_in(path.read_bytes(), str(path), True):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 out |= _with_parents(alias.name, root)

@@ -21,6 +21,7 @@ from distml.errors import ConfigError, TrainingError
 from distml.pipeline import search_step
 from distml.pipeline import steps as S  # noqa: N812 (the steps, read as S.ingest_step, S.TRAIN_CODE)
 from distml.pipeline.cache import Entry, verify_files
+from distml.pipeline.record import trial_of
 from distml.pipeline.runner import Log, Step, StepContext
 from distml.pipeline.shape import Node, candidate_configs, pipeline_shape, search_shape
 from distml.train.candidates import plan, start_job
@@ -168,14 +169,12 @@ def _train_step(workspace: Workspace, node: Node, cfg: TrainConfig, threads: int
         return result
 
     def progress(key: str) -> str:
-        """The candidate's epoch and test accuracy, from the files its job writes."""
+        """The candidate's epoch and accuracies, from the files its job writes."""
         try:
             history = json.loads((run_dir(key) / "history.json").read_text())
         except (OSError, ValueError):
             return ""
-        if not history:
-            return ""
-        return f"epoch {len(history)}/{cfg.epochs}: test accuracy {history[-1].get('test_accuracy', 0):.2%}"
+        return progress_line(history, cfg.epochs)
 
     return Step(
         node.name,
@@ -191,6 +190,21 @@ def _train_step(workspace: Workspace, node: Node, cfg: TrainConfig, threads: int
         progress=progress,
         log_path=lambda key: run_dir(key) / "train.log",
     )
+
+
+def progress_line(history: list[dict[str, Any]], epochs: int) -> str:
+    """A training step's live line (``""`` before its first epoch).
+
+    It shows the validation accuracy, what select chooses on, and the test accuracy marked as reported only.
+    """
+    if not history:
+        return ""
+    last = history[-1]
+    val, test = last.get("val_accuracy"), last.get("test_accuracy")
+    shown = [f"val accuracy {val:.2%}" if isinstance(val, int | float) else "no validation split"]
+    if isinstance(test, int | float):
+        shown.append(f"test accuracy {test:.2%} (reported only, not used to choose)")
+    return f"epoch {len(history)}/{epochs}: " + ", ".join(shown)
 
 
 def _train(ctx: StepContext, workspace: Workspace, cfg: TrainConfig, folder: Path, dataset: str) -> None:
@@ -224,6 +238,7 @@ def _search_step(workspace: Workspace, config: DistmlConfig, node: Node, base: T
         ),
         cores=cores,
         explain=search_step.explain_trials,
+        explain_hit=search_step.explain_hit,
     )
 
 
@@ -231,6 +246,14 @@ def _search_select_step(workspace: Workspace, config: DistmlConfig, node: Node) 
     """Choose among the finished trials on the study's validation metric (the rule of ``distml select``)."""
     (searched,) = node.needs
     choosing = search_step.choosing(config)
+
+    def run(ctx: StepContext) -> S.StepResult:
+        study = ctx.upstream[searched]
+        result = S.select_step(workspace, choosing, list(study["complete"]), ctx.log)
+        chosen = trial_of(study, result.outputs["winner"])  # which trial won: what a refit says it retrained
+        result.outputs["trial"] = chosen["number"] if chosen else None
+        return result
+
     return Step(
         node.name,
         node.needs,
@@ -241,7 +264,7 @@ def _search_select_step(workspace: Workspace, config: DistmlConfig, node: Node) 
             "study": outputs[searched]["study"],  # the same weights in another study's runs: still run, to name them
             **{label: f["sha256"] for label, f in files[searched].items() if label.endswith(".checkpoint")},
         },
-        run=lambda ctx: S.select_step(workspace, choosing, list(ctx.upstream[searched]["complete"]), ctx.log),
+        run=run,
     )
 
 

@@ -77,7 +77,8 @@ def lineage(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["dataset"] = {"name": ingest.get("dataset"), "digest": ingest.get("digest")}
     search = steps.get("search", {}).get("outputs") or {}
     if search:
-        out["search"] = {k: search.get(k) for k in ("study", "storage", "trials", "ran", "states", "metric", "best")}
+        kept = ("study", "storage", "trials", "asked", "budget_minutes", "budget_stopped", "ran", "states", "metric")
+        out["search"] = {k: search.get(k) for k in (*kept, "best")}
         out["validation"] = search.get("validation")
     runs = {n: s.get("outputs") or {} for n, s in steps.items() if n.startswith("train[")}
     if runs:
@@ -89,7 +90,7 @@ def lineage(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     sel = steps.get("select", {}).get("outputs") or {}
     if sel:
         out["selected"] = {"run": sel.get("winner"), "metric": sel.get("metric"), "value": sel.get("value")}
-        trial = _trial_of(search, sel.get("winner"))
+        trial = trial_of(search, sel.get("winner"))
         if trial is not None:  # chosen on validation; its test accuracy is reported, not used
             out["selected"].update(trial=trial["number"], test_accuracy=trial.get("test_accuracy"))
         chosen = next((o for o in runs.values() if o.get("run") == sel.get("winner")), {})
@@ -112,7 +113,7 @@ def lineage(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _trial_of(search: dict[str, Any], run: object) -> dict[str, Any] | None:
+def trial_of(search: dict[str, Any], run: object) -> dict[str, Any] | None:
     """The search's trial whose run folder is ``run`` (None when there was no search)."""
     for trial in search.get("table") or []:
         if isinstance(trial, dict) and Path(str(trial.get("run_dir"))).name == run:
@@ -176,6 +177,13 @@ def describe(doc: dict[str, Any]) -> list[str]:
 def _search_lines(search: dict[str, Any], validation: dict[str, Any] | None) -> list[str]:
     states = ", ".join(f"{n} {s.lower()}" for s, n in (search.get("states") or {}).items())
     lines = [f"  search    study {search['study']} ({search['storage']}): {search['trials']} trials ({states})"]
+    if search.get("budget_stopped"):
+        budget = search.get("budget_minutes")
+        minutes = f"{budget:g}" if isinstance(budget, int | float) else "?"
+        lines.append(
+            f"            stopped by its {minutes}-minute budget after {search['trials']} of "
+            f"{search.get('asked')} trials (raise --budget-minutes or --trials to continue)"
+        )
     best = search.get("best") or {}
     if best:
         params = ", ".join(

@@ -11,7 +11,8 @@ from typing import Any
 from distml.config import DistmlConfig
 from distml.errors import PipelineError, UsageError
 from distml.pipeline import dag, record
-from distml.pipeline.runner import Log, Runner, workspace_lock
+from distml.pipeline.lock import workspace_lock
+from distml.pipeline.runner import Log, Runner
 from distml.workspace import Workspace
 
 

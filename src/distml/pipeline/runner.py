@@ -7,15 +7,15 @@ cores, or its GPUs); the others take none. A failed step stops the steps after i
 and keep their results. Ctrl-C (or SIGTERM) stops the running steps, records them as interrupted and exits;
 the next run finds the finished steps in the cache and the interrupted training resumes from its checkpoint.
 
-The run record, ``<home>/pipeline/runs/<id>/run.json``, is rewritten (atomically) at every change: the resolved
-config, the DAG, each step's status, cache decision and reason, timings, outputs and key metric, and at the
-end the lineage from dataset to champion.
+The run record, ``<home>/pipeline/runs/<id>/run.json`` (:class:`~distml.pipeline.outcome.RunRecord`), is
+rewritten (atomically) at every change: the resolved config, the DAG, each step's status, cache decision and
+reason, timings, outputs and key metric, and at the end the lineage from dataset to champion. One run per
+workspace at a time: :func:`~distml.pipeline.lock.workspace_lock`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -25,11 +25,11 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal, TextIO, TypedDict
+from typing import TYPE_CHECKING, Any, TextIO
 
 from distml.errors import DistmlError, PipelineError
 from distml.files import write_atomic
@@ -42,29 +42,13 @@ from distml.pipeline.cache import (
     file_record,
     verify_files,
 )
+from distml.pipeline.lock import workspace_lock as workspace_lock  # its old home: callers may import it from here
+from distml.pipeline.outcome import Outcome, RunRecord
 
 if TYPE_CHECKING:
     from distml.pipeline.steps import StepResult
 
 Log = Callable[[str], None]
-StepStatus = Literal["waiting", "running", "done", "failed", "skipped", "interrupted"]
-CacheDecision = Literal["", "hit", "ran"]  # "": not decided yet (or skipped before it could be)
-RunStatus = Literal["running", "done", "failed", "interrupted"]
-
-
-class RunRecord(TypedDict):
-    """``run.json``: what ``distml runs show`` reads back (:mod:`distml.pipeline.record`)."""
-
-    id: str
-    argv: list[str]
-    pid: int
-    started: float
-    ended: float | None
-    status: RunStatus
-    config: dict[str, Any]  # the resolved config, as JSON
-    dag: dict[str, list[str]]  # step -> the steps it needs
-    steps: dict[str, dict[str, Any]]  # step -> its Outcome's fields
-    lineage: dict[str, Any]
 
 
 @dataclass
@@ -106,6 +90,8 @@ class Step:
     log_path: Callable[[str], Path] | None = None  # where its output goes (by key), when not the run's log
     # Why a miss must run, in the step's own words (None: the parts that differ, as explain_miss says them).
     explain: Callable[[KeyParts, list[Entry]], str | None] | None = None
+    # What a hit should add, from its cached outputs (e.g. that a budget ended the cached study early).
+    explain_hit: Callable[[dict[str, Any]], str | None] | None = None
 
 
 def key_parts(step: Step, upstream: dict[str, dict[str, Any]], files: dict[str, dict[str, Any]]) -> KeyParts:
@@ -119,21 +105,6 @@ def key_parts(step: Step, upstream: dict[str, dict[str, Any]], files: dict[str, 
     return KeyParts(
         step.name, code_version(step.code), step.params, step.inputs(upstream, files), library_versions(step.libs)
     )
-
-
-@dataclass
-class Outcome:
-    status: StepStatus = "waiting"
-    cache: CacheDecision = ""
-    why: str = ""
-    key: str = ""
-    seconds: float = 0.0
-    outputs: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    metric: str = ""
-    error: str = ""
-    log: str = ""
-    started: float = 0.0
 
 
 class Runner:
@@ -309,7 +280,8 @@ class Runner:
             problem = verify_files(entry.files) or (step.verify(entry.outputs) if step.verify else None)
             if problem is None:
                 out.status, out.cache, out.outputs, out.files = "done", "hit", entry.outputs, entry.files
-                out.why = f"same inputs as run {entry.run_id}"
+                said = step.explain_hit(entry.outputs) if step.explain_hit else None
+                out.why = f"same inputs as run {entry.run_id}" + (f"; {said}" if said else "")
                 out.metric = entry.outputs.get("_metric", "")
                 self.say(f"{name:<{self.width}} hit: {out.why}" + (f"  [{out.metric}]" if out.metric else ""))
                 try:
@@ -351,11 +323,12 @@ class Runner:
         path = self.dir / "logs" / f"{_safe(name)}.log"
 
         def log(text: str) -> None:
-            self.say(f"  {name}: {text.strip()}")
+            text = text.strip("\n").rstrip()  # leading spaces kept: they align a table's rows (the trial table)
+            self.say(f"  {name}: {text}")
             if self.steps[name].log_path is None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with path.open("a") as fh:
-                    fh.write(f"{time.strftime('%H:%M:%S')} {text.strip()}\n")
+                    fh.write(f"{time.strftime('%H:%M:%S')} {text}\n")
 
         return log
 
@@ -479,27 +452,3 @@ def _append(path: Path, text: str) -> None:
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
-# -- the workspace lock ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def workspace_lock(home: Path) -> Iterator[None]:
-    """One ``distml run`` per workspace at a time; a second one gets a clear error naming the first."""
-    folder = home / "pipeline"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise PipelineError(
-                f"another distml run is using the workspace {home} ({holder})",
-                hint="wait for it to finish, or use another --home",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock (also when the process dies)

@@ -229,7 +229,15 @@ def register_step(workspace: Workspace, artifact_dir: Path) -> StepResult:
 
 
 def verify_registered(workspace: Workspace, outputs: dict[str, Any]) -> str | None:
-    """A cached registration is good only while the champion is still that version."""
+    """A cached registration is good only while the champion is still that version.
+
+    The store is read directly first (:mod:`distml.pipeline.champion`: no MLflow import on a warm rerun); only
+    when that cannot confirm it does the registry answer, and say what changed.
+    """
+    from distml.pipeline.champion import champion_is
+
+    if champion_is(workspace.home, outputs["name"], str(outputs["version"])):
+        return None
     try:
         current = Registry(workspace).lookup(outputs["ref"])
     except DistmlError as exc:
