@@ -41,6 +41,7 @@ NOT_SEARCHABLE = frozenset(
         "val_seed",
         "checkpoint_every_steps",
         "threads_per_worker",
+        "eval_test",
         "allow_oversubscribe",
         "compile",
         "max_restarts",

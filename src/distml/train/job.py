@@ -32,12 +32,13 @@ RESUMABLE_CHANGES = frozenset(
         "compile",
         "bucket_cap_mb",
         "threads_per_worker",
+        "eval_test",  # when the test split is measured, not what is trained
     }
 )
 
 # Fields added after checkpoints were first written, with the value that does what a checkpoint without them did:
 # such a checkpoint resumes as if it had them.
-LATER_FIELDS: dict[str, object] = {"tta": "none"}
+LATER_FIELDS: dict[str, object] = {"tta": "none", "eval_test": "epoch"}
 
 # The per-epoch numbers that also go to MLflow and TensorBoard, in the order they are logged.
 EpochMetric = Literal[
@@ -63,7 +64,7 @@ class EpochRecord(TypedDict):
     train_accuracy: float
     val_loss: float  # on the validation split carved from train (distml.data.split); NaN without one
     val_accuracy: float
-    test_loss: float  # NaN when the dataset has no test split
+    test_loss: float  # NaN when the dataset has no test split, or before the last epoch with eval_test = "end"
     test_accuracy: float
     lr: float  # of the epoch's last step
     images_per_s: float  # training only, not evaluation

@@ -260,10 +260,17 @@ def end_of_epoch(t: Training, ep: Epoch) -> EpochRecord:
         t.log.info(
             f"epoch {record['epoch']}/{t.cfg.epochs}: train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.2%} | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%} "
-            f"| test loss {record['test_loss']:.4f} "
-            f"acc {record['test_accuracy']:.2%} | {record['images_per_s']:,.0f} img/s | {record['seconds']:.1f} s"
+            f"| {_test_text(record, t.test is not None)} | {record['images_per_s']:,.0f} img/s | {record['seconds']:.1f} s"
         )
     return record
+
+
+def _test_text(record: EpochRecord, has_test: bool) -> str:
+    if not has_test:
+        return "no test split"
+    if math.isnan(record["test_accuracy"]):
+        return "test: after the last epoch"  # eval_test = "end"
+    return f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.2%}"
 
 
 def _epoch_record(t: Training, ep: Epoch) -> EpochRecord:
@@ -281,7 +288,8 @@ def _epoch_record(t: Training, ep: Epoch) -> EpochRecord:
     if t.ctx.distributed:
         share_buffers(t.model)
     val_loss, val_acc = _evaluate(t, t.val)
-    test_loss, test_acc = _evaluate(t, t.test)
+    last = ep.epoch + 1 == t.cfg.epochs
+    test_loss, test_acc = _evaluate(t, t.test if t.cfg.eval_test == "epoch" or last else None)
     seconds = time.perf_counter() - ep.started
     t.pos.epoch, t.pos.step_in_epoch = ep.epoch + 1, 0
     return {
