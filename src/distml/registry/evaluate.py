@@ -371,7 +371,8 @@ def select_runs(
         if recorded and ev.validation and recorded["indices_sha256"] != ev.validation["indices_sha256"]:
             raise UsageError(f"run {run_dir.name} trained with another validation split than its config gives now")
         artifacts[run_dir.name] = artifact
-        candidates.append({"run": run_dir.name, **ev.metrics, "validation": ev.validation})
+        settings = json.loads((run_dir / "job.json").read_text()).get("config")  # breaks a tie before the name
+        candidates.append({"run": run_dir.name, **ev.metrics, "validation": ev.validation, "settings": settings})
     choice = select(
         candidates, metric=metric, direction=direction, max_latency_ms=max_latency_ms, max_params=max_params
     )
