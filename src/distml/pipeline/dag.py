@@ -24,7 +24,7 @@ from distml.pipeline.cache import Entry, verify_files
 from distml.pipeline.record import trial_of
 from distml.pipeline.runner import Log, Step, StepContext
 from distml.pipeline.shape import Node, candidate_configs, pipeline_shape, search_shape
-from distml.train.candidates import plan, start_job
+from distml.train.candidates import last_error, plan, start_job
 from distml.workspace import Workspace
 
 _TRACKING_SETUP = threading.Lock()
@@ -217,10 +217,7 @@ def _train(ctx: StepContext, workspace: Workspace, cfg: TrainConfig, folder: Pat
     ctx.started(proc)
     code = proc.wait()
     if code != 0 or not (folder / "result.json").is_file():
-        log = folder / "train.log"
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("error:")]
-        reason = lines[-1].removeprefix("error: ") if lines else f"the training process exited with {code}"
-        raise TrainingError(reason)
+        raise TrainingError(last_error(folder / "train.log") or f"the training process exited with {code}")
 
 
 def _search_step(workspace: Workspace, config: DistmlConfig, node: Node, base: TrainConfig, cores: int) -> Step:
