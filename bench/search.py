@@ -167,7 +167,7 @@ def overhead(home: Path, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     return s
 
 
-def end_to_end(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+def end_to_end(tmp: Path, args: argparse.Namespace, log_file: Path) -> dict[str, Any]:
     """``distml run --search`` in a fresh workspace; the champion's test accuracy from the run's lineage."""
     from distml.pipeline.record import lineage
 
@@ -178,7 +178,10 @@ def end_to_end(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=4 * 3600, check=False)
     wall = time.perf_counter() - started
-    (tmp / "e2e.log").write_text(done.stdout + done.stderr)
+    # Kept beside the results (the workspace is a temp folder): the run's step lines and the study's trial table.
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text(done.stdout + done.stderr)
+    print("\n".join(done.stdout.splitlines()[-40:]), flush=True)
     if done.returncode != 0:
         sys.exit(f"error: distml run --search failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     record = json.loads(sorted((home / "pipeline" / "runs").glob("*/run.json"))[-1].read_text())
@@ -295,7 +298,7 @@ def main() -> None:
         if "overhead" in only:
             doc["overhead"] = overhead(tmp / "overhead-home", tmp, args)
         if "e2e" in only:
-            doc["e2e"] = end_to_end(tmp, args)
+            doc["e2e"] = end_to_end(tmp, args, out.with_name(out.stem + "-e2e.log"))
     print()
     print(table(doc))
     out.parent.mkdir(parents=True, exist_ok=True)
