@@ -260,7 +260,8 @@ def end_of_epoch(t: Training, ep: Epoch) -> EpochRecord:
         t.log.info(
             f"epoch {record['epoch']}/{t.cfg.epochs}: train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.2%} | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%} "
-            f"| {_test_text(record, t.test is not None)} | {record['images_per_s']:,.0f} img/s | {record['seconds']:.1f} s"
+            f"| {_test_text(record, t.test is not None)} "
+            f"| {record['images_per_s']:,.0f} img/s | {record['seconds']:.1f} s"
         )
     return record
 
