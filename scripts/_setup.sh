@@ -15,7 +15,7 @@ have="$(cat "$stamp" 2>/dev/null || true)"
 if [ "$want" != "$have" ]; then
     echo "setup: installing distml and its dependencies into .venv (first run takes a few minutes)" >&2
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$repo_root[dev]"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$repo_root[dev,ray]"
     echo "$want" >"$stamp"
 fi
 
