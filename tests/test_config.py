@@ -64,3 +64,16 @@ def test_malformed_config_files_are_config_errors(tmp_path: Path, content: bytes
     config.write_bytes(content)
     with pytest.raises(ConfigError, match=needle):
         load_config(config, environ={"DISTML_HOME": "/h"})
+
+
+def test_cluster_section_ray_needs_an_address_of_a_known_form() -> None:
+    assert load_config(environ={}).cluster.engine == "local"
+    cfg = load_config(environ={}, overrides={"cluster.engine": "ray", "cluster.address": "127.0.0.1:6379"})
+    assert (cfg.cluster.engine, cfg.cluster.address, cfg.cluster.placement) == ("ray", "127.0.0.1:6379", "pack")
+    assert load_config(environ={}, overrides={"cluster.engine": "ray", "cluster.address": "auto"}).cluster.address
+    with pytest.raises(ConfigError, match="engine 'ray' needs an address"):
+        load_config(environ={}, overrides={"cluster.engine": "ray"})
+    with pytest.raises(ConfigError, match="'nohost' is not auto or HOST:PORT"):
+        load_config(environ={}, overrides={"cluster.engine": "ray", "cluster.address": "nohost"})
+    with pytest.raises(ConfigError, match="placement"):
+        load_config(environ={}, overrides={"cluster.placement": "scatter"})

@@ -318,6 +318,37 @@ class K8sConfig(_Section):
         return self
 
 
+class ClusterConfig(_Section):
+    """Where jobs run: this host's processes (local) or a Ray cluster."""
+
+    engine: Literal["local", "ray"] = Field(
+        default="local", description="local: this host's processes; ray: the Ray cluster at address"
+    )
+    address: str | None = Field(
+        default=None,
+        description="The Ray cluster: auto (one started with `ray start` on this host) or HOST:PORT of its head",
+    )
+    placement: Literal["pack", "spread"] = Field(
+        default="pack", description="Ray: a job's workers on as few nodes as fit (pack) or one per node (spread)"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address_form(cls, address: str | None) -> str | None:
+        if address is None or address == "auto":
+            return address
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{address!r} is not auto or HOST:PORT (the head node's GCS port, e.g. 10.0.0.1:6379)")
+        return address
+
+    @model_validator(mode="after")
+    def _ray_needs_address(self) -> ClusterConfig:
+        if self.engine == "ray" and self.address is None:
+            raise ValueError("engine 'ray' needs an address: auto, or HOST:PORT of the cluster's head (--ray ADDRESS)")
+        return self
+
+
 class DistmlConfig(_Section):
     """The root of the config tree; later stages add their sections here."""
 
@@ -328,6 +359,8 @@ class DistmlConfig(_Section):
     pipeline: PipelineConfig = PipelineConfig()
     k8s: K8sConfig = K8sConfig()
     search: SearchConfig = SearchConfig()
+    # Where jobs run. In no cache key or study name: the engine does not change results (tests/test_ray_train.py).
+    cluster: ClusterConfig = ClusterConfig()
     # [[candidates]] tables: each overrides some [train] settings for one candidate of ``distml train
     # --candidates`` (e.g. ``model = "resnet-small"`` with its own ``lr``).
     candidates: tuple[dict[str, Any], ...] = ()

@@ -84,6 +84,10 @@ class ResumeError(TrainingError):
     """The run folder holds a checkpoint that this job must not continue (other dataset, incompatible config)."""
 
 
+class ClusterError(DistmlError):
+    """The Ray cluster cannot be reached, refuses this client (token), or lost what a job needs."""
+
+
 class ModelError(DistmlError):
     """A model artifact cannot be exported, verified or loaded (parity failed, corrupt ``model.onnx``)."""
 

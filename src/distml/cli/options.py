@@ -130,6 +130,34 @@ def config_options(section: str, *names: str, record: bool = True) -> Callable[[
     return decorate
 
 
+def ray_option() -> Callable[[F], F]:
+    """``--ray ADDRESS``: run on the Ray cluster at ADDRESS (``cluster.engine = "ray"``, ``cluster.address``).
+
+    The address is validated with the rest of the config; the token is never an option (it would show in ``ps``):
+    Ray reads it from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+    """
+
+    def remember(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            overrides = ctx.meta.setdefault(_OVERRIDES, {})
+            overrides["cluster.engine"] = "ray"
+            overrides["cluster.address"] = value
+
+    return click.option(
+        "--ray",
+        metavar="ADDRESS",
+        expose_value=False,
+        callback=remember,
+        help="Run on a Ray cluster: auto (started with `ray start` on this host) or HOST:PORT of its head. Its "
+        "token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.",
+    )
+
+
+def placement_option() -> Callable[[F], F]:
+    """``--placement pack|spread``: where Ray puts one job's workers (``cluster.placement``)."""
+    return config_option("cluster", "placement")
+
+
 def default_text(name: str, value: object) -> str:
     """A default as --help shows it: ``16 MiB`` for a byte count, ``2`` for 2.0, ``a,b`` for a tuple."""
     if isinstance(value, tuple):
