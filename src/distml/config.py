@@ -242,7 +242,7 @@ class PipelineConfig(_Section):
 
 
 class K8sConfig(_Section):
-    """``distml k8s render``: how the pipeline runs on Kubernetes (Argo Workflows, Kubeflow Trainer, KServe)."""
+    """``distml k8s render``: how the pipeline runs on Kubernetes (Argo + Kubeflow Trainer, or KubeRay; KServe)."""
 
     image: str = Field(default="distml:0.1.0", description="The distml image the pods run (the repo's Dockerfile)")
     namespace: str = Field(
@@ -297,6 +297,30 @@ class K8sConfig(_Section):
         default="argo:argo", pattern=r"^[a-z0-9-]+:[a-z0-9-]+$",
         description="NAMESPACE:SERVICEACCOUNT of Argo's controller, which writes the memoize cache",
     )  # fmt: skip
+    engine: Literal["argo", "ray"] = Field(
+        default="argo",
+        description="argo: Argo Workflows + Kubeflow Trainer jobs; ray: a RayJob running 'distml run --ray auto' "
+        "on a KubeRay RayCluster",
+    )
+    ray_run: Literal["candidates", "search", "search+refit"] = Field(
+        default="candidates",
+        description="engine ray: the RayJob's 'distml run' trains the candidates, or runs --search (and --refit)",
+    )
+    ray_worker_pods: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="engine ray: the RayCluster's worker pods (procs_per_node workers each); None: every job at once",
+    )
+    ray_head_cpu: str = Field(
+        default="2", pattern=r"^[0-9]+(\.[0-9]+|m)?$", description="engine ray: the head pod's cores (no training)"
+    )
+    ray_head_memory: str = Field(default="8Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")
+    ray_operator_namespace: str = Field(
+        default="default",
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="engine ray: the namespace of KubeRay's operator (it polls the head's job API)",
+    )
 
     @model_validator(mode="after")
     def _replicas(self) -> K8sConfig:
