@@ -130,6 +130,30 @@ def test_a_study_with_no_complete_trial_shows_its_best_pruned_one_or_none(tmp_pa
     assert "No trial has reported a value: there is no best." in write_report(result)[-1].read_text()
 
 
+@pytest.mark.parametrize("gone", ["deleted", "never in this store"])
+def test_a_report_whose_study_run_is_gone_is_written_and_says_so_in_one_line(
+    home: Path, capsys: pytest.CaptureFixture[str], gone: str
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from distml import tracking
+    from distml.search.tracking import run_file
+
+    result = _study(home, "s", TRIALS)
+    uri = tracking.tracking_uri(home)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = "0" * 32
+    if gone == "deleted":
+        run_id = client.create_run(tracking.ensure_experiment(home, "distml-x", client)).info.run_id
+        client.delete_run(run_id)
+    run_file(home / "studies", "s").write_text(json.dumps({"uri": uri, "run_id": run_id}) + "\n")
+    files = write_report(result)  # before the fix: MLflow's exception, and a traceback from `distml tune show`
+    assert [f.name for f in files] == ["history.png", "importance.png", "report.md"]
+    assert all(f.is_file() for f in files)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"note: study s's MLflow run {run_id} is gone from {uri}; the report is only in {files[0].parent}"
+
+
 def test_a_study_is_one_parent_run_with_each_trials_training_run_as_its_child(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypedDict
 
@@ -173,14 +174,30 @@ def end_study_run(home: Path, run_id: str, status: Literal["KILLED", "FAILED"]) 
 
 
 def log_report(storage: Path, study: str, files: list[Path]) -> str | None:
-    """Attach the report's files to the study's parent run (under ``report/``); returns its id, or None if none."""
+    """Attach the report's files to the study's parent run (under ``report/``); returns its id, or None if none.
+
+    A recorded run that is gone (deleted in the UI, or its store replaced) is said in one line on stderr: the
+    report is on disk either way, and ``distml tune show`` must not end in MLflow's traceback.
+    """
     recorded = recorded_run(storage.parent, study)
     if recorded is None:
         return None
+    from mlflow.exceptions import MlflowException
+
     uri, run_id = recorded
     client = tracking.mlflow_client(uri)
-    for path in files:
-        client.log_artifact(run_id, str(path), artifact_path="report")
+    try:
+        if client.get_run(run_id).info.lifecycle_stage == "deleted":
+            raise LookupError(run_id)
+        for path in files:
+            client.log_artifact(run_id, str(path), artifact_path="report")
+    except (MlflowException, LookupError):
+        where = files[0].parent if files else storage.parent
+        print(
+            f"note: study {study}'s MLflow run {run_id} is gone from {uri}; the report is only in {where}",
+            file=sys.stderr,
+        )
+        return None
     return run_id
 
 
