@@ -171,7 +171,7 @@ def _importance_figure(importances: dict[str, float], metric: str) -> Figure:
     fig = Figure(figsize=(7, 0.5 * len(names) + 1.5), layout="constrained")
     ax = fig.subplots()
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    _label(ax, f"parameter importance for {metric} (PED-ANOVA, complete trials)", "importance", "", legend=False)
+    _label(ax, f"parameter importance for {metric}\n(PED-ANOVA, complete trials)", "importance", "", legend=False)
     return fig
 
 
