@@ -1,7 +1,8 @@
 """``distml k8s validate``: every manifest of a folder against the schemas the API server would use.
 
 - Custom resources (Argo Workflow and WorkflowTemplate, TrainJob, ClusterTrainingRuntime, PyTorchJob,
-  InferenceService, ServiceMonitor, PrometheusRule) against the ``openAPIV3Schema`` of their upstream CRDs (a
+  RayCluster, RayJob, InferenceService, ServiceMonitor, PrometheusRule) against the ``openAPIV3Schema`` of their
+  upstream CRDs (a
   folder of CRD YAML files), each against its own CRD: a kind whose CRD is not in the folder is an error, never
   checked against a stand-in. The structural schema becomes a JSON Schema the way the API server reads it:
   unknown fields are errors (kubectl's default strict field validation), ``nullable``,
@@ -10,7 +11,8 @@
 - Core objects (ConfigMap, Deployment, RBAC...) against the Kubernetes OpenAPI schemas of the
   ``kubernetes-validate`` package, in its strict form (unknown fields are errors).
 - Manifests inside an Argo resource step (``resource.manifest``) are parsed and validated too.
-- Names and labels as the API server checks them; the kustomization's resources must exist.
+- Names and labels as the API server checks them; the kustomization's resources must exist; a RayJob's
+  ``clusterSelector`` must name a RayCluster of the folder (KubeRay would wait for it forever).
 
 Each problem names the file, the object, the field path and what is wrong.
 """
@@ -163,6 +165,8 @@ def validate_dir(folder: Path, crd_dir: Path, k8s_version: str = K8S_VERSION) ->
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".json"))
     if not files:
         raise UsageError(f"{folder} holds no manifests (*.yaml)")
+    clusters: set[str] = set()  # RayClusters of the folder, and the RayJobs' selected clusters
+    selected: list[tuple[str, str, str]] = []
     for path in files:
         rel = str(path.relative_to(folder))
         try:
@@ -176,11 +180,29 @@ def validate_dir(folder: Path, crd_dir: Path, k8s_version: str = K8S_VERSION) ->
             continue
         for i, doc in enumerate(docs):
             _check(doc, rel, f"document {i + 1}", "", schemas, k8s_version, report)
+            _ray_refs(doc, rel, clusters, selected)
             if isinstance(doc, dict) and doc.get("kind") == "Kustomization":
                 for j, res in enumerate(doc.get("resources") or []):
                     if not (path.parent / res).exists():
                         report.problems.append(Problem(rel, "Kustomization", f"resources[{j}]", f"{res} not found"))
+    for file, job, cluster in selected:
+        if cluster not in clusters:
+            where = "spec.clusterSelector.ray.io/cluster"
+            report.problems.append(Problem(file, f"RayJob/{job}", where, f"no RayCluster {cluster!r} in {folder}"))
     return report
+
+
+def _ray_refs(doc: Any, file: str, clusters: set[str], selected: list[tuple[str, str, str]]) -> None:
+    """Note a RayCluster's name, or the cluster a RayJob selects (a RayJob with its own cluster selects none)."""
+    if not isinstance(doc, dict) or not str(doc.get("apiVersion", "")).startswith("ray.io/"):
+        return
+    meta: dict[str, Any] = doc["metadata"] if isinstance(doc.get("metadata"), dict) else {}
+    spec: dict[str, Any] = doc["spec"] if isinstance(doc.get("spec"), dict) else {}
+    if doc.get("kind") == "RayCluster":
+        clusters.add(str(meta.get("name")))
+    elif doc.get("kind") == "RayJob" and isinstance(spec.get("clusterSelector"), dict):
+        name = meta.get("name") or f"{meta.get('generateName', '')}*"
+        selected.append((file, str(name), str(spec["clusterSelector"].get("ray.io/cluster"))))
 
 
 def _check(doc: Any, file: str, where: str, prefix: str, schemas: Schemas, k8s_version: str, report: Report) -> None:
