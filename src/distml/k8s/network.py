@@ -18,6 +18,19 @@ distml-request-log          the sink: in from the predictor pods only
                             peers are pinned instead of the ports: only the same job's pods.
 ==========================  ==================================================================================
 
+With ``[k8s] engine = "ray"`` the workflow's, ingest's and training pods' policies give way to the RayCluster's:
+
+==========================  ==================================================================================
+distml-ray                  the RayCluster's pods (KubeRay's ``ray.io/cluster`` label): to and from each other
+                            on Ray's pinned ports (:func:`distml.k8s.ray.cluster_ports`: GCS 6379, dashboard
+                            8265, client 10001, node/object manager, agents, metrics, workers 10002-19999, the
+                            pods' ephemeral range 20000-29999 for torch's rendezvous and gloo/NCCL); out to MLflow
+distml-ray-head             the head's job API (8265): in from the RayJob's submitter and KubeRay's operator;
+                            out to the dataset's source (the driver ingests), unless on the volume
+distml-ray-submitter        the submitter: out to the head's job API only
+distml-mlflow               in from the Ray pods (and the predictor) instead of the workflow's
+==========================  ==================================================================================
+
 Pods are selected by the labels the render puts on them (``app.kubernetes.io/component``), KServe's
 ``serving.kserve.io/inferenceservice`` on the predictor, and the operator's job label on a job's pods.
 """
@@ -27,6 +40,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from distml.k8s import ray
 from distml.k8s.core import SINK_PORT, Obj
 from distml.k8s.plan import APP, MLFLOW_PORT, SERVE_PORT, Candidate, Plan
 from distml.k8s.serving import PREDICTOR_PODS
@@ -103,21 +117,27 @@ def _source_ports(source: str | None) -> tuple[int, ...]:
 
 def policies(plan: Plan) -> list[Obj]:
     """The namespace's NetworkPolicies (the per-job ones are the workflow's: :func:`job_policy`)."""
-    k = plan.k8s
     dns = {
         "to": [
             {"namespaceSelector": _namespace("kube-system"), "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
         ],
         "ports": _ports(53, protocol="UDP") + _ports(53),
     }
-    # Argo's executor reports outputs and the resource steps create jobs through the API server; its address is
-    # outside any pod network, so [k8s] api_server_cidr (all by default) and its two usual ports pin it.
-    api = {"to": [{"ipBlock": {"cidr": k.api_server_cidr}}], "ports": _ports(443, 6443)}
     out = [
         _policy(plan, "distml-default-deny", "network", {}, ingress=[], egress=[]),
         _policy(plan, "distml-dns", "network", {}, egress=[dns]),
-        _policy(plan, "distml-workflow", "workflow", _pods("workflow"), egress=[api, _mlflow_egress(plan)]),
     ]
+    out += _ray_policies(plan) if plan.k8s.engine == "ray" else _argo_policies(plan)
+    return out + _serve_policies(plan)
+
+
+def _argo_policies(plan: Plan) -> list[Obj]:
+    """The workflow's steps, the ingest, MLflow (in from steps and training pods) and the training pods."""
+    k = plan.k8s
+    # Argo's executor reports outputs and the resource steps create jobs through the API server; its address is
+    # outside any pod network, so [k8s] api_server_cidr (all by default) and its two usual ports pin it.
+    api = {"to": [{"ipBlock": {"cidr": k.api_server_cidr}}], "ports": _ports(443, 6443)}
+    out = [_policy(plan, "distml-workflow", "workflow", _pods("workflow"), egress=[api, _mlflow_egress(plan)])]
     ports = _source_ports(k.source)
     if ports:
         ingest = {
@@ -125,19 +145,61 @@ def policies(plan: Plan) -> list[Obj]:
             "matchExpressions": [{"key": "distml.io/step", "operator": "In", "values": list(INGEST_STEPS)}],
         }
         out.append(_policy(plan, "distml-ingest", "workflow", ingest, egress=[{"ports": _ports(*ports)}]))
-    if plan.render_mlflow:
-        clients = {
-            "matchLabels": {"app.kubernetes.io/name": APP},
-            "matchExpressions": [
-                {"key": "app.kubernetes.io/component", "operator": "In", "values": ["workflow", "train"]}
-            ],
-        }
-        admitted = {
-            "from": [{"podSelector": clients}, {"podSelector": {"matchLabels": PREDICTOR_PODS}}],
-            "ports": _ports(MLFLOW_PORT),
-        }
-        out.append(_policy(plan, "distml-mlflow", "mlflow", _pods("mlflow"), ingress=[admitted]))
+    out += _mlflow_policy(plan, ["workflow", "train"])
     out.append(_policy(plan, "distml-train", "train", _pods("train"), egress=[_mlflow_egress(plan)]))
+    return out
+
+
+def _mlflow_policy(plan: Plan, clients: list[str]) -> list[Obj]:
+    """MLflow (when rendered): in from the pods of ``clients`` (components) and the predictor, on its port."""
+    if not plan.render_mlflow:
+        return []
+    selector = {
+        "matchLabels": {"app.kubernetes.io/name": APP},
+        "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In", "values": clients}],
+    }
+    admitted = {
+        "from": [{"podSelector": selector}, {"podSelector": {"matchLabels": PREDICTOR_PODS}}],
+        "ports": _ports(MLFLOW_PORT),
+    }
+    return [_policy(plan, "distml-mlflow", "mlflow", _pods("mlflow"), ingress=[admitted])]
+
+
+def _ray_policies(plan: Plan) -> list[Obj]:
+    """The RayCluster's pods to and from each other on Ray's pinned ports only; its job API (the head's 8265) to
+    the RayJob's submitter and KubeRay's operator; out to MLflow, and from the head (the driver: the ingest) to
+    the dataset's source.
+
+    Ray's token authenticates its RPCs and the job API, but not gloo/NCCL or torch's rendezvous store, which a
+    Ray Train job opens on the ephemeral ports: those are admitted from the same cluster's pods only.
+    """
+    own = {"podSelector": {"matchLabels": ray.CLUSTER_PODS}}
+    head = {"matchLabels": ray.HEAD_PODS}
+    peers = {"from": [own], "ports": ray.cluster_ports()}
+    out = _mlflow_policy(plan, [ray.COMPONENT])
+    egress = [{"to": [own], "ports": ray.cluster_ports()}, _mlflow_egress(plan)]
+    out.append(_policy(plan, "distml-ray", ray.COMPONENT, own["podSelector"], ingress=[peers], egress=egress))
+    operator = {
+        "namespaceSelector": _namespace(plan.k8s.ray_operator_namespace),
+        "podSelector": {"matchLabels": ray.OPERATOR_POD},
+    }
+    job_api = {
+        "from": [{"podSelector": _pods(ray.SUBMITTER_COMPONENT)}, operator],
+        "ports": _ports(ray.DASHBOARD_PORT),
+    }
+    ports = _source_ports(plan.k8s.source)
+    source = [{"ports": _ports(*ports)}] if ports else None
+    out.append(_policy(plan, "distml-ray-head", ray.COMPONENT, head, ingress=[job_api], egress=source))
+    to_api = {"to": [{"podSelector": head}], "ports": _ports(ray.DASHBOARD_PORT)}
+    submitter = _pods(ray.SUBMITTER_COMPONENT)
+    out.append(_policy(plan, "distml-ray-submitter", ray.SUBMITTER_COMPONENT, submitter, egress=[to_api]))
+    return out
+
+
+def _serve_policies(plan: Plan) -> list[Obj]:
+    """The predictor: in from the ingress/Knative namespaces and Prometheus; out to MLflow and the sink."""
+    k = plan.k8s
+    out: list[Obj] = []
     serve_in: list[Obj] = []
     if k.ingress_namespaces:
         serve_in.append(

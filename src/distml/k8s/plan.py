@@ -17,6 +17,7 @@ from distml.errors import UsageError
 from distml.pipeline.shape import Shape, candidate_configs, pipeline_shape
 
 APP = "distml"
+CPU_IMAGE = "distml"  # the repository name Dockerfile builds (torch's CPU wheel); Dockerfile.cuda's is distml-cuda
 WORKSPACE_MOUNT = "/workspace"  # the workspace volume, DISTML_HOME of every step
 CONFIG_MOUNT = "/etc/distml"  # the distml-config ConfigMap: distml.toml and train-<label>.toml
 OUTPUTS_DIR = "/tmp/outputs"  # noqa: S108 (inside the step's container: where Argo reads output parameters)
@@ -75,6 +76,7 @@ class Plan:
     render_mlflow: bool
     render_logsink: bool
     render_runtime: bool  # the TrainJob runs on the runtime this render writes
+    ray_pods: int = 0  # engine ray: the RayCluster's worker pods (0: an Argo render)
 
     @property
     def namespace(self) -> str:
@@ -162,23 +164,16 @@ def make_plan(config: DistmlConfig) -> Plan:
             "a folder dataset needs [k8s] source: where the images are inside the cluster",
             hint=f'copy {p.source} onto the workspace volume and set source = "{WORKSPACE_MOUNT}/sources/..."',
         )
+    if k8s.gpus_per_node and image_repository(k8s.image) == CPU_IMAGE:
+        raise UsageError(
+            f"[k8s] gpus_per_node = {k8s.gpus_per_node} needs the CUDA image, but {k8s.image} is the CPU build "
+            "(Dockerfile: torch without CUDA or NCCL)",
+            hint="build Dockerfile.cuda (distml-cuda:TAG) and set [k8s] image to it, or gpus_per_node = 0",
+        )
     shape = pipeline_shape(candidate_configs(config))
-    candidates = []
-    for label, cfg in shape.candidates.items():
-        procs = min(k8s.procs_per_node, cfg.workers)
-        if cfg.workers % procs:
-            raise UsageError(
-                f"candidate {label}: {cfg.workers} workers do not split into pods of {procs} (k8s.procs_per_node)",
-                hint="make workers a multiple of procs_per_node",
-            )
-        if k8s.gpus_per_node and procs > k8s.gpus_per_node:
-            raise UsageError(
-                f"candidate {label}: {procs} workers per pod but {k8s.gpus_per_node} GPUs per pod",
-                hint="NCCL runs one worker per GPU: procs_per_node <= gpus_per_node",
-            )
-        # Each worker gets the cores its pod asks for, so the job never oversubscribes the pod's CPU limit.
-        sized = cfg.model_copy(update={"threads_per_worker": cfg.threads_per_worker or k8s.cpu_per_worker})
-        candidates.append(Candidate(label, sized, cfg.workers // procs, procs))
+    # A RayJob that runs a search trains no candidates: its trials are jobs of [train] workers (checked below).
+    searching = k8s.engine == "ray" and k8s.ray_run != "candidates"
+    candidates = [] if searching else [_job(k8s, f"candidate {n}", n, cfg) for n, cfg in shape.candidates.items()]
     if k8s.logger_url is None and k8s.log_sink_image is None:
         raise UsageError(
             "the request-log sink needs [k8s] log_sink_image pinned by tag and digest (REPO:TAG@sha256:DIGEST)",
@@ -198,5 +193,57 @@ def make_plan(config: DistmlConfig) -> Plan:
         logger_url,
         render_mlflow=k8s.mlflow_uri is None,
         render_logsink=k8s.logger_url is None,
-        render_runtime=k8s.training == "trainjob" and k8s.runtime == DISTML_RUNTIME,
+        render_runtime=k8s.engine == "argo" and k8s.training == "trainjob" and k8s.runtime == DISTML_RUNTIME,
+        ray_pods=_ray_pods(config, candidates) if k8s.engine == "ray" else 0,
     )
+
+
+def image_repository(image: str) -> str:
+    """The last part of an image's repository: ``distml`` for ``registry.example.com/ml/distml:0.1@sha256:...``."""
+    name = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    return name.split(":", 1)[0]
+
+
+def _job(k8s: K8sConfig, what: str, label: str, cfg: TrainConfig) -> Candidate:
+    """A training job of ``cfg.workers`` workers as pods of ``procs_per_node`` workers (or fewer: a smaller job);
+    ``what`` names it in an error (``candidate cnn``)."""
+    procs = min(k8s.procs_per_node, cfg.workers)
+    if cfg.workers % procs:
+        raise UsageError(
+            f"{what}: {cfg.workers} workers do not split into pods of {procs} (k8s.procs_per_node)",
+            hint="make workers a multiple of procs_per_node",
+        )
+    if k8s.gpus_per_node and procs > k8s.gpus_per_node:
+        raise UsageError(
+            f"{what}: {procs} workers per pod but {k8s.gpus_per_node} GPUs per pod",
+            hint="NCCL runs one worker per GPU: procs_per_node <= gpus_per_node",
+        )
+    # Each worker gets the cores its pod asks for, so the job never oversubscribes the pod's CPU limit.
+    sized = cfg.model_copy(update={"threads_per_worker": cfg.threads_per_worker or k8s.cpu_per_worker})
+    return Candidate(label, sized, cfg.workers // procs, procs)
+
+
+def _ray_pods(config: DistmlConfig, candidates: list[Candidate]) -> int:
+    """The RayCluster's worker pods: ``[k8s] ray_worker_pods``, or room for every job at once (as the Argo
+    render runs the candidates side by side; a search runs ``max_concurrent`` trials of ``[train] workers``).
+
+    Ray places a job's workers by the cores each asks for (``threads_per_worker``, sized to ``cpu_per_worker``),
+    and a worker pod offers ``procs_per_node`` workers' cores: a job needs as many pods as the Argo render gives
+    it. A cluster smaller than the largest job could never place it.
+    """
+    k8s = config.k8s
+    if k8s.ray_run == "candidates":
+        largest = max(candidates, key=lambda c: c.nodes)
+        what, needed = f"candidate {largest.label}", sum(c.nodes for c in candidates)
+    else:  # every trial is a job of [train] workers (workers is not searchable)
+        what = "a search trial ([train] workers)"
+        largest = _job(k8s, what, "trial", config.train)
+        needed = largest.nodes * config.search.max_concurrent
+    pods = k8s.ray_worker_pods or needed
+    if pods < largest.nodes:
+        raise UsageError(
+            f"{what}: a job of {largest.nodes} pod(s) x {largest.procs} worker(s) cannot fit on {pods} Ray worker "
+            "pod(s) ([k8s] ray_worker_pods)",
+            hint=f"set ray_worker_pods to at least {largest.nodes}, or fewer workers per job",
+        )
+    return pods

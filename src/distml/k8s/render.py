@@ -19,6 +19,15 @@ inference-service.yaml         the InferenceService as the workflow's last step 
 monitoring/                    ServiceMonitor + metrics Service, PrometheusRule, Grafana dashboard
 =============================  ==========================================================================
 
+With ``--engine ray`` (:mod:`distml.k8s.ray`), ``rbac.yaml`` holds the Ray pods' and the predictor's service
+accounts only, ``config.yaml`` the one ``distml.toml`` that ``distml run`` reads, and in place of the runtime,
+the workflow template and the workflow:
+
+=============================  ==========================================================================
+ray-cluster.yaml               the RayCluster distml-ray: a head and the worker pods, token auth (authOptions)
+ray-job.yaml                   a RayJob running 'distml run --ray auto' on it (``kubectl create -f``)
+=============================  ==========================================================================
+
 The folder is written next to itself and renamed into place, so a failed render leaves the old one whole.
 """
 
@@ -30,7 +39,7 @@ from pathlib import Path
 
 from distml.config import DistmlConfig
 from distml.errors import UsageError
-from distml.k8s import core, network, serving, training, workflow
+from distml.k8s import core, network, ray, serving, training, workflow
 from distml.k8s.core import Obj
 from distml.k8s.plan import Plan, make_plan
 from distml.k8s.yamlio import dump_all
@@ -40,6 +49,8 @@ MARKER = ".distml-k8s"  # a render's folder holds this; only such a folder is re
 
 def build(plan: Plan) -> dict[str, list[Obj] | str]:
     """Every file of the render: a path -> its objects (YAML documents) or its text."""
+    if plan.k8s.engine == "ray":
+        return build_ray(plan)
     files: dict[str, list[Obj] | str] = {
         "namespace.yaml": [core.namespace(plan)],
         "network-policy.yaml": network.policies(plan),
@@ -54,23 +65,54 @@ def build(plan: Plan) -> dict[str, list[Obj] | str]:
     if plan.render_runtime:
         files["training-runtime.yaml"] = [training.training_runtime(plan)]
     files["workflow-template.yaml"] = [workflow.workflow_template(plan)]
+    _serving(plan, files)
+    # The InferenceService is the workflow's to create (with a champion to serve) and the Workflow is created
+    # per run, so neither is part of 'kubectl apply -k'.
+    files["kustomization.yaml"] = [_kustomization(plan, files)]
+    files["workflow.yaml"] = [workflow.workflow(plan)]
+    return files
+
+
+def build_ray(plan: Plan) -> dict[str, list[Obj] | str]:
+    """The render for KubeRay: the same namespace, volume, MLflow and serving, with a RayCluster and a RayJob
+    (``ray-job.yaml``, created per run) in place of the Argo workflow and the Kubeflow jobs."""
+    files: dict[str, list[Obj] | str] = {
+        "namespace.yaml": [core.namespace(plan)],
+        "network-policy.yaml": network.policies(plan),
+        "config.yaml": [ray.config_map(plan)],
+        "storage.yaml": [core.workspace_claim(plan)],
+        "rbac.yaml": ray.service_accounts(plan),
+    }
+    if plan.render_mlflow:
+        files["mlflow.yaml"] = core.mlflow(plan)
+    if plan.render_logsink:
+        files["request-log.yaml"] = core.request_log_sink(plan)
+    files["ray-cluster.yaml"] = [ray.ray_cluster(plan)]
+    _serving(plan, files)
+    # The InferenceService serves a champion, which the first RayJob registers; a RayJob is created per run.
+    files["kustomization.yaml"] = [_kustomization(plan, files)]
+    files["ray-job.yaml"] = [ray.ray_job(plan)]
+    return files
+
+
+def _serving(plan: Plan, files: dict[str, list[Obj] | str]) -> None:
+    """The InferenceService of the current champion and its monitoring (either engine)."""
     files["inference-service.yaml"] = [serving.inference_service(plan, ref=plan.model_ref, version="champion")]
     files["monitoring/service-monitor.yaml"] = [serving.metrics_service(plan), serving.service_monitor(plan)]
     files["monitoring/prometheus-rule.yaml"] = [serving.prometheus_rule(plan)]
     files["monitoring/grafana-dashboard.yaml"] = [serving.dashboard_config_map(plan)]
     files["monitoring/grafana-dashboard.json"] = json.dumps(serving.dashboard(), indent=2) + "\n"
-    # The InferenceService is the workflow's to create (with a champion to serve) and the Workflow is created
-    # per run, so neither is part of 'kubectl apply -k'.
+
+
+def _kustomization(plan: Plan, files: dict[str, list[Obj] | str]) -> Obj:
+    """``kubectl apply -k``: every YAML file so far but the InferenceService."""
     resources = [p for p in files if p.endswith(".yaml") and p != "inference-service.yaml"]
-    kustomization = {
+    return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "namespace": plan.namespace,
         "resources": resources,
     }
-    files["kustomization.yaml"] = [kustomization]
-    files["workflow.yaml"] = [workflow.workflow(plan)]
-    return files
 
 
 def render(config: DistmlConfig, out: Path) -> tuple[Plan, list[Path]]:
