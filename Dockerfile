@@ -8,7 +8,8 @@ RUN /opt/distml/bin/pip install torch==2.13.0 --index-url https://download.pytor
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN /opt/distml/bin/pip install .
+# The ray extra: the pods of distml k8s render --engine ray run `ray start` from this image.
+RUN /opt/distml/bin/pip install '.[ray]'
 
 FROM python:3.11-slim
 COPY --from=build /opt/distml /opt/distml

@@ -339,6 +339,7 @@ def test_dockerfiles_install_the_pinned_torch_and_run_distml() -> None:
         text = (root / name).read_text()
         assert f"torch=={pin}" in text, name
         assert 'ENTRYPOINT ["distml"]' in text and "USER " in text, name
+        assert "pip install '.[ray]'" in text, name  # the KubeRay render's pods run `ray start` from the image
 
 
 def test_the_workflows_own_commands_run_the_pipeline_here(
