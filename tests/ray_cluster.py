@@ -1,11 +1,12 @@
 """A real multi-node Ray cluster on this machine, for the Ray tests: every address on loopback, token auth on.
 
-Each node is one ``ray start --block`` process (the head first), started in its own session with the node IP
-127.0.0.1; every process of a node (raylet, GCS, agents, the workers it forks) descends from it, so a node is
+Each node is one Python process that starts a Ray node (the head first) the way ``ray.cluster_utils.Cluster``
+does, in its own session, with the node IP 127.0.0.1 and Ray's loopback-only mode; every process of a node
+(raylet, GCS, agents, the workers it forks) descends from it, so a node is
 stopped or killed by the pids of that process tree, never by name (other clusters may run on this host). The
 dashboard is off and every fixed default port is replaced by a free one, so clusters of parallel test runs do
-not collide; each cluster has its own temp folder, so ``ray start``'s "current cluster" file of the default
-folder is left alone.
+not collide; each cluster has its own temp folder, and none writes the "current cluster" file that ``--ray auto``
+reads.
 
 Tests talk to a cluster as users do: ``distml ... --ray <address>`` in a subprocess whose environment includes
 :attr:`LocalRayCluster.env` (the token, the auth mode). Use one cluster per test module::
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import secrets
 import shutil
@@ -34,7 +36,29 @@ from pathlib import Path
 import pytest
 
 START_TIMEOUT_S = 60.0
-_RAY = str(Path(sys.executable).with_name("ray"))
+_STARTED = "distml-test-node-started"
+# One node, as ray.cluster_utils.Cluster starts them (its Node class, in a process of its own), then waits until it
+# is signalled: `ray start` would refuse a worker node in Ray's loopback-only mode. Every process of the node is a
+# child of this one.
+_NODE = f"""
+import json, sys, time
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+
+s = json.loads(sys.argv[1])
+params = RayParams(
+    node_ip_address="127.0.0.1", num_cpus=s["cpus"], num_gpus=0, object_store_memory=100 * 1024 * 1024,
+    min_worker_port=0, max_worker_port=0, dashboard_agent_listen_port=s["agent_port"], temp_dir=s["temp_dir"],
+)
+if s["head"]:
+    params.update(gcs_server_port=s["port"], include_dashboard=False, ray_client_server_port=s["client_port"])
+else:
+    params.update(gcs_address=s["gcs_address"], include_log_monitor=False, node_manager_port=0)
+node = Node(params, head=s["head"], shutdown_at_exit=True, spawn_reaper=True)
+print("{_STARTED}", node.node_id, flush=True)
+while True:
+    time.sleep(3600)
+"""
 
 
 def _free_port() -> int:
@@ -82,12 +106,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _send(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 @dataclass
 class LocalRayCluster:
     """A running local cluster: its head's address and what a client process needs in its environment."""
 
     address: str  # "127.0.0.1:PORT": the head's GCS
-    env: dict[str, str]  # RAY_AUTH_MODE=token, RAY_AUTH_TOKEN, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    env: dict[str, str]  # RAY_AUTH_MODE=token, RAY_AUTH_TOKEN, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, RAY_ADDRESS
     cpus_per_node: int = 1
     temp_dir: Path = field(default_factory=Path)
     _nodes: list[subprocess.Popen[str]] = field(default_factory=list)
@@ -99,9 +129,13 @@ class LocalRayCluster:
         return {**env, **self.env, **extra}
 
     def node_pids(self, index: int) -> list[int]:
-        """The live processes of node ``index`` (0 = the head): its ``ray start`` and everything below it."""
+        """The live processes of node ``index`` (0 = the head): its node process and everything below it."""
         root = self._nodes[index].pid
         return [pid for pid in _descendants(root) if _alive(pid)]
+
+    def worker_nodes(self) -> list[int]:
+        """The indexes of the worker nodes still running, oldest first (the head, 0, is not one)."""
+        return [i for i in range(1, len(self._nodes)) if self._nodes[i].poll() is None]
 
     def kill_node(self, index: int) -> None:
         """SIGKILL every process of worker node ``index`` (not the head: the cluster would be gone)."""
@@ -111,57 +145,45 @@ class LocalRayCluster:
         self._nodes[index].wait(timeout=10)
 
     def add_node(self, cpus: int | None = None, *, wrap: list[str] | None = None) -> int:
-        """Start one more worker node (``wrap``: a command that runs ``ray start``, e.g. ``unshare``); its index."""
+        """Start one more worker node; its index. ``wrap``: a command that runs the node process (``unshare`` ...)."""
         self._start_node(head=False, cpus=cpus or self.cpus_per_node, wrap=wrap or [])
         return len(self._nodes) - 1
 
     def stop(self) -> None:
-        """Every process of every node, by pid: SIGTERM, then SIGKILL what is left after a few seconds."""
-        for index in reversed(range(len(self._nodes))):
-            self._signal(index, signal.SIGTERM)
+        """Every process of every node, by pid: SIGTERM, then SIGKILL what is left after a few seconds.
+
+        The pids are read once, first: a process whose parent has ended is no longer below the node's root.
+        """
+        pids = [pid for index in range(len(self._nodes)) for pid in self.node_pids(index)]
+        _send(pids, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for index in range(len(self._nodes)):
-            while self.node_pids(index) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            self._signal(index, signal.SIGKILL)
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _send([pid for pid in pids if _alive(pid)], signal.SIGKILL)
+        for proc in self._nodes:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._nodes[index].wait(timeout=5)
+                proc.wait(timeout=5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def log(self, index: int) -> str:
-        """What node ``index``'s ``ray start`` printed (for a failing test's message)."""
+        """What node ``index``'s process printed (for a failing test's message)."""
         return "".join(self._logs[index])
 
     def _signal(self, index: int, sig: signal.Signals) -> None:
-        for pid in self.node_pids(index):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        _send(self.node_pids(index), sig)
 
     def _start_node(self, *, head: bool, cpus: int, wrap: list[str]) -> None:
-        args = [
-            _RAY,
-            "start",
-            "--block",
-            "--disable-usage-stats",
-            "--node-ip-address=127.0.0.1",
-            f"--num-cpus={cpus}",
-            "--num-gpus=0",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            "--object-store-memory=100000000",
-        ]
-        if head:
-            port = self.address.rpartition(":")[2]
-            args += [
-                "--head",
-                f"--port={port}",
-                "--include-dashboard=false",
-                f"--ray-client-server-port={_free_port()}",
-                f"--temp-dir={self.temp_dir}",
-            ]
-        else:
-            args += [f"--address={self.address}"]
+        settings = {
+            "head": head,
+            "gcs_address": self.address,
+            "port": int(self.address.rpartition(":")[2]),
+            "cpus": cpus,
+            "temp_dir": str(self.temp_dir),
+            "agent_port": _free_port(),
+            "client_port": _free_port(),
+        }
         proc = subprocess.Popen(
-            [*wrap, *args],
+            [*wrap, sys.executable, "-c", _NODE, json.dumps(settings)],
             env=self.client_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -177,7 +199,7 @@ class LocalRayCluster:
             assert proc.stdout is not None
             for line in proc.stdout:
                 lines.append(line)
-                if "Ray runtime started" in line:
+                if line.startswith(_STARTED):
                     started.set()
 
         threading.Thread(target=read, daemon=True).start()
@@ -200,7 +222,11 @@ def start_local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> LocalRayClust
     }
     # Short: Ray puts unix sockets under it, and their paths must stay under 108 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    cluster = LocalRayCluster(f"127.0.0.1:{_free_port()}", env, cpus_per_node, temp_dir)
+    address = f"127.0.0.1:{_free_port()}"
+    # Ray's own actors look up "the" cluster (address None or auto) when they talk to it, and find every cluster
+    # running on this host (other test runs'): this one's address, for them and for every process it starts.
+    env["RAY_ADDRESS"] = address
+    cluster = LocalRayCluster(address, env, cpus_per_node, temp_dir)
     cluster._start_node(head=True, cpus=cpus_per_node, wrap=[])
     for _ in range(nodes - 1):
         cluster.add_node()

@@ -1,7 +1,8 @@
 """The stage boundaries hold by import, not by discipline.
 
 What each part of ``distml`` may import (``shared`` = ``errors``, ``config``, ``files``, ``workspace``,
-``tracking``, ``card``, ``model_names``: leaves every stage may use; ``tracking`` loads MLflow only when called):
+``tracking``, ``cluster``, ``card``, ``model_names``: leaves every stage may use; ``tracking`` loads MLflow and
+``cluster`` Ray only when called):
 
 - ``data``: the shared modules. Each source in ``data.sources`` reads only ``data.sources.base`` and the readers
   it needs (``fetch``, ``idx``, ``safetar``); the store and the reader know no source.
@@ -71,6 +72,20 @@ def test_the_server_can_reach_no_training_or_source_code() -> None:
 def test_the_kubernetes_render_can_reach_no_training_code() -> None:
     reachable = closure(("distml.k8s", "distml.k8s.render"))
     assert _matching(reachable, ("distml.train",)) == []
+
+
+def test_importing_the_config_the_cluster_module_or_the_cli_loads_no_ray() -> None:
+    """Ray is an optional extra and slow to import: only a command that runs on a cluster loads it."""
+    loaded = _loaded_after("distml.config", "distml.cluster", "distml.cli.main", "distml.train.ray_launch")
+    assert "distml.cluster" in loaded
+    assert _matching(loaded, ("ray",)) == []
+
+
+def test_the_cluster_module_is_a_shared_leaf_the_server_cannot_reach() -> None:
+    """``distml.cluster`` uses only the exception tree; the server reaches neither it nor the Ray launcher."""
+    assert set(closure(("distml.cluster",))) == {"distml", "distml.cluster", "distml.errors"}
+    reachable = closure(("distml.serve", "distml.serve.server", "distml.serve.app"))
+    assert _matching(reachable, ("distml.cluster", "distml.train.ray_launch")) == []
 
 
 def _package_inits() -> list[str]:

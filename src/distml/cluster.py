@@ -8,6 +8,7 @@ distml's command line, where ``ps`` would show it.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import socket
 import types
@@ -49,6 +50,7 @@ def connect(address: str, *, timeout_s: float = 10.0) -> None:
     target = _find_local_cluster() if address == "auto" else address
     # Ray itself retries an unreachable address for about a minute; a plain TCP connection says it at once.
     _probe(target, address, timeout_s)
+    _require_local_node(address)
     logger = logging.getLogger("ray")
     level = logger.level
     logger.setLevel(logging.WARNING)  # Ray's INFO lines about connecting are noise in a distml command
@@ -86,8 +88,7 @@ def nodes() -> list[NodeInfo]:
 
 def _find_local_cluster() -> str:
     """``auto``: the address of the cluster started with ``ray start`` on this host, or a ClusterError."""
-    from ray._private import services
-
+    services = _ray_services()
     try:
         return str(services.canonicalize_bootstrap_address_or_die("auto"))
     except ConnectionError as exc:
@@ -109,6 +110,21 @@ def _probe(target: str, address: str, timeout_s: float) -> None:
             f"cannot reach the Ray cluster at {address}: {reason}",
             hint="check the head's address and port (its GCS port, 6379 by default) and that it is running",
         ) from None
+
+
+def _require_local_node(address: str) -> None:
+    """A Ray driver attaches to a node on its own host: say so at once, where Ray would look for one for a minute."""
+    if not _ray_services().find_node_ids():
+        raise ClusterError(
+            f"this host runs no node of the Ray cluster at {address}; distml drives Ray jobs from a node of the "
+            "cluster",
+            hint=f"run the command on the head node, or join this host first: ray start --address={address}",
+        )
+
+
+def _ray_services() -> types.ModuleType:
+    """Ray's address and process discovery (``ray._private.services``; Ray is pinned in the ``ray`` extra)."""
+    return importlib.import_module("ray._private.services")
 
 
 def _connect_failure(address: str, exc: BaseException) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from distml.cli.options import AppContext, config_options, pass_app
+from distml.cli.options import AppContext, config_options, pass_app, placement_option, ray_option
 from distml.train import report
 
 
@@ -28,6 +28,8 @@ from distml.train import report
     metavar="HOST:PORT",
     help="torchrun: c10d rendezvous endpoint (multi-host). Unauthenticated: only on a trusted network.",
 )
+@ray_option()
+@placement_option()
 @pass_app
 def train_cmd(
     app: AppContext,
@@ -48,10 +50,16 @@ def train_cmd(
     content torchrun unpickles) and the workers' gloo/NCCL ports are open to whoever can reach the hosts.
     Admit them only from the job's own hosts (on Kubernetes, a NetworkPolicy between the job's pods).
 
+    With --ray ADDRESS the job runs on a Ray cluster instead (Ray Train places the workers, --placement pack or
+    spread, and restarts them after a lost node, --max-restarts times); this command must run on a node of
+    that cluster, and the workspace must be a shared folder at the same path on every node. Ray's token
+    authentication must be on (RAY_AUTH_MODE=token) and the cluster on a trusted network.
+
     \b
     Examples:
       distml train --dataset fashion-mnist --model cnn --workers 2 --epochs 5
       distml train --model resnet --epochs 15 --batch-size 256 --lr 0.004 --run-name strong
+      distml train --ray 10.0.0.1:6379 --workers 4 --placement spread --max-restarts 2
     """
     if candidates is not None:
         _train_candidates(app, candidates, run_name)
@@ -59,7 +67,8 @@ def train_cmd(
     from distml.train.launch import Rendezvous, train
 
     cfg = app.config.train
-    result = train(cfg, app.workspace, run_name, Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=rdzv_endpoint))
+    rdzv = Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=rdzv_endpoint)
+    result = train(cfg, app.workspace, run_name, rdzv, cluster=app.config.cluster)
     click.echo(report.result_line(cfg, result))
 
 

@@ -16,14 +16,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypedDict
 
-from distml import tracking
 from distml._proc import die_with_parent
-from distml.config import TrainConfig
+from distml.config import ClusterConfig, TrainConfig
 from distml.data.reader import open_path
 from distml.data.store import DatasetStore
-from distml.errors import TrainingError, UsageError, WorkspaceError
-from distml.files import write_atomic
+from distml.errors import DistmlError, TrainingError, UsageError, WorkspaceError
 from distml.model_names import check_model_name
+from distml.train import job_run
 from distml.train.dist import usable_cores
 from distml.train.job import Job, check_resume, check_split
 from distml.train.runlock import RunLock, lock_run
@@ -134,33 +133,30 @@ class TrainResult:
     torchrun_exit: int
 
 
-def prepare(cfg: TrainConfig, workspace: Workspace, run_name: str | None, rdzv: Rendezvous = Rendezvous()) -> Job:
+def prepare(
+    cfg: TrainConfig,
+    workspace: Workspace,
+    run_name: str | None,
+    rdzv: Rendezvous = Rendezvous(),
+    cluster: ClusterConfig | None = None,
+) -> Job:
     """Validate the request and write the job file; nothing is started yet."""
-    job, lock = _prepare_locked(cfg, workspace, run_name, rdzv)
+    job, lock = _prepare_locked(cfg, workspace, run_name, rdzv, cluster)
     lock.release()
     return job
 
 
 def _prepare_locked(
-    cfg: TrainConfig, workspace: Workspace, run_name: str | None, rdzv: Rendezvous
+    cfg: TrainConfig, workspace: Workspace, run_name: str | None, rdzv: Rendezvous, cluster: ClusterConfig | None
 ) -> tuple[Job, RunLock]:
     """:func:`prepare`, returning the run folder's lock still held (the caller releases it)."""
     rdzv.check()
     check_model_name(cfg.model)
     _check_batch(cfg, rdzv)
-    cores = usable_cores()
-    threads = cfg.threads_per_worker or 1
-    gpus = _gpu_count()
-    if gpus and cfg.workers > gpus:
-        raise UsageError(
-            f"--workers {cfg.workers} is more than the {gpus} GPU(s) on this host",
-            hint=f"NCCL runs one worker per GPU: use --workers {gpus} or fewer (more hosts: --nnodes)",
-        )
-    if not gpus and cfg.workers * threads > cores and not cfg.allow_oversubscribe:
-        raise UsageError(
-            f"--workers {cfg.workers} x {threads} thread(s) is more than the {cores} cores here",
-            hint="use fewer workers, or pass --allow-oversubscribe (slower: workers wait for each other)",
-        )
+    if on_ray(cluster):
+        _check_ray(cfg, rdzv, cluster)
+    else:
+        _check_this_host(cfg)
     dataset = open_path(DatasetStore(workspace).resolve(cfg.dataset))
     check_split(cfg, len(dataset.split("train")))
     name = run_name or f"{cfg.model}-{dataset.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -184,6 +180,41 @@ def _prepare_locked(
         lock.release()
         raise
     return job, lock
+
+
+def on_ray(cluster: ClusterConfig | None) -> bool:
+    """Whether a job with these cluster settings runs on Ray (else on this host, under torchrun)."""
+    return cluster is not None and cluster.engine == "ray"
+
+
+def _check_this_host(cfg: TrainConfig) -> None:
+    """Refuse more workers than this host's GPUs, or (on CPU) than its cores unless oversubscribing is allowed."""
+    cores = usable_cores()
+    threads = cfg.threads_per_worker or 1
+    gpus = _gpu_count()
+    if gpus and cfg.workers > gpus:
+        raise UsageError(
+            f"--workers {cfg.workers} is more than the {gpus} GPU(s) on this host",
+            hint=f"NCCL runs one worker per GPU: use --workers {gpus} or fewer (more hosts: --nnodes)",
+        )
+    if not gpus and cfg.workers * threads > cores and not cfg.allow_oversubscribe:
+        raise UsageError(
+            f"--workers {cfg.workers} x {threads} thread(s) is more than the {cores} cores here",
+            hint="use fewer workers, or pass --allow-oversubscribe (slower: workers wait for each other)",
+        )
+
+
+def _check_ray(cfg: TrainConfig, rdzv: Rendezvous, cluster: ClusterConfig | None) -> None:
+    """A Ray job: Ray places the workers, so no torchrun host flags; the cluster must be able to place them."""
+    from distml.train.ray_launch import check_placeable
+
+    if rdzv != Rendezvous():
+        raise UsageError(
+            "--nnodes, --node-rank and --rdzv-endpoint are torchrun's; with --ray, Ray places the workers",
+            hint="drop them, or drop --ray to run under torchrun",
+        )
+    assert cluster is not None
+    check_placeable(cfg, cluster)
 
 
 def _check_batch(cfg: TrainConfig, rdzv: Rendezvous) -> None:
@@ -221,15 +252,23 @@ def _check_existing(job: Job) -> None:
         check_resume(loaded[1], job, loaded[0].name)
 
 
-def run_job(job: Job, rdzv: Rendezvous = Rendezvous(), lock: RunLock | None = None) -> TrainResult:
-    """Run ``job``'s workers (under torchrun; one worker directly) and wait; rank 0 prints the progress.
+def run_job(
+    job: Job, rdzv: Rendezvous = Rendezvous(), lock: RunLock | None = None, cluster: ClusterConfig | None = None
+) -> TrainResult:
+    """Run ``job``'s workers (under torchrun; one worker directly; on Ray) and wait; rank 0 prints the progress.
 
     ``lock``, the run folder's lock, is shared with the launched process, so the folder stays locked until that
-    process has ended, even if this one is killed first.
+    process has ended, even if this one is killed first. On Ray this process drives the job, so the lock is
+    held as long as the job runs.
     """
     status = job.run_dir / "status"
     shutil.rmtree(status, ignore_errors=True)
     (job.run_dir / "result.json").unlink(missing_ok=True)
+    if on_ray(cluster):
+        from distml.train import ray_launch
+
+        assert cluster is not None
+        return _interpret(job, ray_launch.run(job, cluster), rdzv, launcher="Ray Train")
     cfg = job.config
     threads = cfg.threads_per_worker or max(1, usable_cores() // cfg.workers)
     worker = ["-m", "distml.train.worker", str(job.run_dir)]
@@ -282,7 +321,8 @@ def _launcher(job: Job, rdzv: Rendezvous) -> str:
     return "the worker" if direct_launch(job.config, rdzv) else "torchrun"
 
 
-def _interpret(job: Job, code: int, rdzv: Rendezvous) -> TrainResult:
+def _interpret(job: Job, code: int, rdzv: Rendezvous, launcher: str | None = None) -> TrainResult:
+    launcher = launcher or _launcher(job, rdzv)
     status = job.run_dir / "status"
     failed = sorted(status.glob("rank-*.failed")) if status.is_dir() else []
     if rdzv.nnodes == 1:
@@ -298,15 +338,14 @@ def _interpret(job: Job, code: int, rdzv: Rendezvous) -> TrainResult:
         raise TrainingError(f"training run {job.run_dir.name} failed on {failed[0].stem}: {reason}")
     if not done:
         raise TrainingError(
-            f"training run {job.run_dir.name} failed: {_launcher(job, rdzv)} exited with {code} before every "
-            "worker finished",
+            f"training run {job.run_dir.name} failed: {launcher} exited with {code} before every worker finished",
             hint="see the output above; re-running the same --run-name resumes from the last checkpoint",
         )
     if code != 0:
         # Every rank finished and wrote its results, then something aborted in shutdown (seen with gloo):
         # the work is complete, so this is not a failure, but it is said.
         print(
-            f"note: {_launcher(job, rdzv)} exited with {code} after every worker had finished and written its results "
+            f"note: {launcher} exited with {code} after every worker had finished and written its results "
             "(an abort during process-group shutdown); the run is complete",
             file=sys.stderr,
         )
@@ -324,66 +363,36 @@ def _gpu_count() -> int:
 
 
 def train(
-    cfg: TrainConfig, workspace: Workspace, run_name: str | None = None, rdzv: Rendezvous = Rendezvous()
+    cfg: TrainConfig,
+    workspace: Workspace,
+    run_name: str | None = None,
+    rdzv: Rendezvous = Rendezvous(),
+    cluster: ClusterConfig | None = None,
 ) -> TrainResult:
-    """Validate, then run the whole job: the library form of ``distml train``.
+    """Validate, then run the whole job: the library form of ``distml train``; on Ray with ``cluster``.
 
     The run folder is locked from the checks to the end: a second command for the same run (on the same host)
     is refused with the holder's pid instead of training into the same folder.
     """
-    job, lock = _prepare_locked(cfg, workspace, run_name, rdzv)
+    if on_ray(cluster):
+        # Ray's workers do not start in this process's folder: every path they are given must be absolute.
+        workspace = Workspace(workspace.home.resolve())
+    job, lock = _prepare_locked(cfg, workspace, run_name, rdzv, cluster)
     try:
         if rdzv.node_rank == 0:
-            job = _with_mlflow_run(job, workspace)
+            job = job_run.open_job_run(job, workspace)
         start = time.perf_counter()
         try:
-            result = run_job(job, rdzv, lock)
-        except BaseException:
-            _finish_mlflow_run(job, ok=False)
+            result = run_job(job, rdzv, lock, cluster)
+        except BaseException as exc:
+            job_run.close_job_run(job, ok=False, error=str(exc) if isinstance(exc, DistmlError) else type(exc).__name__)
             raise
         result.metrics.setdefault("wall_seconds", time.perf_counter() - start)
-        _finish_mlflow_run(job, ok=True)
+        job_run.close_job_run(job, ok=True)
     finally:
         lock.release()
     result.metrics["mlflow_run_id"] = job.mlflow_run_id
     return result
-
-
-def _with_mlflow_run(job: Job, workspace: Workspace) -> Job:
-    """Open the job's one MLflow run (reopened when the run folder already has one) and record it in the job."""
-    id_file = job.run_dir / "mlflow_run_id"
-    existing = id_file.read_text().strip() if id_file.is_file() else None
-    params = {**job.config.model_dump(mode="json"), "world_size": job.world_size, "dataset_digest": job.dataset_digest}
-    params.update(tracking.system_info())
-    dataset_name = open_path(job.dataset_path).name
-    uri, run_id = tracking.open_run(
-        home=workspace.home,
-        experiment=f"distml-{dataset_name}",
-        run_name=job.run_dir.name,
-        existing_id=existing,
-        params=params,
-        tags={
-            "distml.run_dir": str(job.run_dir),
-            "distml.dataset": dataset_name,
-            "distml.model": job.config.model,
-            **tracking.child_tags(),  # a search trial's run nests under its study's run
-        },
-    )
-    write_atomic(id_file, run_id.encode())
-    job = replace(job, mlflow_uri=uri, mlflow_run_id=run_id)
-    job.write()
-    return job
-
-
-def _finish_mlflow_run(job: Job, *, ok: bool) -> None:
-    """Attach the run's record (and on success its final checkpoint) and mark the MLflow run finished or failed."""
-    if not (job.mlflow_uri and job.mlflow_run_id):
-        return
-    from distml.train.checkpoint import list_checkpoints
-
-    final = list_checkpoints(job.checkpoints)[-1:] if ok else []
-    artifacts = [job.run_dir / "job.json", job.run_dir / "history.json", *final]
-    tracking.close_run(job.mlflow_uri, job.mlflow_run_id, ok=ok, artifacts=artifacts)
 
 
 def _round_to(value: int, multiple: int) -> int:
