@@ -93,7 +93,8 @@ class StudyLoop:
         if slots < self.search.max_concurrent:
             self.say(
                 f"running {slots} trial(s) at once, not {self.search.max_concurrent}: each takes "
-                f"{self.base.workers} worker(s) and more would not fit here"
+                f"{self.base.workers} worker(s) and more would not fit "
+                + ("on the Ray cluster" if self.config.cluster.engine == "ray" else "here")
             )
         tracking.ensure_experiment(self.workspace.home, f"distml-{self.dataset_name}")  # before trials race
         self.parent_run = _start_parent(self.workspace.home, self.study.study_name, self.config)

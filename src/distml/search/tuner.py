@@ -14,6 +14,10 @@ again with the same params and the config its job ran with (``job.json``) in the
 resumes from its last checkpoint; it is neither lost nor counted twice. Each new trial's sampler is seeded by the
 study's seed and the trial's number (:func:`~distml.search.study.make_sampler`), so the same seed with one trial at
 a time gives the same params whether or not the study was interrupted.
+
+With ``[cluster] engine = "ray"`` (``--ray ADDRESS``) the trials' workers run on the Ray cluster
+(:class:`~distml.search.executor.RayExecutor`), as many trials at once as its CPUs hold; the study, its name, the
+trials' run folders and MLflow runs are the same as on this host: the engine is not part of what a study is.
 """
 
 from __future__ import annotations
@@ -74,7 +78,15 @@ def tune(
             refuse_leftovers(workspace.home, study)
         opened = open_study(path, study, search, document, space_sha256(document), digest, max_epochs(config))
         loop = StudyLoop(
-            config, workspace, opened, path, total, stream, executor or _local_executor(workspace), poll_s, dataset_name
+            config,
+            workspace,
+            opened,
+            path,
+            total,
+            stream,
+            executor or _executor(workspace, config),
+            poll_s,
+            dataset_name,
         )
         return loop.run()
     finally:
@@ -89,6 +101,15 @@ def with_search_epochs(config: DistmlConfig) -> DistmlConfig:
     if config.search.epochs is not None:
         update["epochs"] = config.search.epochs
     return config.model_copy(update={"train": config.train.model_copy(update=update)})
+
+
+def _executor(workspace: Workspace, config: DistmlConfig) -> TrialExecutor:
+    """Where the trials run: ``[cluster]``'s Ray cluster (``--ray``), else this host."""
+    if config.cluster.engine == "ray":
+        from distml.search.executor import RayExecutor
+
+        return RayExecutor(workspace, config.cluster)
+    return _local_executor(workspace)
 
 
 def _local_executor(workspace: Workspace) -> TrialExecutor:
