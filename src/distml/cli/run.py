@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
-from distml.cli.options import AppContext, config_option, config_options, config_path_option, pass_app
+from distml.cli.options import (
+    AppContext,
+    config_option,
+    config_options,
+    config_path_option,
+    pass_app,
+    placement_option,
+    ray_option,
+)
 from distml.config import DEFAULT_HOME
 from distml.errors import UsageError
 
@@ -26,6 +37,8 @@ from distml.errors import UsageError
     help="Run STEP even on a hit (ingest, train, train[cnn], select, register); repeatable.",
 )
 @click.option("--no-cache", is_flag=True, help="Run every step (the results are still cached).")
+@ray_option()
+@placement_option()
 @pass_app
 def run_cmd(
     app: AppContext,
@@ -47,12 +60,18 @@ def run_cmd(
     validation split) replaces the candidates: a rerun with more --trials continues the study, so only the new
     trials run. --refit retrains the chosen trial's settings on all of train and registers that model.
 
+    With --ray ADDRESS the training jobs (candidates, trials, the refit) run on that Ray cluster: ingest, select
+    and register stay on this host, the jobs are sized by the cluster's CPUs/GPUs, and the end lists which node
+    ran each rank. The workspace must be on storage every node sees. The cache, the runs and the registry are
+    the same as without --ray: switching engines alone reruns nothing.
+
     \b
     Examples:
       distml run --source ../shared/datasets/fashion-mnist
       distml run --epochs 8 --serve
       distml run --config distml.toml --candidates cnn,resnet-small --force train
       distml run --search --trials 12 --refit
+      distml run --ray 10.0.0.1:6379 --home /shared/distml
     """
     from distml.pipeline.run import run_pipeline
 
@@ -77,6 +96,8 @@ def run_cmd(
         log=click.echo,
     )
     reg = done.champion
+    if app.config.cluster.engine == "ray":
+        _show_placement(app, done.id)
     click.echo(
         f"\npipeline run {done.id} done in {done.seconds:.1f} s: {reg['name']} version {reg['version']} is champion"
     )
@@ -85,6 +106,30 @@ def run_cmd(
         click.echo(f"serve it:  distml serve {reg['ref']}{home}")
         return
     _serve(app, reg["ref"])
+
+
+def _show_placement(app: AppContext, run_id: str) -> None:
+    """Which node ran which rank of each of the run's training jobs (their ``placement.json``, Ray's record)."""
+    from distml.pipeline import record
+    from distml.train.candidates import placement_lines
+
+    steps = record.load(app.workspace.home, run_id)["steps"]
+    lines = placement_lines(_job_dirs(steps))
+    if lines:
+        click.echo("\nwhere the jobs ran (node = the first 8 hex digits of its Ray node id):")
+        click.echo("\n".join(f"  {line}" for line in lines))
+
+
+def _job_dirs(steps: dict[str, dict[str, Any]]) -> list[Path]:
+    """The run folders of a pipeline run's training jobs, in step order: candidates, the search's trials, refit."""
+    dirs = []
+    for step in steps.values():
+        outputs = step.get("outputs") or {}
+        if isinstance(outputs.get("run_dir"), str):
+            dirs.append(Path(outputs["run_dir"]))
+        table = outputs.get("table") if "study" in outputs else None  # the search step's trials (select's is text)
+        dirs += [Path(t["run_dir"]) for t in table or [] if isinstance(t, dict) and isinstance(t.get("run_dir"), str)]
+    return dirs
 
 
 def _check_search_options(app: AppContext, search: bool, refit: bool, candidates: str | None) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from distml.cli.options import AppContext, config_options, pass_app
+from distml.cli.options import AppContext, config_options, pass_app, placement_option, ray_option
 
 if TYPE_CHECKING:
     from distml.search.result import StudyResult
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     is_flag=True,
     help="Delete the study first (its storage, trial runs, MLflow link and report), then run it anew.",
 )
+@ray_option()
+@placement_option()
 @pass_app
 def tune_cmd(app: AppContext, study: str | None, restart: bool) -> None:
     """Search [train] settings with Optuna: each trial is a distml training run, pruned early when it lags.
@@ -42,12 +44,17 @@ def tune_cmd(app: AppContext, study: str | None, restart: bool) -> None:
     --budget-minutes stopped (state STOPPED). Open the study with
     optuna-dashboard sqlite:///<home>/studies/STUDY.db.
 
+    With --ray ADDRESS the trials' workers run on that Ray cluster, as many trials at once as its CPUs (or GPUs)
+    hold; the study is the same one as without --ray (its name, trials and runs), and the end lists which node
+    ran each trial's ranks.
+
     \b
     Examples:
       distml tune --trials 16 --budget-minutes 30
       distml tune --study fm --sampler random --pruner median --max-concurrent 2
       distml tune --study fm --restart --epochs 4
       distml tune show fm
+      distml tune --ray 10.0.0.1:6379 --max-concurrent 4
     """
     ctx = click.get_current_context()
     if ctx.invoked_subcommand is not None:
@@ -66,6 +73,8 @@ def tune_cmd(app: AppContext, study: str | None, restart: bool) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     _show(result, report=True)
+    if app.config.cluster.engine == "ray":
+        _show_placement(result)
     if result.budget_stopped:
         ended = sum(t["state"] in ("COMPLETE", "PRUNED", "FAIL") for t in result.trials)
         click.echo(
@@ -96,6 +105,18 @@ def _show(result: StudyResult, *, report: bool) -> None:
     if report and result.trials:
         files = write_report(result)
         click.echo(f"report: {', '.join(str(f) for f in files)}")
+
+
+def _show_placement(result: StudyResult) -> None:
+    """Which node ran which rank of each trial (its run's ``placement.json``, written by a Ray job)."""
+    from pathlib import Path
+
+    from distml.train.candidates import placement_lines
+
+    lines = placement_lines(Path(t["run_dir"]) for t in result.trials if t["run_dir"])
+    if lines:
+        click.echo("where the trials ran (node = the first 8 hex digits of its Ray node id):")
+        click.echo("\n".join(f"  {line}" for line in lines))
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, assert_never
 
-from distml.config import DistmlConfig, TrainConfig
+from distml.config import ClusterConfig, DistmlConfig, TrainConfig
 from distml.errors import ConfigError, TrainingError
 from distml.pipeline import search_step
 from distml.pipeline import steps as S  # noqa: N812 (the steps, read as S.ingest_step, S.TRAIN_CODE)
@@ -38,6 +38,7 @@ def build(
     train_overrides: dict[str, Any] | None = None,
     cores: int = 1,
     gpus: int = 0,
+    node_cores: int | None = None,
     search: bool = False,
     refit: bool = False,
     log: Log = print,
@@ -45,9 +46,12 @@ def build(
     """The runner's steps: the nodes of the pipeline's shape (:func:`pipeline_shape`), each given its work.
 
     ``search`` replaces the candidates with one search step (the ``[search]`` study over ``[train]`` with the
-    overrides); ``refit`` retrains the chosen trial on all of train before it is registered.
+    overrides); ``refit`` retrains the chosen trial on all of train before it is registered. ``cores`` and
+    ``gpus`` are what the training jobs share: this host's, or a Ray cluster's (``node_cores``: its largest
+    node's CPUs), where ``[cluster]`` sends every job's workers. The engine is in no step's key.
     """
     overrides = {**(train_overrides or {}), "dataset": "pending"}
+    cluster = config.cluster if config.cluster.engine == "ray" else None  # where every job's workers run
     if search:
         base = TrainConfig.model_validate({**config.train.model_dump(), **overrides})
         if base.val_fraction <= 0:  # said before the ingest, not after it by the tuner
@@ -59,7 +63,9 @@ def build(
     else:
         configs = candidate_configs(config, models, overrides)
         shape = pipeline_shape(configs)
-        jobs = {job.label: job for job in plan(configs, cores, gpus, "pl", workspace.home)}  # threads, cores each
+        where = "on the Ray cluster" if cluster is not None else "here"
+        planned = plan(configs, cores, gpus, "pl", workspace.home, node_cores=node_cores, where=where)
+        jobs = {job.label: job for job in planned}  # threads, cores each
     steps = []
     for node in shape.nodes:
         match node.kind:
@@ -67,7 +73,7 @@ def build(
                 steps.append(ingest(workspace, config, log))
             case "train":
                 job = jobs[node.label]
-                steps.append(_train_step(workspace, node, job.config, job.threads, job.slots, bool(gpus)))
+                steps.append(_train_step(workspace, node, job.config, job.threads, job.slots, bool(gpus), cluster))
             case "search":
                 steps.append(_search_step(workspace, config, node, base, cores))
             case "select" if search:
@@ -75,7 +81,7 @@ def build(
             case "select":
                 steps.append(_select_step(workspace, config, node))
             case "refit":
-                steps.append(_refit_step(workspace, node, base, cores))
+                steps.append(_refit_step(workspace, node, base, cores, node_cores, cluster))
             case "register":
                 steps.append(_register_step(workspace, node))
             case _:  # a kind added to the shape without saying how it runs here
@@ -141,7 +147,15 @@ def _register_step(workspace: Workspace, node: Node) -> Step:
     )
 
 
-def _train_step(workspace: Workspace, node: Node, cfg: TrainConfig, threads: int, cores: int, on_gpu: bool) -> Step:
+def _train_step(
+    workspace: Workspace,
+    node: Node,
+    cfg: TrainConfig,
+    threads: int,
+    cores: int,
+    on_gpu: bool,
+    cluster: ClusterConfig | None,
+) -> Step:
     label = node.label
     (ingested,) = node.needs  # the ingest step: its dataset is what this candidate trains on
 
@@ -163,7 +177,7 @@ def _train_step(workspace: Workspace, node: Node, cfg: TrainConfig, threads: int
                 S.extend_from(Path(shorter.outputs["run_dir"]), folder)
                 note = f"resumed from the {shorter.parts['params']['epochs']}-epoch run {shorter.outputs['run']}"
                 ctx.log(f"{note} instead of starting over")
-        _train(ctx, workspace, job_cfg, folder, ctx.upstream[ingested]["dataset"])
+        _train(ctx, workspace, job_cfg, folder, ctx.upstream[ingested]["dataset"], cluster)
         result = S.run_outputs(folder)
         result.note = note
         return result
@@ -207,13 +221,23 @@ def progress_line(history: list[dict[str, Any]], epochs: int) -> str:
     return f"epoch {len(history)}/{epochs}: " + ", ".join(shown)
 
 
-def _train(ctx: StepContext, workspace: Workspace, cfg: TrainConfig, folder: Path, dataset: str) -> None:
-    """Train ``cfg`` into ``folder`` (resuming its checkpoints); raise :class:`TrainingError` with the job's reason."""
+def _train(
+    ctx: StepContext,
+    workspace: Workspace,
+    cfg: TrainConfig,
+    folder: Path,
+    dataset: str,
+    cluster: ClusterConfig | None = None,
+) -> None:
+    """Train ``cfg`` into ``folder`` (resuming its checkpoints); raise :class:`TrainingError` with the job's reason.
+
+    With ``cluster`` (a Ray cluster) the job's process starts here and its workers run where Ray places them.
+    """
     with _TRACKING_SETUP:  # concurrent jobs must not race to create the MLflow store and experiment
         from distml import tracking
 
         tracking.ensure_experiment(workspace.home, f"distml-{dataset}")
-    proc = start_job(cfg, workspace, folder, ctx.threads, ctx.gpus)
+    proc = start_job(cfg, workspace, folder, ctx.threads, ctx.gpus, cluster=cluster)
     ctx.started(proc)
     code = proc.wait()
     if code != 0 or not (folder / "result.json").is_file():
@@ -265,7 +289,14 @@ def _search_select_step(workspace: Workspace, config: DistmlConfig, node: Node) 
     )
 
 
-def _refit_step(workspace: Workspace, node: Node, base: TrainConfig, cores: int) -> Step:
+def _refit_step(
+    workspace: Workspace,
+    node: Node,
+    base: TrainConfig,
+    cores: int,
+    node_cores: int | None = None,
+    cluster: ClusterConfig | None = None,
+) -> Step:
     """Retrain the chosen trial's settings on all of train (no validation split), export and test it."""
     ingested, selected = node.needs
 
@@ -277,7 +308,7 @@ def _refit_step(workspace: Workspace, node: Node, base: TrainConfig, cores: int)
         if ctx.forced and folder.exists():
             shutil.rmtree(folder)  # forced: train from scratch, not on from this key's earlier checkpoints
         resumed = any((folder / "checkpoints").glob("*.pt"))
-        _train(ctx, workspace, settings(ctx.upstream), folder, ctx.upstream[ingested]["dataset"])
+        _train(ctx, workspace, settings(ctx.upstream), folder, ctx.upstream[ingested]["dataset"], cluster)
         result = search_step.refit_outputs(workspace, folder, ctx.upstream[selected], ctx.log)
         result.note = "resumed the interrupted run from its last checkpoint" if resumed else ""
         return result
@@ -294,7 +325,8 @@ def _refit_step(workspace: Workspace, node: Node, base: TrainConfig, cores: int)
         },
         run=run,
         cores=cores,
-        threads=max(1, cores // base.workers),  # the trial's workers share the cores, as a candidate's do
+        # The trial's workers share the cores, as a candidate's do (on Ray: no more threads than a node has CPUs).
+        threads=max(1, min(cores // base.workers, node_cores or cores)),
         log_path=lambda key: workspace.home / "runs" / f"pl-refit-{key[:10]}" / "train.log",
     )
 

@@ -44,11 +44,14 @@ def run_pipeline(
     ``search`` runs the ``[search]`` study over ``[train]`` (with the overrides) in place of the candidates;
     ``refit`` then retrains the chosen trial on all of train and registers that.
     """
-    from distml.train.dist import gpu_count, usable_cores
+    from distml.train.resources import count_resources
 
     force = set(force)
     workspace.ensure()
-    cores, gpus = usable_cores(), gpu_count()
+    # This host's cores and GPUs, or with [cluster] engine = "ray" the cluster's: the training steps (and the
+    # search's trials) are sized and started within them; nothing else, and no cache key, depends on the engine.
+    res = count_resources(config.cluster)
+    cores, gpus = res.cores, res.gpus
     with workspace_lock(workspace.home):
         steps = dag.build(
             workspace,
@@ -57,6 +60,7 @@ def run_pipeline(
             train_overrides=dict(train_overrides or {}),
             cores=cores,
             gpus=gpus,
+            node_cores=res.node_cores,
             search=search,
             refit=refit,
             log=lambda m: log(f"  ingest: {m.strip()}"),
@@ -68,8 +72,7 @@ def run_pipeline(
         runner = Runner(steps, home=workspace.home, config=config.model_dump(mode="json"), force=force,
                         no_cache=no_cache, cores=cores, gpus=gpus)  # fmt: skip
         started = time.perf_counter()
-        log(f"pipeline run {runner.id}: {len(steps)} steps, workspace {workspace.home}, "
-            f"{gpus or cores} {'GPU(s)' if gpus else 'cores'}")  # fmt: skip
+        log(f"pipeline run {runner.id}: {len(steps)} steps, workspace {workspace.home}, {res.describe()}")
         try:
             outcomes = runner.execute()
         except KeyboardInterrupt:
