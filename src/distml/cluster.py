@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import socket
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 from distml.errors import ClusterError, UsageError
 
@@ -50,6 +52,7 @@ def connect(address: str, *, timeout_s: float = 10.0) -> None:
     target = _find_local_cluster() if address == "auto" else address
     # Ray itself retries an unreachable address for about a minute; a plain TCP connection says it at once.
     _probe(target, address, timeout_s)
+    _check_token(ray, target, address, timeout_s)
     _require_local_node(address)
     logger = logging.getLogger("ray")
     level = logger.level
@@ -57,10 +60,7 @@ def connect(address: str, *, timeout_s: float = 10.0) -> None:
     try:
         ray.init(address=target, logging_level=logging.WARNING, log_to_driver=True, namespace="distml")
     except ray.exceptions.AuthenticationError:
-        raise ClusterError(
-            f"the Ray cluster at {address} refused this client's token",
-            hint="set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token, or write it to ~/.ray/auth_token",
-        ) from None
+        raise _token_error(address) from None
     except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
         raise ClusterError(_connect_failure(address, exc)) from None
     finally:
@@ -112,6 +112,44 @@ def _probe(target: str, address: str, timeout_s: float) -> None:
         ) from None
 
 
+def _check_token(ray: types.ModuleType, target: str, address: str, timeout_s: float) -> None:
+    """Ask the cluster's GCS one question with this client's token, to say at once what ``ray.init`` says late.
+
+    Given a wrong token, or none, ``ray.init`` retries for about 20 s, printing a warning a second, and then
+    fails without saying why.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and not _has_token():
+        raise _token_error(address)  # Ray's client aborts the process (a failed check in its C++) in this case
+    try:
+        client = importlib.import_module("ray._raylet").GcsClient(address=target, cluster_id=None)
+        client.internal_kv_get(b"distml-connect-probe", None, timeout=timeout_s)
+    except ray.exceptions.AuthenticationError:
+        raise _token_error(address) from None
+    except Exception as exc:  # a timeout, or something that is not a Ray GCS at that port
+        raise ClusterError(f"the Ray cluster at {address} did not answer: {_first_line(exc)}") from None
+
+
+def _token_error(address: str) -> ClusterError:
+    """The cluster refused this client: its token is wrong, or it has none (then token mode may be off too)."""
+    if _has_token():
+        return ClusterError(
+            f"the Ray cluster at {address} refused this client's token",
+            hint="set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token, or write it to ~/.ray/auth_token",
+        )
+    return ClusterError(
+        f"the Ray cluster at {address} needs a token and this client has none",
+        hint="set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)",
+    )
+
+
+def _has_token() -> bool:
+    """Whether Ray's lookup would find a token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return Path(path).is_file()
+
+
 def _require_local_node(address: str) -> None:
     """A Ray driver attaches to a node on its own host: say so at once, where Ray would look for one for a minute."""
     if not _ray_services().find_node_ids():
@@ -129,10 +167,12 @@ def _ray_services() -> types.ModuleType:
 
 def _connect_failure(address: str, exc: BaseException) -> str:
     """One line for a failed ``ray.init``: Ray's own messages run to several lines of advice."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = _first_line(exc)
     if "token" in text.lower():
-        return (
-            f"the Ray cluster at {address} needs a token and this client has none (set RAY_AUTH_TOKEN or "
-            "RAY_AUTH_TOKEN_PATH, or write it to ~/.ray/auth_token)"
-        )
+        return str(_token_error(address))
     return f"cannot connect to the Ray cluster at {address}: {text}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
