@@ -7,7 +7,7 @@ from typing import Literal
 
 import click
 
-from distml.cli.options import AppContext, config_options, pass_app
+from distml.cli.options import AppContext, config_options, pass_app, ray_option
 from distml.registry import report
 from distml.registry.predict import DEFAULT_BATCH
 
@@ -103,7 +103,12 @@ def rollback_cmd(app: AppContext, name: str) -> None:
 @click.option("--dataset", help="Predict a split of this dataset (name or digest prefix).")
 @click.option("--split", default="test", show_default=True, help="Which split of --dataset.")
 @click.option("--images", type=click.Path(path_type=Path), help="Predict every PNG/JPEG under this folder.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output: .parquet, .jsonl or .csv.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output: .parquet, .jsonl or .csv; with --ray, a folder of Parquet files.",
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 65536),
@@ -111,7 +116,12 @@ def rollback_cmd(app: AppContext, name: str) -> None:
     show_default=True,
     help="ONNX Runtime's batch (small batches stay in cache).",
 )
-@click.option("--threads", type=click.IntRange(0, 1024), default=0, help="ONNX Runtime threads. [default: all cores]")
+@click.option(
+    "--threads",
+    type=click.IntRange(0, 1024),
+    default=0,
+    help="ONNX Runtime threads. [default: all cores; with --ray, 1 per actor and an actor per CPU]",
+)
 @click.option(
     "--on-bad-file",
     type=click.Choice(["fail", "skip"]),
@@ -119,6 +129,7 @@ def rollback_cmd(app: AppContext, name: str) -> None:
     show_default=True,
     help="With --images: stop at a file that is not a readable image, or skip and list it.",
 )
+@ray_option()
 @pass_app
 def predict_cmd(
     app: AppContext,
@@ -137,6 +148,11 @@ def predict_cmd(
     Examples:
       distml predict models:/fashion-mnist-classifier@champion --dataset fashion-mnist --out preds.parquet
       distml predict ./exported-model --images ./photos --out preds.csv
+      distml predict models:/fashion-mnist-classifier@champion --dataset fashion-mnist --ray auto --out preds/
+
+    With --ray, the split is read, predicted (ONNX Runtime in Ray Data actors) and written on the Ray cluster:
+    --out is one Parquet dataset, a folder of part-<first id>.parquet files that, read in name order, hold the
+    local command's rows in its order. The dataset store and --out must be on storage every node sees.
     """
     from distml.registry.predict import predict_source
 
@@ -150,6 +166,8 @@ def predict_cmd(
         batch=batch_size,
         threads=threads,
         on_bad_file=on_bad_file,
+        cluster=app.config.cluster,
+        log=lambda line: click.echo(line, err=True),
     )
     click.echo(report.predicted_line(result))
     for line in result.skipped:

@@ -13,17 +13,23 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from distml.errors import BadImageError, UsageError
 from distml.registry.artifact import ModelArtifact, probabilities
 from distml.workspace import Workspace
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from distml.config import ClusterConfig
+    from distml.data.reader import Split
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv"}
 # ONNX Runtime's batch. Small batches keep activations in cache: for the seed cnn on 2 cores, batch 128 ran at
@@ -110,31 +116,56 @@ def predict_source(
     batch: int = DEFAULT_BATCH,
     threads: int = 0,
     on_bad_file: Literal["fail", "skip"] = "fail",
+    cluster: ClusterConfig | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> PredictResult:
     """``distml predict``: MODEL (a folder or ``models:/...``) over one split of ``dataset`` or the ``images`` folder.
 
-    Exactly one of ``dataset`` and ``images``; the dataset's images must have the shape the model takes.
+    Exactly one of ``dataset`` and ``images``; the dataset's images must have the shape the model takes. With
+    ``cluster.engine == "ray"`` the split is predicted on the Ray cluster (:mod:`distml.registry.ray_predict`)
+    and ``out`` is a Parquet dataset (a folder); ``log`` hears where it ran.
     """
-    from distml.data.reader import open_path
-    from distml.data.store import DatasetStore
     from distml.registry.registry import resolve_model  # MLflow: only here, not when the server imports this module
 
     if (dataset is None) == (images is None):
         raise UsageError("give exactly one of --dataset and --images")
+    on_ray = cluster is not None and cluster.engine == "ray"
+    if on_ray:
+        from distml.registry import ray_predict
+
+        if images is not None:
+            raise UsageError(
+                "--ray predicts a stored dataset (--dataset), not a folder of images",
+                hint="ingest it first (distml data ingest folder DIR) and pass --dataset, or leave out --ray",
+            )
+        ray_predict.check_out(out)
     artifact = resolve_model(model, workspace)
     skipped: list[str] = []
     if images is not None:
         batches = folder_batches(images, artifact.image_shape, CHUNK, on_bad_file, skipped)
         return predict(artifact, batches, out, batch=batch, threads=threads, skipped=skipped)
     assert dataset is not None
+    part = open_split(workspace, dataset, split, artifact.image_shape)
+    if on_ray:
+        assert cluster is not None
+        address = cluster.address or "auto"
+        return ray_predict.predict_on_ray(artifact, part, out, address=address, batch=batch, threads=threads, log=log)
+    arrays = part.arrays()
+    batches = dataset_batches(arrays.images, arrays.labels, CHUNK)
+    return predict(artifact, batches, out, total=len(arrays), batch=batch, threads=threads)
+
+
+def open_split(workspace: Workspace, dataset: str, split: str, image_shape: tuple[int, int, int]) -> Split:
+    """One split of a stored dataset, checked against the shape of the images a model takes."""
+    from distml.data.reader import open_path
+    from distml.data.store import DatasetStore
+
     ds = open_path(DatasetStore(workspace).resolve(dataset))
     if split not in ds.splits:
         raise UsageError(f"dataset {ds.name} has no split {split!r}", hint=f"splits: {', '.join(ds.splits)}")
-    if tuple(ds.image_shape) != artifact.image_shape:
-        raise UsageError(f"dataset {ds.name} has {ds.image_shape} images, the model takes {artifact.image_shape}")
-    arrays = ds.split(split).arrays()
-    batches = dataset_batches(arrays.images, arrays.labels, CHUNK)
-    return predict(artifact, batches, out, total=len(arrays), batch=batch, threads=threads)
+    if tuple(ds.image_shape) != image_shape:
+        raise UsageError(f"dataset {ds.name} has {ds.image_shape} images, the model takes {image_shape}")
+    return ds.split(split)
 
 
 def predict(
@@ -207,19 +238,9 @@ class _ParquetWriter(_Writer):
         self.class_names = pa.array(class_names, type=pa.string())
 
     def write(self, ids: Any, pred: np.ndarray, names: np.ndarray, prob: np.ndarray, labels: Any) -> None:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        columns = {
-            "id": pa.array(ids if isinstance(ids, list) else np.asarray(ids, dtype=np.int64)),
-            "prediction": pa.array(pred.astype(np.int32)),
-            # Dictionary-encoded: the class names once, then an index per row (no Python string per row).
-            "class_name": pa.DictionaryArray.from_arrays(pa.array(pred.astype(np.int32)), self.class_names),
-            "probability": pa.array(prob.astype(np.float32)),
-        }
-        if labels is not None:
-            columns["label"] = pa.array(np.asarray(labels, dtype=np.int32))
-        table = pa.table(columns)
+        table = parquet_rows(ids, pred, prob, labels, self.class_names)
         if self.writer is None:
             self.writer = pq.ParquetWriter(str(self.path), table.schema)
         self.writer.write_table(table)
@@ -228,6 +249,22 @@ class _ParquetWriter(_Writer):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def parquet_rows(ids: Any, pred: np.ndarray, prob: np.ndarray, labels: Any, class_names: pa.Array) -> pa.Table:
+    """Prediction rows as an Arrow table: the one schema of every Parquet output (local file or Ray dataset)."""
+    import pyarrow as pa
+
+    columns = {
+        "id": pa.array(ids if isinstance(ids, list) else np.asarray(ids, dtype=np.int64)),
+        "prediction": pa.array(pred.astype(np.int32)),
+        # Dictionary-encoded: the class names once, then an index per row (no Python string per row).
+        "class_name": pa.DictionaryArray.from_arrays(pa.array(pred.astype(np.int32)), class_names),
+        "probability": pa.array(prob.astype(np.float32)),
+    }
+    if labels is not None:
+        columns["label"] = pa.array(np.asarray(labels, dtype=np.int32))
+    return pa.table(columns)
 
 
 class _JsonlWriter(_Writer):
