@@ -51,7 +51,8 @@ params = RayParams(
     min_worker_port=0, max_worker_port=0, dashboard_agent_listen_port=s["agent_port"], temp_dir=s["temp_dir"],
 )
 if s["head"]:
-    params.update(gcs_server_port=s["port"], include_dashboard=False, ray_client_server_port=s["client_port"])
+    # The dashboard off: Ray then runs only its minimal API server (no UI), on a free port; no Ray Client server.
+    params.update(gcs_server_port=s["port"], include_dashboard=False, dashboard_port=s["api_port"])
 else:
     params.update(gcs_address=s["gcs_address"], include_log_monitor=False, node_manager_port=0)
 node = Node(params, head=s["head"], shutdown_at_exit=True, spawn_reaper=True)
@@ -180,7 +181,7 @@ class LocalRayCluster:
             "cpus": cpus,
             "temp_dir": str(self.temp_dir),
             "agent_port": _free_port(),
-            "client_port": _free_port(),
+            "api_port": _free_port(),
         }
         proc = subprocess.Popen(
             [*wrap, sys.executable, "-c", _NODE, json.dumps(settings)],

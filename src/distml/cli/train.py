@@ -70,6 +70,12 @@ def train_cmd(
     rdzv = Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=rdzv_endpoint)
     result = train(cfg, app.workspace, run_name, rdzv, cluster=app.config.cluster)
     click.echo(report.result_line(cfg, result))
+    if app.config.cluster.engine == "ray":
+        from distml.train.candidates import placement_line
+
+        where = placement_line(result.run_dir)  # which node ran each rank (placement.json)
+        if where:
+            click.echo(f"placement: {where}")
 
 
 def _train_candidates(app: AppContext, spec: str, prefix: str | None) -> None:
@@ -88,7 +94,8 @@ def _train_candidates(app: AppContext, spec: str, prefix: str | None) -> None:
             raise UsageError("--candidates needs at least one model", hint="e.g. --candidates cnn,cnn-dropout")
     # The command line's [train] options win over each candidate's table.
     configs = app.config.candidate_configs(tables, app.given_in("train"))
-    jobs = run_candidates(configs, app.workspace, prefix or f"candidates-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    prefix = prefix or f"candidates-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    jobs = run_candidates(configs, app.workspace, prefix, cluster=app.config.cluster)
     summarise(jobs)
     for line in report.failed_lines(jobs):
         click.echo(line, err=True)

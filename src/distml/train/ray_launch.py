@@ -199,8 +199,17 @@ def _run_rank_on_ray(run_dir: Path, token: str) -> None:
     ray = require_ray()
     node_id = str(ray.get_runtime_context().get_node_id())
     node_ip = str(ray.util.get_node_ip_address())
-    _check_visible(run_dir, token, node_ip, node_id)
     ctx = context_from_env()  # Ray Train sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and MASTER_*
+    # Every rank checks that it sees the run folder, and all learn each other's answer before anything else: a rank
+    # that stopped alone would leave the others waiting in their next collective until Ray tears them down.
+    problem = _visibility_problem(run_dir, token, node_ip, node_id)
+    problems: list[str | None] = [None] * ctx.world_size
+    dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), None)
+    if first:
+        if problem:
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+        raise WorkspaceError(first)
     attempt = _next_attempt(run_dir, ctx.rank)
     mine: Placement = {
         "rank": ctx.rank,
@@ -221,20 +230,19 @@ def _run_rank_on_ray(run_dir: Path, token: str) -> None:
         raise TrainingError(reason)
 
 
-def _check_visible(run_dir: Path, token: str, node_ip: str, node_id: str) -> None:
-    """Raise a one-line WorkspaceError naming this node when it does not see the driver's run folder."""
+def _visibility_problem(run_dir: Path, token: str, node_ip: str, node_id: str) -> str | None:
+    """Why this node does not see the driver's run folder (it must be on storage every node sees), or None."""
     try:
         seen = (run_dir / CHECK_FILE).read_text()
         present = (run_dir / "job.json").is_file()
     except OSError:
         seen, present = "", False
-    if seen != token or not present:
-        error = WorkspaceError(
-            f"node {node_ip} ({node_id[:12]}) does not see the workspace: {run_dir} there is not the folder the "
-            "driver wrote; the workspace must be a shared filesystem path, the same on every node (docs/ray.md)"
-        )
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise error
+    if seen == token and present:
+        return None
+    return (
+        f"node {node_ip} ({node_id[:12]}) does not see the workspace: {run_dir} there is not the folder the "
+        "driver wrote; the workspace must be a shared filesystem path, the same on every node (docs/ray.md)"
+    )
 
 
 def _next_attempt(run_dir: Path, rank: int) -> int:
