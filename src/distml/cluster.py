@@ -8,9 +8,11 @@ distml's command line, where ``ps`` would show it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import socket
 import types
 from dataclasses import dataclass
@@ -57,6 +59,9 @@ def connect(address: str, *, timeout_s: float = 10.0) -> None:
     logger = logging.getLogger("ray")
     level = logger.level
     logger.setLevel(logging.WARNING)  # Ray's INFO lines about connecting are noise in a distml command
+    # ray.init replaces the process's SIGTERM handler with sys.exit; distml's own (a candidate's or trial's job
+    # turns SIGTERM into an interrupt that stops its workers and keeps their checkpoint) must stay in force.
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=target, logging_level=logging.WARNING, log_to_driver=True, namespace="distml")
     except ray.exceptions.AuthenticationError:
@@ -65,6 +70,9 @@ def connect(address: str, *, timeout_s: float = 10.0) -> None:
         raise ClusterError(_connect_failure(address, exc)) from None
     finally:
         logger.setLevel(level)
+        if sigterm is not None:
+            with contextlib.suppress(ValueError):  # not the main thread: ray.init replaced nothing there
+                signal.signal(signal.SIGTERM, sigterm)
 
 
 def nodes() -> list[NodeInfo]:

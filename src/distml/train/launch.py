@@ -25,6 +25,7 @@ from distml.model_names import check_model_name
 from distml.train import job_run
 from distml.train.dist import usable_cores
 from distml.train.job import Job, check_resume, check_split
+from distml.train.resources import on_ray
 from distml.train.runlock import RunLock, lock_run
 from distml.workspace import Workspace
 
@@ -180,11 +181,6 @@ def _prepare_locked(
         lock.release()
         raise
     return job, lock
-
-
-def on_ray(cluster: ClusterConfig | None) -> bool:
-    """Whether a job with these cluster settings runs on Ray (else on this host, under torchrun)."""
-    return cluster is not None and cluster.engine == "ray"
 
 
 def _check_this_host(cfg: TrainConfig) -> None:

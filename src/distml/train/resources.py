@@ -9,8 +9,6 @@ Only the counting differs: the jobs, their run folders and their results are the
 
 from __future__ import annotations
 
-import contextlib
-import signal
 from dataclasses import dataclass
 
 from distml.config import ClusterConfig
@@ -56,15 +54,7 @@ def count_resources(cluster: ClusterConfig | None = None) -> Resources:
     from distml.cluster import connect, nodes  # only a Ray cluster needs it
 
     address = cluster.address or "auto"
-    # ray.init replaces this process's SIGTERM handler with sys.exit; the caller's (an interrupt that stops the
-    # jobs and keeps their checkpoints) must stay in force.
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        connect(address)
-    finally:
-        if previous is not None:
-            with contextlib.suppress(ValueError):  # not the main thread: nothing was replaced there
-                signal.signal(signal.SIGTERM, previous)
+    connect(address)
     alive = nodes()
     cores = int(sum(n.cpus for n in alive))
     if cores < 1:
