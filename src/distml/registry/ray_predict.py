@@ -209,7 +209,7 @@ def predict_on_ray(
     tmp = out.resolve().with_name(f".{out.name}.tmp-{os.getpid()}")
     start = time.perf_counter()
     try:
-        tmp.mkdir()
+        tmp.mkdir(parents=True)  # as locally, the folders above --out are made
         ds = ray.data.read_datasource(
             _datasource(parts, row_bytes),
             override_num_blocks=len(parts),
