@@ -25,14 +25,11 @@ so the NetworkPolicy (:mod:`distml.k8s.network`) admits exactly these ports, fro
 
 from __future__ import annotations
 
-import json
-import math
-import re
-import tomllib
 from typing import Any
 
 from distml.k8s.core import Obj, config_mount_path
 from distml.k8s.plan import CONTAINER_SECURITY, POD_SECURITY, Plan, scratch_env, scratch_mount
+from distml.k8s.tomlw import dumps_toml
 from distml.k8s.training import _times
 
 CLUSTER_NAME = "distml-ray"  # also the Secret KubeRay writes the token to (key auth_token)
@@ -253,57 +250,5 @@ def config_map(plan: Plan) -> Obj:
     else:
         sections["search"] = c.search.model_dump(mode="json")
     header = f"distml settings for 'distml run' on the RayCluster (rendered by distml k8s --engine ray): {k.ray_run}"
-    files = {"distml.toml": dumps_toml(sections, {"candidates": candidates}, header=header)}
+    files = {"distml.toml": dumps_toml(sections, arrays={"candidates": candidates}, header=header)}
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": plan.meta("distml-config", "config"), "data": files}
-
-
-# --- TOML out: the config's sections, its [[candidates]] and the search's nested space, read back to check ----
-
-
-def dumps_toml(sections: dict[str, dict[str, Any]], arrays: dict[str, list[dict[str, Any]]], *, header: str) -> str:
-    """``[section]`` tables, then ``[[name]]`` tables; dicts inside a table as inline tables; ``None`` left out."""
-    lines = [f"# {header}"]
-    for name, table in sections.items():
-        lines += ["", f"[{name}]", *_pairs(table)]
-    for name, tables in arrays.items():
-        for table in tables:
-            lines += ["", f"[[{name}]]", *_pairs(table)]
-    text = "\n".join(lines) + "\n"
-    want = _plain({**sections, **{n: t for n, t in arrays.items() if t}})
-    assert tomllib.loads(text) == want, f"TOML round trip changed the config: {text}"
-    return text
-
-
-def _pairs(table: dict[str, Any]) -> list[str]:
-    return [f"{_key(k)} = {_value(v)}" for k, v in table.items() if v is not None]
-
-
-def _key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            raise ValueError(f"cannot write {v} to TOML")
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(_pairs(v)) + " }" if v else "{}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def _plain(v: Any) -> Any:
-    """``v`` as TOML reads it back: tuples as lists, ``None`` left out of tables."""
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items() if x is not None}
-    if isinstance(v, list | tuple):
-        return [_plain(x) for x in v]
-    return v
