@@ -180,6 +180,34 @@ class ServeConfig(_Section):
     drain_s: float = Field(default=0.0, ge=0, description="After SIGTERM, answer not-ready this long before stopping")
     graceful_timeout_s: float = Field(default=10.0, ge=0, description="Then wait this long for requests in flight")
     access_log: bool = Field(default=False, description="One log line per request (costs throughput)")
+    # gRPC: the Open Inference Protocol's GRPCInferenceService, on the same batcher and limits as REST. Off unless
+    # asked, like every listener; the message limits are max_body_bytes (in) and max_response_bytes (out).
+    grpc_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Also serve gRPC V2 on this port (0 picks a free one); off if unset"
+    )
+    # Rollout: a server on models:/NAME@ALIAS follows the alias; a canary and a shadow are second models.
+    follow_s: float = Field(
+        default=5.0, ge=0, description="A models:/NAME@ALIAS server checks the alias this often and swaps; 0: never"
+    )
+    canary: str | None = Field(default=None, description="A second model (models:/NAME@ALIAS or a folder) for a share")
+    canary_percent: float = Field(default=10.0, ge=0, le=100, description="Percent of requests the canary answers")
+    route_header: str = Field(
+        default="x-route-key", description="Header whose value keeps a client on one variant (else the request id)"
+    )
+    shadow: str | None = Field(
+        default=None, description="A model run on every request off the answer path, its agreement recorded"
+    )
+    rollback_window_s: float = Field(default=30.0, gt=0, description="The canary is judged over this sliding window")
+    rollback_min_requests: int = Field(default=20, ge=1, description="Canary requests in the window before judging")
+    rollback_error_margin: float = Field(
+        default=0.05, ge=0, le=1, description="Roll back when the canary's error rate exceeds the champion's by this"
+    )
+    rollback_latency_ratio: float = Field(
+        default=2.0, ge=1, description="...or its p99 latency exceeds this times the champion's"
+    )
+    rollback_alias: str | None = Field(
+        default=None, description="On rollback, also move this registry alias back to the champion's version"
+    )
 
     @model_validator(mode="after")
     def _one_sink(self) -> ServeConfig:

@@ -148,9 +148,11 @@ def _serve(app: AppContext, ref: str) -> None:
     from distml.registry.registry import resolve_model
     from distml.serve.server import serve
     from distml.serve.smoke import announce_and_smoke
+    from distml.serve.source import ModelSource
 
     artifact = resolve_model(ref, app.workspace)
-    serve(app.config.serve, artifact.path, announce=announce_and_smoke(app.workspace, artifact, click.echo, _warn))
+    source = ModelSource(artifact.path, ref, app.workspace.home)
+    serve(app.config.serve, source, announce=announce_and_smoke(app.workspace, artifact, click.echo, _warn))
     click.echo("stopped")
 
 

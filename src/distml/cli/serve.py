@@ -38,10 +38,10 @@ def serve_cmd(app: AppContext, model: str | None) -> None:
       distml serve ./model --log-file requests.jsonl
     """
     from distml.card import model_name_for
-    from distml.registry.registry import resolve_model
     from distml.serve.server import serve
+    from distml.serve.source import resolve_source
 
     config = app.config.serve
     ref = model or config.model or f"models:/{model_name_for(app.config.train.dataset)}@champion"
-    serve(config, resolve_model(ref, app.workspace).path, announce=lambda line: click.echo(line))
+    serve(config, resolve_source(ref, app.workspace.home), announce=lambda line: click.echo(line))
     click.echo("stopped")

@@ -46,6 +46,7 @@ from distml.serve.metrics import Metrics
 from distml.serve.model import ServedModel
 from distml.serve.overload import LoopLag
 from distml.serve.reqlog import RequestLogger
+from distml.serve.source import ModelSource
 from distml.text import clip
 
 Scope = MutableMapping[str, Any]
@@ -90,9 +91,10 @@ class ByteBudget:
 class ServeApp:
     """ASGI app serving one model over KServe V1 and V2 with one dynamic batcher (see the package docstring)."""
 
-    def __init__(self, model: ServedModel, config: ServeConfig) -> None:
+    def __init__(self, model: ServedModel, config: ServeConfig, source: ModelSource | None = None) -> None:
         self.model = model
         self.config = config
+        self.source = source or ModelSource(model.path)  # where the model came from: a hot swap re-resolves it
         self.metrics = Metrics(model.name, model.version)
         self.ready = False  # after startup; false again while draining
         self.draining = False

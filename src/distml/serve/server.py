@@ -13,6 +13,7 @@ that dies. uvicorn's own supervisor is not used because its workers cannot have 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -33,13 +34,15 @@ from distml.serve.accept import Acceptor
 from distml.serve.app import ServeApp
 from distml.serve.http import ConnectionLimits, protocol_class
 from distml.serve.model import ServedModel, load_model
+from distml.serve.source import ModelSource
 
 log = logging.getLogger("distml.serve")
 
 
-def build_app(config: ServeConfig, model_path: Path) -> ServeApp:
-    """Load the model at ``model_path`` and build the ASGI app for it (startup runs in the app's lifespan)."""
-    return ServeApp(_load(config, model_path), config)
+def build_app(config: ServeConfig, source: ModelSource | Path) -> ServeApp:
+    """Load the model ``source`` names and build the ASGI app for it (startup runs in the app's lifespan)."""
+    source = source if isinstance(source, ModelSource) else ModelSource(Path(source))
+    return ServeApp(_load(config, source.path), config, source=source)
 
 
 def _load(config: ServeConfig, model_path: Path) -> ServedModel:
@@ -105,20 +108,20 @@ class _DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(config: ServeConfig, model_path: Path, *, announce: Callable[[str], None] = print) -> None:
-    """Serve the model at ``model_path`` until SIGTERM/SIGINT. Loads it once here first, so a bad model fails fast."""
-    model = _load(config, model_path)
+def serve(config: ServeConfig, source: ModelSource, *, announce: Callable[[str], None] = print) -> None:
+    """Serve the model ``source`` names until SIGTERM/SIGINT. Loads it once here first, so a bad model fails fast."""
+    model = _load(config, source.path)
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     base = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
     try:
         if config.workers == 1:
             _announce(announce, model, base, config)
-            _run_worker(sock, ServeApp(model, config), config)
+            _run_worker(sock, ServeApp(model, config, source=source), config)
         else:
             _announce(announce, model, base, config)
             del model  # each worker loads its own
-            _supervise(sock, config, model_path)
+            _supervise(sock, config, source)
     finally:
         sock.close()
 
@@ -156,19 +159,19 @@ def _worker_main(sock: socket.socket, settings: dict[str, Any]) -> None:
 
     config = ServeConfig.model_validate(settings["config"])
     try:
-        app = build_app(config, Path(settings["model"]))
+        app = build_app(config, ModelSource(**settings["source"]))
     except DistmlError as exc:  # e.g. the model folder is gone: one line in the log, and the supervisor backs off
         log.error("worker %d cannot start: %s", os.getpid(), exc)
         raise SystemExit(1) from None
     _run_worker(sock, app, config)
 
 
-def _supervise(sock: socket.socket, config: ServeConfig, model_path: Path) -> None:
+def _supervise(sock: socket.socket, config: ServeConfig, source: ModelSource) -> None:
     """Start ``config.workers`` processes on ``sock``; pass SIGTERM/SIGINT on to them; replace any that dies."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    settings = {"config": config.model_dump(mode="json"), "model": str(model_path)}
+    settings = {"config": config.model_dump(mode="json"), "source": dataclasses.asdict(source)}
     metrics_dir = tempfile.mkdtemp(prefix="distml-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the workers: metrics summed across them
     stopping: list[int] = []
