@@ -91,21 +91,15 @@ def parse_infer(body: bytes, header_length: str | None, spec: InputSpec, max_ins
     if len(inputs) != 1:
         raise RequestError(f"this model takes one input, {INPUT_NAME!r}; the request has {len(inputs)}")
     images = _input(_object(inputs[0], "inputs[0]"), binary, spec, max_instances)
-    return InferRequest(request_id, images, _outputs(doc.get("outputs"), bool(parameters.get("binary_data_output"))))
+    return InferRequest(
+        request_id, images, requested_outputs(doc.get("outputs"), bool(parameters.get("binary_data_output")))
+    )
 
 
 def _input(tensor: dict[str, Any], binary: bytes | memoryview, spec: InputSpec, max_instances: int) -> Inputs:
-    name, datatype = tensor.get("name"), tensor.get("datatype")
-    if name != INPUT_NAME:
-        raise RequestError(f"inputs[0] is named {clip(name)}; this model's input is {INPUT_NAME!r}")
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise RequestError(
-            f"inputs[0].datatype {clip(datatype)} is not a V2 datatype; send one of {', '.join(ACCEPTED)}"
-        )
-    if datatype not in ACCEPTED:
-        raise RequestError(f"inputs[0].datatype {datatype} is not accepted for images; send {', '.join(ACCEPTED)}")
-    shape = _shape(tensor.get("shape"), datatype, spec, max_instances)
-    count = int(np.prod(shape))
+    datatype, shape, count = check_input(
+        tensor.get("name"), tensor.get("datatype"), tensor.get("shape"), spec, max_instances
+    )
     size = _object(tensor.get("parameters", {}), "inputs[0].parameters").get("binary_data_size")
     if size is not None:
         if "data" in tensor:
@@ -114,12 +108,29 @@ def _input(tensor: dict[str, Any], binary: bytes | memoryview, spec: InputSpec, 
             raise RequestError(
                 f"inputs[0].parameters.binary_data_size is {clip(size)} but {len(binary)} bytes follow the JSON header"
             )
-        return _binary_tensor(binary, datatype, shape, count)
+        return binary_tensor(binary, datatype, shape, count)
     if binary:
         raise RequestError(f"{len(binary)} bytes follow the JSON header but no input declares binary_data_size")
     if "data" not in tensor:
         raise RequestError('inputs[0] has no "data" (nor parameters.binary_data_size)')
     return _json_tensor(tensor["data"], datatype, shape, count)
+
+
+def check_input(
+    name: Any, datatype: Any, shape: Any, spec: InputSpec, max_instances: int
+) -> tuple[str, tuple[int, ...], int]:
+    """The checks every V2 input gets, over REST or gRPC: its name, its datatype (one of :data:`ACCEPTED`) and its
+    shape against the model's; returns (datatype, shape, element count). Nothing is built from the data yet."""
+    if name != INPUT_NAME:
+        raise RequestError(f"inputs[0] is named {clip(name)}; this model's input is {INPUT_NAME!r}")
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise RequestError(
+            f"inputs[0].datatype {clip(datatype)} is not a V2 datatype; send one of {', '.join(ACCEPTED)}"
+        )
+    if datatype not in ACCEPTED:
+        raise RequestError(f"inputs[0].datatype {datatype} is not accepted for images; send {', '.join(ACCEPTED)}")
+    checked = _shape(shape, datatype, spec, max_instances)
+    return datatype, checked, int(np.prod(checked))
 
 
 def _shape(shape: Any, datatype: str, spec: InputSpec, max_instances: int) -> tuple[int, ...]:
@@ -168,10 +179,12 @@ def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], count: int) -
         raise RequestError("inputs[0] is UINT8 but its data has non-integers; send FP32 for [0, 1] intensities")
     if datatype == "FP32" and array.dtype.kind in "iu":
         array = array.astype(np.float32)
-    return Inputs(pixels=_pixels(array, datatype, shape))
+    return Inputs(pixels=pixel_tensor(array, datatype, shape))
 
 
-def _binary_tensor(raw: bytes | memoryview, datatype: str, shape: tuple[int, ...], count: int) -> Inputs:
+def binary_tensor(raw: bytes | memoryview, datatype: str, shape: tuple[int, ...], count: int) -> Inputs:
+    """The images of a tensor sent as raw bytes (the binary extension, or gRPC's ``raw_input_contents``): pixels
+    little-endian, BYTES elements each a 4-byte little-endian length and the bytes; sizes checked first."""
     if datatype == "BYTES":
         # Walk at most count + 1 length prefixes (count <= max_instances): 16 MiB of 4-byte zeros is 4 million
         # empty elements, and listing them all used to hold the event loop for seconds.
@@ -199,10 +212,11 @@ def _binary_tensor(raw: bytes | memoryview, datatype: str, shape: tuple[int, ...
             f"inputs[0] has shape {list(shape)}: {count * itemsize:,} bytes of {datatype}, but {len(raw):,} were sent"
         )
     array = np.frombuffer(raw, dtype=np.uint8 if datatype == "UINT8" else "<f4")
-    return Inputs(pixels=_pixels(array, datatype, shape))
+    return Inputs(pixels=pixel_tensor(array, datatype, shape))
 
 
-def _pixels(array: np.ndarray, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+def pixel_tensor(array: np.ndarray, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """UINT8 pixels or FP32 intensities of ``shape`` (as :func:`check_input` returned it) -> uint8 N x H x W x C."""
     pixels = pixels_to_uint8(array.reshape(shape), f"inputs[0] ({datatype})")
     return pixels if pixels.ndim == 4 else pixels[..., np.newaxis]
 
@@ -227,7 +241,9 @@ def _flatten_strings(data: list[Any], count: int) -> list[Any]:
     return flat
 
 
-def _outputs(requested: Any, binary_default: bool) -> tuple[tuple[str, bool], ...]:
+def requested_outputs(requested: Any, binary_default: bool) -> tuple[tuple[str, bool], ...]:
+    """The ``outputs`` a request asks for (a list of ``{"name", "parameters"}``; None: all) -> (name, as binary)
+    pairs, each output at most once."""
     if requested is None:
         return tuple((name, binary_default) for name in OUTPUTS)
     if not isinstance(requested, list) or not requested:
