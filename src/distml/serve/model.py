@@ -20,6 +20,8 @@ from distml.serve.codec import DECODE_TIMEOUT_S, MAX_REQUEST_PIXELS, InputSpec
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession
 
+    from distml.config import ServeConfig
+
 # What V2 can return (the graph's probabilities, and the class id and label read off them); V1 returns all three
 # per instance. The request's one input is the graph's, INPUT_NAME.
 OUTPUTS = (PROBABILITIES, "class_id", "label")
@@ -108,3 +110,35 @@ def load_model(
         session=session,
         path=artifact.path,
     )
+
+
+def load_configured(path: Path, config: ServeConfig) -> ServedModel:
+    """:func:`load_model` with the server's threads and input limits from ``config``."""
+    return load_model(
+        path,
+        threads=config.threads,
+        max_image_side=config.max_image_side,
+        max_image_pixels=config.max_image_pixels,
+        max_request_pixels=config.max_request_pixels,
+        decode_timeout_s=config.decode_timeout_s,
+    )
+
+
+def warm_up(model: ServedModel) -> None:
+    """Run one blank image through ``model`` and check the answer: one row of finite probabilities that sum to 1.
+
+    What a hot swap or a canary must pass before it takes a request: a graph that loads but fails, or answers
+    the wrong shape, is refused here (:class:`ModelError`) rather than on a client's request. It also pays ONNX
+    Runtime's first-run cost (memory arenas, kernel selection) off the answer path.
+    """
+    h, w, c = model.spec.shape
+    try:
+        out = np.asarray(model.predict(np.zeros((1, h, w, c), dtype=np.uint8)))
+    except Exception as exc:  # ORT raises its own types; any failure means the model cannot serve
+        raise ModelError(f"{model.name} version {model.version}: the warm-up inference failed: {exc}") from None
+    expected = (1, len(model.class_names))
+    if out.shape != expected or not np.all(np.isfinite(out)) or abs(float(out.sum()) - 1) > 1e-3:
+        raise ModelError(
+            f"{model.name} version {model.version}: the warm-up inference answered shape {list(out.shape)} "
+            f"(sum {float(out.sum()):.3g}), not one row of {expected[1]} probabilities"
+        )

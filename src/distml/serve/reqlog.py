@@ -14,8 +14,12 @@ Events: ``type`` ``org.kubeflow.serving.inference.request`` / ``.response``, ``s
 ``/distml/serve/<model>``, a unique ``id`` per event, and the extension ``inferenceid`` (the server's request id,
 also sent back in the ``X-Request-Id`` header) linking a response to its request. KServe reuses one ``id`` for
 both events; CloudEvents requires ``source`` + ``id`` to be unique per event, so the link lives in
-``inferenceid`` here. Other extensions: ``modelname``, ``modelversion``, ``protocol``, ``endpoint``, and on
-responses ``statuscode``.
+``inferenceid`` here. Other extensions: ``modelname``, ``modelversion`` (the version that answered: it changes
+at a hot swap, and differs between a champion and its canary), ``variant`` (``champion`` or ``canary``, once the
+request was routed), ``protocol``, ``endpoint``, and on responses ``statuscode``.
+
+Server events go to the same sink, whatever ``mode`` says: ``io.distml.serve.swap`` (a hot swap, or a version
+refused), ``io.distml.serve.rollback`` (a canary rolled back, and why), their data a small JSON document.
 
 Every event is accounted for: ``sent`` + ``dropped`` (``distml_log_events_total``) equals the events produced,
 once the logger has been closed. Each drop has a reason (``on_drop`` and :attr:`RequestLogger.dropped`):
@@ -52,6 +56,7 @@ EVENT_TYPES = {
     "request": "org.kubeflow.serving.inference.request",
     "response": "org.kubeflow.serving.inference.response",
 }
+NOTE_TYPE = "io.distml.serve"  # server events (hot swap, rollback): io.distml.serve.<event>
 ATTEMPTS = 3
 BACKOFF_S = 0.05
 SEND_TIMEOUT_S = 2.0
@@ -65,7 +70,7 @@ DropReason = Literal["buffer_full", "sink_error", "encode_error", "internal_erro
 
 @dataclass(frozen=True)
 class _Record:  # built on the request path: only references, no copies or encoding
-    kind: Literal["request", "response"]
+    kind: Literal["request", "response", "note"]
     inference_id: str
     endpoint: str
     protocol: str
@@ -73,6 +78,9 @@ class _Record:  # built on the request path: only references, no copies or encod
     content_type: str
     status: int | None
     time: float
+    version: str | None = None  # the version that answered (None: the logger's)
+    variant: str | None = None  # champion | canary (None: not known, e.g. refused before one was picked)
+    note: str | None = None  # a server event's type suffix (kind "note")
 
 
 class RequestLogger:
@@ -123,12 +131,28 @@ class RequestLogger:
         content_type: str,
         status: int | None = None,
         at: float | None = None,
+        *,
+        version: str | None = None,
+        variant: str | None = None,
     ) -> None:
-        """Queue one event (``at``: when it happened, default now); if the buffer is full it is dropped (and
-        counted) rather than slowing the request."""
+        """Queue one event (``at``: when it happened, default now; ``version`` and ``variant``: what answered);
+        if the buffer is full it is dropped (and counted) rather than slowing the request."""
         if kind not in self._kinds:
             return
-        record = _Record(kind, inference_id, endpoint, protocol, body, content_type, status, at or time.time())
+        record = _Record(
+            kind, inference_id, endpoint, protocol, body, content_type, status, at or time.time(), version, variant
+        )
+        self._put(record)
+
+    def note(self, event: str, doc: dict[str, object]) -> None:
+        """Queue a server event (``io.distml.serve.<event>``: a hot swap, a canary rollback) with ``doc`` as its
+        JSON data, whatever ``mode`` says: it is rare and explains the events around it."""
+        body = orjson.dumps(doc)
+        version, variant = str(doc.get("version", "")) or None, str(doc.get("variant", "")) or None
+        self._put(_Record("note", "", "", "", body, "application/json", None, time.time(), version, variant, event))
+
+    def _put(self, record: _Record) -> None:
+        body = record.body
         size = len(body) + RECORD_OVERHEAD
         with self._lock:
             if self._bytes + size > self._max_bytes:
@@ -242,18 +266,24 @@ class RequestLogger:
         self._drop("shutdown", left)
 
     def _event(self, record: _Record) -> _Event:
-        attributes: dict[str, Any] = {
-            "specversion": "1.0",
-            "id": uuid.uuid4().hex,
-            "source": self._source,
-            "type": EVENT_TYPES[record.kind],
-            "time": datetime.fromtimestamp(record.time, UTC).isoformat().replace("+00:00", "Z"),
-            "inferenceid": record.inference_id,
-            "modelname": self._model,
-            "modelversion": self._version,
-            "protocol": record.protocol,
-            "endpoint": record.endpoint,
-        }
+        when = datetime.fromtimestamp(record.time, UTC).isoformat().replace("+00:00", "Z")
+        attributes: dict[str, Any] = {"specversion": "1.0", "id": uuid.uuid4().hex, "source": self._source}
+        if record.kind == "note":
+            attributes.update(type=f"{NOTE_TYPE}.{record.note}", time=when, modelname=self._model)
+        else:
+            attributes.update(
+                type=EVENT_TYPES[record.kind],
+                time=when,
+                inferenceid=record.inference_id,
+                modelname=self._model,
+                modelversion=record.version or self._version,
+                protocol=record.protocol,
+                endpoint=record.endpoint,
+            )
+        if record.kind == "note" and record.version:
+            attributes["modelversion"] = record.version
+        if record.variant is not None:
+            attributes["variant"] = record.variant
         if record.status is not None:
             attributes["statuscode"] = str(record.status)
         return attributes, record.body, record.content_type
