@@ -31,9 +31,9 @@ requires_crds = pytest.mark.skipif(not (CRDS / "argoproj.io_workflows.yaml").is_
 SINK_IMAGE = "gcr.io/knative-releases/knative.dev/eventing/cmd/event_display:v0-test@sha256:" + "0123456789abcdef" * 4
 SINK = f'[k8s]\nlog_sink_image = "{SINK_IMAGE}"\n'
 
-# The default config (but the one setting that has no default), and two variants: the v1 PyTorchJob with another
-# image and namespace; and a folder dataset on GPUs with [[candidates]], 4-worker jobs of 2 pods, an existing
-# MLflow and logger sink.
+# The default config (but the one setting that has no default), and three variants: the v1 PyTorchJob with another
+# image and namespace; a folder dataset on GPUs with [[candidates]], 4-worker jobs of 2 pods, an existing
+# MLflow and logger sink; and serving over gRPC with a canary rollout (its port pinned, whatever the local one).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": (SINK, []),
     "pytorchjob": (
@@ -77,6 +77,11 @@ serve_max_replicas = 10
 serve_scale_metric = "rps"
 serve_scale_target = 200
 """,
+        [],
+    ),
+    "serve-rollout": (
+        SINK
+        + '[serve]\ngrpc_port = 9000\ncanary = "models:/fashion-mnist-classifier@challenger"\ncanary_percent = 20\n',
         [],
     ),
 }
@@ -812,3 +817,70 @@ def test_validation_checks_each_kind_against_its_own_crd(tmp_path: Path) -> None
     assert "PrometheusRule/distml-serve: apiVersion: no schema for monitoring.coreos.com/v1 PrometheusRule" in (
         result.err
     )
+
+
+# --- serving: gRPC on the one port Knative gives a revision, and KServe's canary rollout -------------------------
+
+
+def _one(path: Path) -> dict:
+    (doc,) = yaml.safe_load_all(path.read_text())
+    return doc
+
+
+def test_grpc_is_the_revisions_one_port_and_the_canary_is_kserves_rollout(tmp_path: Path) -> None:
+    out = _render(tmp_path, "serve-rollout")
+    champion, canary = _one(out / "inference-service.yaml"), _one(out / "inference-service-canary.yaml")
+    for isvc, ref in (
+        (champion, "models:/fashion-mnist-classifier@champion"),
+        (canary, "models:/fashion-mnist-classifier@challenger"),
+    ):
+        (container,) = isvc["spec"]["predictor"]["containers"]
+        args = container["args"]
+        assert args[args.index("serve") + 1] == ref and args[-2:] == ["--grpc-port", "8081"]  # pinned, not 9000
+        # Knative: one port across the pod, named for its protocol; REST stays on 8080 for the readiness probe
+        # (queue-proxy probes the port a probe names) and the liveness probe speaks gRPC (Knative would point an
+        # HTTP one at the serving port).
+        assert container["ports"] == [{"name": "h2c", "containerPort": 8081, "protocol": "TCP"}]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+        assert container["livenessProbe"]["grpc"] == {"port": 8081} and "httpGet" not in container["livenessProbe"]
+        assert isvc["metadata"]["annotations"]["distml.io/model"] == ref
+    assert "canaryTrafficPercent" not in champion["spec"]["predictor"]
+    assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 20
+    assert canary["metadata"]["name"] == champion["metadata"]["name"]  # the same service: a new revision of it
+    assert canary["spec"]["predictor"]["annotations"] == {"distml.io/model-version": "challenger"}
+    # The pods split nothing themselves (KServe does, by revision) and serve gRPC on the pinned port.
+    serve = tomllib.loads(_one(out / "config.yaml")["data"]["distml.toml"])["serve"]
+    assert "canary" not in serve and serve["grpc_port"] == 8081 and serve["canary_percent"] == 20
+    # Neither InferenceService is in 'kubectl apply -k': the workflow applies the champion, the rollout is by hand.
+    resources = _one(out / "kustomization.yaml")["resources"]
+    assert "inference-service.yaml" not in resources and "inference-service-canary.yaml" not in resources
+    ingress = _policies(out)["distml-serve"]["ingress"][0]
+    assert {"port": 8081, "protocol": "TCP"} in ingress["ports"]
+
+
+def test_without_grpc_or_a_canary_the_predictor_is_http_only(tmp_path: Path) -> None:
+    out = _render(tmp_path, "default")
+    (container,) = _one(out / "inference-service.yaml")["spec"]["predictor"]["containers"]
+    assert container["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
+    assert "--grpc-port" not in container["args"] and not (out / "inference-service-canary.yaml").exists()
+    ingress = _policies(out)["distml-serve"]["ingress"][0]
+    assert {"port": 8081, "protocol": "TCP"} not in ingress["ports"]
+
+
+@pytest.mark.parametrize(
+    ("serve", "message"),
+    [
+        ('canary = "/models/challenger"', "[serve] canary = '/models/challenger' is a folder on this machine"),
+        (
+            'canary = "models:/fashion-mnist-classifier@challenger"\ncanary_percent = 12.5',
+            "[serve] canary_percent = 12.5: KServe splits traffic by whole percents",
+        ),
+    ],
+)
+def test_a_canary_the_cluster_cannot_serve_is_one_line(tmp_path: Path, serve: str, message: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f"{SINK}[serve]\n{serve}\n")
+    result = run_cli("--config", config, "k8s", "render", "--out", tmp_path / "out")
+    assert result.code == 2, result.out + result.err
+    assert message in result.err and "Traceback" not in result.err and len(result.err.strip().splitlines()) <= 2
+    assert not (tmp_path / "out").exists()

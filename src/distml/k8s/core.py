@@ -7,6 +7,7 @@ from typing import Any
 from distml.k8s.plan import (
     CONFIG_MOUNT,
     CONTAINER_SECURITY,
+    GRPC_PORT,
     MLFLOW_AUTH_SECRET,
     MLFLOW_PORT,
     POD_SECURITY,
@@ -53,14 +54,24 @@ def config_map(plan: Plan) -> Obj:
     c = plan.config
     pipeline = c.pipeline.model_dump(mode="json")
     pipeline["source"] = plan.k8s.source  # the cluster's copy (None: the dataset's download mirrors)
-    serve = c.serve.model_dump(mode="json") | {"host": "0.0.0.0", "log_url": None, "log_file": None}  # noqa: S104
-    doc = {"data": c.data.model_dump(mode="json"), "pipeline": pipeline, "serve": serve}
+    doc = {"data": c.data.model_dump(mode="json"), "pipeline": pipeline, "serve": serve_settings(plan)}
     files = {"distml.toml": dumps_toml(doc, header="distml settings for the cluster (rendered by distml k8s)")}
     for cand in plan.candidates:
         train = cand.config.model_dump(mode="json")
         header = f"candidate {cand.label}: {cand.nodes} pod(s) x {cand.procs} DDP worker(s)"
         files[cand.config_file] = dumps_toml({"data": doc["data"], "train": train}, header=header)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": plan.meta("distml-config", "config"), "data": files}
+
+
+def serve_settings(plan: Plan) -> dict[str, Any]:
+    """``[serve]`` as the predictor pods read it: on all interfaces, the request log from KServe's logger, gRPC
+    on its pinned port, and no canary of their own (KServe splits the traffic between revisions: a canary inside
+    each pod as well would split it twice)."""
+    serve: dict[str, Any] = plan.config.serve.model_dump(mode="json")
+    serve |= {"host": "0.0.0.0", "log_url": None, "log_file": None, "canary": None}  # noqa: S104
+    if serve["grpc_port"] is not None:
+        serve["grpc_port"] = GRPC_PORT
+    return serve
 
 
 def workspace_claim(plan: Plan) -> Obj:

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 from distml.k8s import ray
 from distml.k8s.core import SINK_PORT, Obj
-from distml.k8s.plan import APP, MLFLOW_PORT, SERVE_PORT, Candidate, Plan
+from distml.k8s.plan import APP, GRPC_PORT, MLFLOW_PORT, SERVE_PORT, Candidate, Plan
 from distml.k8s.serving import PREDICTOR_PODS
 from distml.k8s.training import JOB_LABEL
 
@@ -201,6 +201,8 @@ def _serve_policies(plan: Plan) -> list[Obj]:
     k = plan.k8s
     out: list[Obj] = []
     serve_in: list[Obj] = []
+    # In raw-deployment mode the ingress reaches the server's own ports; gRPC's only when it is on.
+    own = (SERVE_PORT,) if plan.config.serve.grpc_port is None else (SERVE_PORT, GRPC_PORT)
     if k.ingress_namespaces:
         serve_in.append(
             {
@@ -217,7 +219,7 @@ def _serve_policies(plan: Plan) -> list[Obj]:
                         }
                     }
                 ],
-                "ports": _ports(*QUEUE_PROXY_PORTS, SERVE_PORT),
+                "ports": _ports(*QUEUE_PROXY_PORTS, *own),
             }
         )
     serve_in.append(

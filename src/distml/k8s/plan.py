@@ -23,6 +23,7 @@ CONFIG_MOUNT = "/etc/distml"  # the distml-config ConfigMap: distml.toml and tra
 OUTPUTS_DIR = "/tmp/outputs"  # noqa: S108 (inside the step's container: where Argo reads output parameters)
 SCRATCH_MOUNT = "/tmp"  # noqa: S108 (an emptyDir: the only writable place besides the volumes)
 SERVE_PORT = 8080  # V1 and V2 share the server's one HTTP port
+GRPC_PORT = 8081  # the gRPC V2 port with [serve] grpc_port set (KServe's own servers use 8081 for gRPC)
 MLFLOW_PORT = 5000
 # The Secret the user creates (docs/kubernetes.md): username, password, flask-secret-key. Only its name is here.
 MLFLOW_AUTH_SECRET = "distml-mlflow-auth"  # noqa: S105
@@ -170,6 +171,7 @@ def make_plan(config: DistmlConfig) -> Plan:
             "(Dockerfile: torch without CUDA or NCCL)",
             hint="build Dockerfile.cuda (distml-cuda:TAG) and set [k8s] image to it, or gpus_per_node = 0",
         )
+    _check_canary(config)
     shape = pipeline_shape(candidate_configs(config))
     # A RayJob that runs a search trains no candidates: its trials are jobs of [train] workers (checked below).
     searching = k8s.engine == "ray" and k8s.ray_run != "candidates"
@@ -196,6 +198,26 @@ def make_plan(config: DistmlConfig) -> Plan:
         render_runtime=k8s.engine == "argo" and k8s.training == "trainjob" and k8s.runtime == DISTML_RUNTIME,
         ray_pods=_ray_pods(config, candidates) if k8s.engine == "ray" else 0,
     )
+
+
+def _check_canary(config: DistmlConfig) -> None:
+    """A canary the cluster can serve: a registry reference (a folder here is not in the pods) and a whole
+    percent (KServe's canaryTrafficPercent is an integer)."""
+    serve = config.serve
+    if serve.canary is None:
+        return
+    if not serve.canary.startswith("models:/"):
+        raise UsageError(
+            f"[serve] canary = {serve.canary!r} is a folder on this machine; the cluster's pods load models from "
+            "the registry",
+            hint='register it and set canary = "models:/NAME@ALIAS" (e.g. @challenger)',
+        )
+    if serve.canary_percent != int(serve.canary_percent):
+        raise UsageError(
+            f"[serve] canary_percent = {serve.canary_percent:g}: KServe splits traffic by whole percents "
+            "(canaryTrafficPercent)",
+            hint=f"use {int(serve.canary_percent)} or {int(serve.canary_percent) + 1}",
+        )
 
 
 def image_repository(image: str) -> str:

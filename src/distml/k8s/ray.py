@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distml.k8s.core import Obj, config_mount_path
+from distml.k8s.core import Obj, config_mount_path, serve_settings
 from distml.k8s.plan import CONTAINER_SECURITY, POD_SECURITY, Plan, scratch_env, scratch_mount
 from distml.k8s.tomlw import dumps_toml
 from distml.k8s.training import _times
@@ -233,7 +233,7 @@ def config_map(plan: Plan) -> Obj:
     """
     c, k = plan.config, plan.k8s
     pipeline = c.pipeline.model_dump(mode="json") | {"source": k.source}  # the cluster's copy, as the Argo render
-    serve = c.serve.model_dump(mode="json") | {"host": "0.0.0.0", "log_url": None, "log_file": None}  # noqa: S104
+    serve = serve_settings(plan)
     train = c.train.model_dump(mode="json")
     train["threads_per_worker"] = c.train.threads_per_worker or k.cpu_per_worker
     sections: dict[str, dict[str, Any]] = {

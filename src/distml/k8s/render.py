@@ -16,6 +16,8 @@ training-runtime.yaml          the TrainJobs' ClusterTrainingRuntime, restricted
 workflow-template.yaml         the Argo WorkflowTemplate: the DAG of distml steps and training jobs
 workflow.yaml                  a Workflow that runs the template (``kubectl create -f``: a new name each time)
 inference-service.yaml         the InferenceService as the workflow's last step applies it (current champion)
+inference-service-canary.yaml  with [serve] canary: the same serving the canary, canaryTrafficPercent (KServe
+                               sends that share to it, the rest to the champion's revision); applied by hand
 monitoring/                    ServiceMonitor + metrics Service, PrometheusRule, Grafana dashboard
 =============================  ==========================================================================
 
@@ -44,6 +46,7 @@ from distml.k8s.core import Obj
 from distml.k8s.plan import Plan, make_plan
 from distml.k8s.yamlio import dump_all
 
+CANARY_FILE = "inference-service-canary.yaml"  # with [serve] canary: KServe's rollout step, applied by hand
 MARKER = ".distml-k8s"  # a render's folder holds this; only such a folder is replaced by a new render
 
 
@@ -96,8 +99,15 @@ def build_ray(plan: Plan) -> dict[str, list[Obj] | str]:
 
 
 def _serving(plan: Plan, files: dict[str, list[Obj] | str]) -> None:
-    """The InferenceService of the current champion and its monitoring (either engine)."""
+    """The InferenceService of the current champion, the canary's rollout step when ``[serve] canary`` is set,
+    and their monitoring (either engine)."""
     files["inference-service.yaml"] = [serving.inference_service(plan, ref=plan.model_ref, version="champion")]
+    canary = plan.config.serve.canary
+    if canary is not None:  # a models:/NAME@ALIAS reference with a whole percent (checked by make_plan)
+        percent = int(plan.config.serve.canary_percent)
+        alias = canary.rsplit("@", 1)[-1] if "@" in canary else canary.rsplit("/", 1)[-1]
+        isvc = serving.inference_service(plan, ref=canary, version=alias, canary_percent=percent)
+        files[CANARY_FILE] = [isvc]
     files["monitoring/service-monitor.yaml"] = [serving.metrics_service(plan), serving.service_monitor(plan)]
     files["monitoring/prometheus-rule.yaml"] = [serving.prometheus_rule(plan)]
     files["monitoring/grafana-dashboard.yaml"] = [serving.dashboard_config_map(plan)]
@@ -105,8 +115,8 @@ def _serving(plan: Plan, files: dict[str, list[Obj] | str]) -> None:
 
 
 def _kustomization(plan: Plan, files: dict[str, list[Obj] | str]) -> Obj:
-    """``kubectl apply -k``: every YAML file so far but the InferenceService."""
-    resources = [p for p in files if p.endswith(".yaml") and p != "inference-service.yaml"]
+    """``kubectl apply -k``: every YAML file so far but the InferenceServices."""
+    resources = [p for p in files if p.endswith(".yaml") and p not in ("inference-service.yaml", CANARY_FILE)]
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",

@@ -5,6 +5,19 @@ HTTP port, dynamic batching, ``/metrics``), loading the registry's champion from
 autoscaling and its request logger (CloudEvents to a sink). Prometheus scrapes the pods through a
 ``ServiceMonitor``; alerts on the error rate and p99 latency are a ``PrometheusRule``; a Grafana dashboard
 charts the same metrics.
+
+gRPC (``[serve] grpc_port`` set). KServe's predictor runs on Knative, which gives a revision exactly one port
+(its validation refuses a second one across all containers) and names its protocol: ``http1`` or ``h2c``. With
+gRPC on, that port is the server's gRPC port named ``h2c`` (as KServe's own gRPC examples expose theirs), so
+Knative and the ingress carry HTTP/2 end to end; REST stays on :data:`SERVE_PORT` inside the pod, where the
+readiness probe (Knative's queue-proxy probes the port a probe names), Prometheus and ``kubectl port-forward``
+reach it. The liveness probe becomes a gRPC health check: Knative rewrites an HTTP liveness probe's port to
+the serving port, where HTTP/1 would get no answer.
+
+Canary (``[serve] canary`` set). KServe's rollout is by revision: an InferenceService applied with
+``canaryTrafficPercent: P`` sends P% of requests to its new revision and the rest to the last one rolled out.
+``inference-service-canary.yaml`` is that step: the predictor serving the canary's model, the champion's
+revision keeping the rest; re-applying ``inference-service.yaml`` rolls back, dropping the field promotes.
 """
 
 from __future__ import annotations
@@ -13,14 +26,25 @@ import json
 from typing import Any
 
 from distml.k8s.core import Obj, _service, config_mount_path
-from distml.k8s.plan import CONTAINER_SECURITY, SERVE_PORT, WORKSPACE_MOUNT, Plan, scratch_mount, scratch_volume
+from distml.k8s.plan import (
+    CONTAINER_SECURITY,
+    GRPC_PORT,
+    SERVE_PORT,
+    WORKSPACE_MOUNT,
+    Plan,
+    scratch_mount,
+    scratch_volume,
+)
 
 ISVC_NAME = "distml"
 PREDICTOR_PODS = {"serving.kserve.io/inferenceservice": ISVC_NAME}  # KServe labels the predictor's pods so
 
 
-def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
+def inference_service(plan: Plan, *, ref: str, version: str, canary_percent: int | None = None) -> Obj:
+    """The InferenceService serving ``ref``; with ``canary_percent``, the rollout step that gives its revision
+    that share of the requests (KServe's ``canaryTrafficPercent``) and the previous revision the rest."""
     k = plan.k8s
+    grpc = plan.config.serve.grpc_port is not None
     probe = {
         "httpGet": {"path": "/v2/health/ready", "port": SERVE_PORT},
         "periodSeconds": 5,
@@ -29,6 +53,13 @@ def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
     }
     args = ["--config", config_mount_path("distml.toml"), "serve", ref,
             "--host", "0.0.0.0", "--port", str(SERVE_PORT), "--drain-s", "5"]  # fmt: skip  # noqa: S104
+    if grpc:
+        args += ["--grpc-port", str(GRPC_PORT)]
+    # Knative allows one port per revision (see the module docstring): gRPC's when it is on.
+    port = {"name": "h2c", "containerPort": GRPC_PORT} if grpc else {"name": "http1", "containerPort": SERVE_PORT}
+    liveness: Obj = (
+        {"grpc": {"port": GRPC_PORT}} if grpc else {"httpGet": {"path": "/v2/health/live", "port": SERVE_PORT}}
+    )
     container = {
         "name": "kserve-container",
         "image": k.image,
@@ -36,10 +67,10 @@ def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
         # --drain-s: after SIGTERM answer not-ready while the endpoints drop the pod, then finish what is in flight.
         "args": args,
         "env": plan.env(),
-        "ports": [{"name": "http1", "containerPort": SERVE_PORT, "protocol": "TCP"}],
+        "ports": [{**port, "protocol": "TCP"}],
         "readinessProbe": probe,
         "livenessProbe": {
-            "httpGet": {"path": "/v2/health/live", "port": SERVE_PORT},
+            **liveness,
             "periodSeconds": 10,
             "timeoutSeconds": 2,
             "initialDelaySeconds": 10,
@@ -60,6 +91,7 @@ def inference_service(plan: Plan, *, ref: str, version: str) -> Obj:
     }
     predictor: Obj = {
         "serviceAccountName": "distml-serve",
+        **({} if canary_percent is None else {"canaryTrafficPercent": canary_percent}),
         "minReplicas": k.serve_min_replicas,
         "maxReplicas": k.serve_max_replicas,
         "scaleMetric": k.serve_scale_metric,
