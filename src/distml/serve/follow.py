@@ -18,7 +18,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -150,3 +150,56 @@ class Follower:
         if now - self._warned.get(key, -WARN_EVERY_S) >= WARN_EVERY_S:
             self._warned[key] = now
             log.warning("%s", message)
+
+
+ROLLOUT_FIELDS = (
+    "canary_percent",
+    "rollback_window_s",
+    "rollback_min_requests",
+    "rollback_error_margin",
+    "rollback_latency_ratio",
+    "rollback_alias",
+)
+
+
+def check_rollout(config: ServeConfig, source: ModelSource, given: Collection[str]) -> list[str]:
+    """Before the server starts: the canary and shadow resolve, are versions of the same model and take the same
+    input as the champion; rollout settings come with a canary. Returns the lines that describe the variants for
+    the announcement; raises :class:`~distml.errors.UsageError` or the resolver's one-line error otherwise."""
+    from distml.errors import UsageError
+    from distml.registry.artifact import open_artifact
+    from distml.registry.registry import resolve_model
+    from distml.workspace import Workspace
+
+    stray = [f"--{name.replace('_', '-')}" for name in ROLLOUT_FIELDS if name in given]
+    if config.canary is None and stray:
+        raise UsageError(f"{', '.join(stray)} set without --canary", hint="add --canary MODEL, the model they are for")
+    if config.rollback_alias is not None and (source.ref is None or source.workspace is None):
+        raise UsageError("--rollback-alias moves a registry alias: serve a models:/NAME@ALIAS champion to use it")
+    champion = open_artifact(source.path).card
+    lines = []
+    if follows(source, config):
+        lines.append(f"  follows {source.ref}: checked every {config.follow_s:g} s, a new version is swapped in")
+    for role, ref in (("canary", config.canary), ("shadow", config.shadow)):
+        if ref is None:
+            continue
+        card = resolve_model(ref, Workspace(source.workspace or Path.cwd())).card
+        if card.name != champion.name:
+            raise UsageError(f"--{role} {ref} is a version of {card.name}, not of the champion's model {champion.name}")
+        if tuple(card.image_shape) != tuple(champion.image_shape) or list(card.class_names) != list(
+            champion.class_names
+        ):
+            raise UsageError(
+                f"--{role} {ref} takes {list(card.image_shape)} images into {len(card.class_names)} classes; the "
+                f"champion takes {list(champion.image_shape)} into {len(champion.class_names)}: they must match"
+            )
+        what = f"  {role}: {card.name} version {card.version or '1'} ({ref})"
+        if role == "canary":
+            what += (
+                f", {config.canary_percent:g}% of requests by {config.route_header} (else the request id); rolled "
+                f"back when worse over {config.rollback_window_s:g} s"
+            )
+        else:
+            what += ", on every request off the answer path"
+        lines.append(what)
+    return lines
