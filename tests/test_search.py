@@ -7,6 +7,7 @@ cannot learn, and the pruner has something to judge.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -260,6 +261,7 @@ def test_sigkill_mid_trial_then_the_same_command_resumes_it_and_the_study_is_det
 
     config = _toml(tmp_path / "distml.toml", "lr = { low = 0.01, high = 0.1, log = true }")
     space_run = bands_home / "runs" / "s-t001"
+    frozen: list[int] = []
     log = (tmp_path / "tuner.log").open("wb")
     tuner = subprocess.Popen([sys.executable, "-m", "distml", *_tune_args(bands_home, config, 2)],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -268,11 +270,21 @@ def test_sigkill_mid_trial_then_the_same_command_resumes_it_and_the_study_is_det
         second = run_cli(*_tune_args(bands_home, config, 2))  # while the first one runs
         assert second.code == 2 and f"study s is being tuned by another distml tune (process {tuner.pid})" in second.err
         _wait_for("trial 1's first epoch", lambda: _epochs(space_run) >= 1 or tuner.poll() is not None)
+        job_pid = int(lock_file(space_run).read_text().split()[0])
+        # The trial's worker is held still (SIGSTOP) from here until the tuner's death has reached it, so the kill
+        # lands inside epoch 2 however loaded the machine is: an epoch of this data is shorter than the signal's
+        # way from the tuner through the job process to the worker can be on a busy 2-core machine.
+        frozen = _children(job_pid)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
         os.kill(tuner.pid, signal.SIGKILL)
         assert _epochs(space_run) < TRAIN["epochs"], "trial 1 ended before the kill: the test needs longer epochs"
         tuner.wait(timeout=30)
-        job_pid = int(lock_file(space_run).read_text().split()[0])
+        _wait_for("the stop to reach the held worker", lambda: all(_term_pending(p) for p in frozen), timeout_s=60)
     finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # it dies of the pending SIGTERM before running another line
         if tuner.poll() is None:
             tuner.kill()
             tuner.wait(timeout=30)
@@ -312,6 +324,20 @@ def _alive(pid: int) -> bool:
     from distml._proc import pid_alive
 
     return pid_alive(pid)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _term_pending(pid: int) -> bool:
+    """Whether SIGTERM waits for process ``pid`` (stopped, it is delivered on SIGCONT), or the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    pending = {k: int(v, 16) for k, v in (line.split(":") for line in status.splitlines()) if k in ("SigPnd", "ShdPnd")}
+    return any(mask & (1 << (signal.SIGTERM - 1)) for mask in pending.values())
 
 
 def test_sampling_follows_each_fields_type_and_the_fingerprint_covers_what_trials_depend_on() -> None:
