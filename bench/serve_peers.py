@@ -1,0 +1,437 @@
+"""distml serve side by side with the Python model servers a team would otherwise pick, on the same ONNX model.
+
+Servers (each its own venv but distml's, the same ``model.onnx``, one worker, every process on CPU 0, the load
+generator on CPU 1, as bench/serve.py does for KServe):
+
+- ``distml``: ``distml serve MODEL --grpc-port P`` with its defaults (dynamic batching, 1 worker, 1 thread);
+- ``kserve``: KServe 0.21's Python server (bench/_kserve_server.py, .venv-kserve);
+- ``litserve`` / ``litserve-batch``: LitServe 0.2.19 (bench/peers/litserve_app.py), its defaults
+  (``max_batch_size=1``), then its batching on (``max_batch_size=32, batch_timeout=2 ms``, distml's own
+  batch size and delay);
+- ``bentoml`` / ``bentoml-batch``: BentoML 1.4.40 (bench/peers/bentoml_service.py), its defaults, then its
+  adaptive batching (``batchable=True, max_batch_size=32``, its default latency budget).
+
+Request kinds, all one 28x28 image (the first Fashion-MNIST test image): ``v1`` (V1 b64 PNG, distml and
+KServe), ``v2`` (the V2 UINT8 JSON body, 784 integers; the very same bytes to distml, KServe, LitServe and
+BentoML: the peers' endpoints read that body's ``inputs``), ``grpc`` (distml's gRPC V2 ModelInfer, the image
+as raw contents, sent by h2load: see bench/_grpc_load.py). Closed loop at 1, 8 and 64 connections (wrk for
+REST, h2load for gRPC: C generators both, one connection per request in flight).
+
+The machine is shared (other jobs run on both cores while this runs): so the servers are measured in
+``--rounds`` rounds, each starting every server afresh in a rotated order, and each figure is the median over
+the rounds (each round's values are kept). The targets compare medians and print the per-round ratios. Every
+point checks its answers (wrk's non-2xx and socket errors; h2load's failures plus the server's own gRPC status
+counts); a point with errors is marked and never counted. The load average is recorded around every point.
+
+Targets: distml REST V2 >= 3x LitServe and >= 2x BentoML at c=64 (each peer's better configuration), distml
+>= 2x KServe at c=64 (V1 and V2, as bench/serve.py), gRPC V2 >= 1.2x REST V2 at c=64.
+
+Usage: python bench/serve_peers.py [--rounds 3] [--duration 3] [--servers ...] [--quick] [--out FILE]
+Needs: wrk, h2load (apt-get install nghttp2-client), taskset; the venvs are created on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _grpc_load as grpcload
+from _peer_servers import Running, check, start, url
+from serve import (
+    CACHE,
+    DISTML_PY,
+    LOAD_CPU,
+    LUA,
+    SERVER_CPU,
+    SOURCE,
+    WRK,
+    _free_port,
+    _kserve_python,
+    _tail,
+    build_model,
+    machine,
+    parse_wrk,
+    request_bodies,
+    sample_image,
+    versions,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_ENV = REPO / "bench" / "_peer_env.sh"
+SERVERS = ("distml", "kserve", "litserve", "litserve-batch", "bentoml", "bentoml-batch")
+KINDS = {"distml": ("v1", "v2", "grpc"), "kserve": ("v1", "v2")}  # the peers: v2 only
+CONCURRENCY = (1, 8, 64)
+
+
+def grpc_statuses(base: str) -> dict[str, float]:
+    """The server's own count of gRPC calls by (HTTP-equivalent) status, from /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("distml_requests_total{") and 'protocol="grpc"' in line:
+            status = re.search(r'status="(\d+)"', line)
+            if status:
+                out[status[1]] = out.get(status[1], 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def point(server: Running, kind: str, target: str, files: dict[str, Path], conns: int, seconds: int) -> dict[str, Any]:
+    """One closed-loop point on CPU 1: wrk (REST) or h2load (gRPC), with both sides' CPU and the load average."""
+    log = files["h2load_log"]
+    if kind == "grpc":
+        before = grpc_statuses(server.base)
+        cmd = grpcload.h2load_command(target, files["grpc"], conns, seconds, log)
+    else:
+        cmd = [WRK, "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(files[f"{kind}.lua"]), target]
+    load, cpu, gen, started = os.getloadavg()[0], server.cpu_seconds(), _children_cpu(), time.perf_counter()
+    done = subprocess.run(
+        ["taskset", "-c", str(LOAD_CPU), *cmd], capture_output=True, text=True, timeout=seconds + 30, check=False
+    )
+    wall = time.perf_counter() - started
+    server_cpu, gen_cpu = server.cpu_seconds() - cpu, _children_cpu() - gen
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    if server.proc.poll() is not None:
+        raise RuntimeError(f"{server.name} died during the load:\n{_tail(server.log)}")
+    r = grpcload.parse_h2load(done.stdout, log) if kind == "grpc" else parse_wrk(done.stdout)
+    if kind == "grpc":  # a gRPC error is an HTTP 200 to h2load: the server's own counts say
+        after = grpc_statuses(server.base)
+        statuses = {k: int(v - before.get(k, 0.0)) for k, v in after.items() if v - before.get(k, 0.0)}
+        r["server_statuses"] = statuses
+        if set(statuses) - {"200"}:
+            r["errors"]["server_statuses"], r["ok"] = statuses, False
+    r.update(
+        concurrency=conns,
+        seconds=round(wall, 2),
+        loadavg_1m_before=round(load, 2),
+        loadavg_1m_after=round(os.getloadavg()[0], 2),
+        server_cpu_share=round(server_cpu / wall, 3),
+        generator_cpu_share=round(gen_cpu / wall, 3),
+    )
+    return r
+
+
+def generator_ceiling(files: dict[str, Path], seconds: int, tmp: Path) -> dict[str, Any]:
+    """h2load at c=64 against a trivial servicer (no model, a fixed answer) on CPU 0: a floor under what h2load
+    itself can send here (the trivial Python server may be the limit: see its CPU share)."""
+    port = _free_port()
+    log = tmp / "trivial.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                str(SERVER_CPU),
+                str(DISTML_PY),
+                str(Path(grpcload.__file__)),
+                "--trivial-server",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Running("trivial-grpc", proc, "", f"127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + 60
+        while "listening on" not in _tail(log) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        cmd = grpcload.h2load_command(f"http://127.0.0.1:{port}", files["grpc"], 64, seconds, files["h2load_log"])
+        gen, started = _children_cpu(), time.perf_counter()
+        done = subprocess.run(
+            ["taskset", "-c", str(LOAD_CPU), *cmd], capture_output=True, text=True, timeout=seconds + 30, check=False
+        )
+        wall = time.perf_counter() - started
+        r = grpcload.parse_h2load(done.stdout, files["h2load_log"])
+        r["generator_cpu_share"] = round((_children_cpu() - gen) / wall, 3)
+        return r
+    finally:
+        server.stop()
+
+
+# -- the summary -------------------------------------------------------------------------------------------------
+def medians(points: dict[str, dict[str, dict[int, list[dict[str, Any]]]]]) -> dict[str, Any]:
+    """server -> kind -> c -> the median req/s (and p99) over the rounds' good points."""
+    out: dict[str, Any] = {}
+    for name, kinds in points.items():
+        for kind, by_c in kinds.items():
+            for c, runs in by_c.items():
+                good = [r for r in runs if r["ok"]]
+                p99s = [r["p99_ms"] for r in good if r["p99_ms"] is not None]
+                out.setdefault(name, {}).setdefault(kind, {})[str(c)] = {
+                    "req_per_s": statistics.median(r["req_per_s"] for r in good) if good else None,
+                    "p99_ms": statistics.median(p99s) if p99s else None,
+                    "rounds": [round(r["req_per_s"]) if r["ok"] else None for r in runs],
+                }
+    return out
+
+
+def targets(m: dict[str, Any]) -> list[dict[str, Any]]:
+    def at64(name: str, kind: str) -> dict[str, Any] | None:
+        entry: dict[str, Any] | None = m.get(name, {}).get(kind, {}).get("64")
+        return entry if entry and entry["req_per_s"] else None
+
+    def row(target: str, a: tuple[str, str], b: list[tuple[str, str]], least: float) -> dict[str, Any]:
+        """``a`` over the best of ``b`` (medians over the rounds), and the same ratio in each round."""
+        mine, theirs = at64(*a), {f"{n} {k}": e for n, k in b if (e := at64(n, k))}
+        if mine is None or not theirs:
+            return {"target": target, "verdict": "n/a", "value": "not measured"}
+        who, top = max(theirs.items(), key=lambda item: float(item[1]["req_per_s"]))
+        ratio = mine["req_per_s"] / top["req_per_s"]
+        per_round = []
+        for i, x in enumerate(mine["rounds"]):
+            ys = [e["rounds"][i] for e in theirs.values() if i < len(e["rounds"]) and e["rounds"][i]]
+            if x and ys:
+                per_round.append(x / max(ys))
+        value = (
+            f"{ratio:.2f}x ({mine['req_per_s']:,.0f} / {top['req_per_s']:,.0f} req/s, {who}); by round: "
+            + ", ".join(f"{x:.2f}x" for x in per_round)
+        )
+        return {
+            "target": target,
+            "ratio": ratio,
+            "per_round": per_round,
+            "value": value,
+            "verdict": "PASS" if ratio >= least else "FAIL",
+        }
+
+    lit = [("litserve", "v2"), ("litserve-batch", "v2")]
+    bento = [("bentoml", "v2"), ("bentoml-batch", "v2")]
+    return [
+        row("distml REST V2 >= 3x LitServe at c=64 (its better config)", ("distml", "v2"), lit, 3.0),
+        row("distml REST V2 >= 2x BentoML at c=64 (its better config)", ("distml", "v2"), bento, 2.0),
+        row("distml REST V1 >= 2x KServe V1 at c=64", ("distml", "v1"), [("kserve", "v1")], 2.0),
+        row("distml REST V2 >= 2x KServe V2 at c=64", ("distml", "v2"), [("kserve", "v2")], 2.0),
+        row("distml gRPC V2 >= 1.2x REST V2 at c=64", ("distml", "grpc"), [("distml", "v2")], 1.2),
+    ]
+
+
+LABELS = {"v1": "REST V1 b64-PNG", "v2": "REST V2 UINT8 JSON", "grpc": "gRPC V2 raw UINT8"}
+
+
+def print_table(m: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{'request':<19} {'server':<15}"
+        + "".join(f"{'c=' + str(c) + ' req/s':>13}" for c in CONCURRENCY)
+        + f"{'c=64 p99 ms':>13}"
+    )
+    for kind in LABELS:
+        for name in SERVERS:
+            entry = m.get(name, {}).get(kind)
+            if entry is None:
+                continue
+            cells = [entry[str(c)]["req_per_s"] for c in CONCURRENCY]
+            p99 = entry["64"]["p99_ms"]
+            print(
+                f"{LABELS[kind]:<19} {name:<15}"
+                + "".join(f"{'E' if v is None else f'{v:,.0f}':>13}" for v in cells)
+                + f"{'-' if p99 is None else f'{p99:.1f}':>13}"
+            )
+    print("\nc=64 side by side (req/s, median of rounds):")
+    cols = [
+        ("KServe V2", "kserve", "v2"),
+        ("LitServe", "litserve", "v2"),
+        ("LitServe+batch", "litserve-batch", "v2"),
+        ("BentoML", "bentoml", "v2"),
+        ("BentoML+batch", "bentoml-batch", "v2"),
+        ("distml REST V1", "distml", "v1"),
+        ("distml REST V2", "distml", "v2"),
+        ("distml gRPC V2", "distml", "grpc"),
+    ]
+    values = [m.get(n, {}).get(k, {}).get("64", {}).get("req_per_s") for _, n, k in cols]
+    print(" | ".join(f"{h}: {'-' if v is None else f'{v:,.0f}'}" for (h, _, _), v in zip(cols, values, strict=True)))
+    print()
+    width = max(len(r["target"]) for r in rows)
+    for r in rows:
+        print(f"{r['target']:<{width}}  {r['verdict']:<4}  {r['value']}")
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+def _peer_python(peer: str) -> str:
+    done = subprocess.run([str(PEER_ENV), peer], capture_output=True, text=True, timeout=1800, check=False)
+    if done.returncode != 0:
+        sys.exit(f"error: {PEER_ENV} {peer} failed ({done.returncode}):\n{done.stderr}")
+    return str(Path(done.stdout.strip().splitlines()[-1]) / "python")
+
+
+def _distml_has_grpc() -> bool:
+    done = subprocess.run(
+        [str(DISTML_PY), "-m", "distml", "serve", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    return "--grpc-port" in done.stdout
+
+
+def run_rounds(args: argparse.Namespace, servers: list[str], ctx: dict[str, Any]) -> dict[str, Any]:
+    """``args.rounds`` rounds, each starting every server afresh (order rotated by one each round)."""
+    points: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {}
+    answers: dict[str, dict[str, Any]] = {}
+    for rnd in range(args.rounds):
+        order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
+        print(f"\nround {rnd + 1}/{args.rounds}: {', '.join(order)}", flush=True)
+        for name in order:
+            server = start(name, ctx["model_dir"], ctx["model"], ctx["tmp"], ctx["pythons"], ctx["grpc"])
+            kinds = [k for k in KINDS.get(name, ("v2",)) if k != "grpc" or server.grpc]
+            try:
+                for kind in kinds:
+                    answer = check(server, kind, ctx["model"], ctx["bodies"], ctx["pixels"])
+                    answers.setdefault(name, {})[kind] = answer
+                    target = f"http://{server.grpc}" if kind == "grpc" else url(server, kind, ctx["model"])
+                    point(server, kind, target, ctx["files"], 8, 1)  # warm-up, not kept
+                    for c in CONCURRENCY:
+                        r = point(server, kind, target, ctx["files"], c, args.duration)
+                        points.setdefault(name, {}).setdefault(kind, {}).setdefault(c, []).append(r)
+                        print(
+                            f"  {name:<15} {LABELS[kind]:<19} c={c:<3} {r['req_per_s']:>8,.0f} req/s  p99 "
+                            f"{r['p99_ms'] or float('nan'):6.1f} ms  server cpu {r['server_cpu_share']:.0%}  load "
+                            f"cpu {r['generator_cpu_share']:.0%}  loadavg {r['loadavg_1m_before']:.1f}"
+                            + ("" if r["ok"] else f"  ERRORS {json.dumps(r['errors'])}"),
+                            flush=True,
+                        )
+            finally:
+                server.stop()
+    return {
+        "points": {
+            n: {k: {str(c): v for c, v in by_c.items()} for k, by_c in kinds_.items()} for n, kinds_ in points.items()
+        },
+        "medians": medians(points),
+        "answers": answers,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each starting every server afresh")
+    parser.add_argument("--duration", type=int, default=3, help="seconds per measured point")
+    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ", ".join(SERVERS))
+    parser.add_argument("--model", type=Path, default=None, help="artifact folder (model.onnx + model.json)")
+    parser.add_argument("--source", type=Path, default=SOURCE, help="folder with the Fashion-MNIST .gz files")
+    parser.add_argument("--quick", action="store_true", help="1 round of 1 s points: a smoke test")
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results/serve-peers.json")
+    args = parser.parse_args()
+    servers = [s for s in args.servers.split(",") if s]
+    if set(servers) - set(SERVERS) or not servers:
+        parser.error(f"--servers takes {', '.join(SERVERS)}; got {args.servers!r}")
+    if args.quick:
+        args.rounds, args.duration = 1, 1
+    if args.rounds < 1 or args.duration < 1:
+        parser.error("--rounds and --duration are at least 1")
+    out = args.out or (
+        Path(tempfile.gettempdir()) / "distml-bench-serve-peers-quick.json"
+        if args.quick
+        else REPO / "bench" / "results" / "serve-peers.json"
+    )
+    if not {SERVER_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
+        sys.exit(f"error: needs CPUs {SERVER_CPU} and {LOAD_CPU}; have {sorted(os.sched_getaffinity(0))}")
+    for tool in (WRK, shutil.which("taskset")):
+        if not tool or not os.access(tool, os.X_OK):
+            sys.exit(f"error: {tool or 'taskset'} is not installed")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop the servers
+
+    model_dir = (args.model or build_model(args.source, CACHE)).resolve()
+    model = json.loads((model_dir / "model.json").read_text())["name"]
+    pythons = {"kserve": _kserve_python()} if "kserve" in servers else {}
+    pythons |= {p: _peer_python(p) for p in ("litserve", "bentoml") if any(s.startswith(p) for s in servers)}
+    grpc = "distml" in servers and _distml_has_grpc() and grpcload.H2LOAD is not None
+    if "distml" in servers and not grpc:
+        print("note: no gRPC column (distml serve has no --grpc-port, or h2load is not installed)", flush=True)
+    os.sched_setaffinity(0, {LOAD_CPU})  # this script stays off the servers' core
+    pixels, image = sample_image(args.source)
+    bodies = request_bodies(pixels)
+    started = time.time()
+    doc: dict[str, Any] = {
+        "machine": machine(pythons.get("kserve"))
+        | {
+            "peer_venvs": {
+                p: versions(py, [p, "uvicorn", "fastapi", "starlette", "pydantic", "onnxruntime", "numpy"])
+                for p, py in pythons.items()
+                if p != "kserve"
+            },
+            "h2load": subprocess.run(
+                [grpcload.H2LOAD, "--version"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            if grpcload.H2LOAD
+            else None,
+            "loadavg_start": os.getloadavg(),
+        },
+        "settings": {
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "concurrency": list(CONCURRENCY),
+            "servers": servers,
+            "model_dir": str(model_dir),
+            "model": model,
+            "image": image,
+            "server_cpu": SERVER_CPU,
+            "load_cpu": LOAD_CPU,
+            "quick": args.quick,
+            "wrk": "wrk -t1 -cC -dDs --latency -s SCRIPT URL",
+            "h2load": "h2load -t1 -cC -m1 -DD -d BODY -H 'content-type: application/grpc' -H 'te: trailers' "
+            "URL/inference.GRPCInferenceService/ModelInfer",
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="distml-bench-peers-") as tmp_name:
+        tmp = Path(tmp_name)
+        files = {"h2load_log": tmp / "h2load.log"}
+        for kind in ("v1", "v2"):
+            (tmp / f"{kind}.json").write_bytes(bodies[kind])
+            files[f"{kind}.lua"] = tmp / f"{kind}.lua"
+            files[f"{kind}.lua"].write_text(LUA.format(body=json.dumps(str(tmp / f"{kind}.json"))))
+        if grpc:
+            files["grpc"] = tmp / "grpc.bin"
+            files["grpc"].write_bytes(grpcload.grpc_body(model, pixels))
+            doc["grpc_generator_ceiling"] = generator_ceiling(files, args.duration, tmp)
+            c = doc["grpc_generator_ceiling"]
+            print(
+                f"h2load against a trivial servicer: {c['req_per_s']:,.0f} calls/s at c=64, h2load cpu "
+                f"{c['generator_cpu_share']:.0%}",
+                flush=True,
+            )
+        ctx = {
+            "model_dir": model_dir,
+            "model": model,
+            "tmp": tmp,
+            "pythons": pythons,
+            "grpc": grpc,
+            "bodies": bodies,
+            "pixels": pixels,
+            "files": files,
+        }
+        doc |= run_rounds(args, servers, ctx)
+    doc["machine"]["loadavg_end"], doc["wall_s"] = os.getloadavg(), round(time.time() - started)
+    doc["targets"] = targets(doc["medians"])
+    print_table(doc["medians"], doc["targets"])
+    classes = {f"{n} {k}": a["class_id"] for n, kinds in doc["answers"].items() for k, a in kinds.items()}
+    if len(set(classes.values())) > 1:
+        print(f"\nwarning: the servers disagree on the sample image's class: {classes}")
+    print(
+        f"\n{doc['wall_s']} s; load average {doc['machine']['loadavg_start'][0]:.1f} at the start, "
+        f"{doc['machine']['loadavg_end'][0]:.1f} at the end"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
