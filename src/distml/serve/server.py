@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -35,6 +35,9 @@ from distml.serve.app import ServeApp
 from distml.serve.http import ConnectionLimits, protocol_class
 from distml.serve.model import ServedModel, load_model
 from distml.serve.source import ModelSource
+
+if TYPE_CHECKING:
+    from distml.serve.grpc_server import GrpcEndpoint
 
 log = logging.getLogger("distml.serve")
 
@@ -59,16 +62,28 @@ def _load(config: ServeConfig, model_path: Path) -> ServedModel:
 class _DrainingServer(uvicorn.Server):
     """uvicorn's server with a drain period after SIGTERM (readiness 503, still serving) before it stops."""
 
-    def __init__(self, config: uvicorn.Config, drain_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, serve_config: ServeConfig) -> None:
         super().__init__(config)
-        self._drain_s = drain_s
+        self._settings = serve_config
+        self._drain_s = serve_config.drain_s
         self._stop_at: float | None = None
         self._acceptors: list[Acceptor] = []
+        self._grpc: GrpcEndpoint | None = None
+        self._grpc_draining = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn's startup (the lifespan, its state) without its listening servers: an Acceptor takes each socket
         # instead, accepting every waiting connection per pass (see distml.serve.accept)
         await super().startup(sockets=[])
+        if self.should_exit:  # the app's startup failed; uvicorn has said why
+            return
+        app, port = self._app(), self._settings.grpc_port
+        if app is not None and port is not None:
+            # gRPC on this loop, after the app's startup (its batchers run) and before REST accepts: a server
+            # that answers REST readiness answers gRPC too
+            from distml.serve.grpc_server import GrpcEndpoint
+
+            self._grpc = await GrpcEndpoint.start(app, self._settings.host, port)
         config = self.config
 
         def create_protocol() -> asyncio.Protocol:
@@ -83,6 +98,8 @@ class _DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for acceptor in self._acceptors:
             acceptor.stop()
+        if self._grpc is not None:  # before the app's shutdown closes the batchers its calls are queued on
+            await self._grpc.stop(self._settings.graceful_timeout_s)
         await super().shutdown(sockets=sockets)
 
     def _app(self) -> ServeApp | None:
@@ -103,6 +120,10 @@ class _DrainingServer(uvicorn.Server):
             self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
+        app = self._app()
+        if self._grpc is not None and app is not None and app.draining and not self._grpc_draining:
+            self._grpc_draining = True
+            await self._grpc.drain()  # gRPC health NOT_SERVING with REST readiness; calls are still answered
         if self._stop_at is not None and time.monotonic() >= self._stop_at:
             self.should_exit = True
         return await super().on_tick(counter)
@@ -114,6 +135,12 @@ def serve(config: ServeConfig, source: ModelSource, *, announce: Callable[[str],
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     base = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+    grpc_hold: socket.socket | None = None
+    if config.grpc_port is not None:
+        # The gRPC port is chosen here, once, so every worker listens on the same one (a port 0 per worker would
+        # give each its own); held bound, not listening, until the end so nothing else takes it meanwhile.
+        grpc_hold = _reserve(config.host, config.grpc_port)
+        config = config.model_copy(update={"grpc_port": grpc_hold.getsockname()[1]})
     try:
         if config.workers == 1:
             _announce(announce, model, base, config)
@@ -124,6 +151,8 @@ def serve(config: ServeConfig, source: ModelSource, *, announce: Callable[[str],
             _supervise(sock, config, source)
     finally:
         sock.close()
+        if grpc_hold is not None:
+            grpc_hold.close()
 
 
 def _uvicorn_config(app: ServeApp, config: ServeConfig) -> uvicorn.Config:
@@ -150,7 +179,7 @@ def _uvicorn_config(app: ServeApp, config: ServeConfig) -> uvicorn.Config:
 
 
 def _run_worker(sock: socket.socket, app: ServeApp, config: ServeConfig) -> None:
-    _DrainingServer(_uvicorn_config(app, config), config.drain_s).run(sockets=[sock])
+    _DrainingServer(_uvicorn_config(app, config), config).run(sockets=[sock])
 
 
 def _worker_main(sock: socket.socket, settings: dict[str, Any]) -> None:
@@ -255,6 +284,23 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _reserve(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` with SO_REUSEPORT, as gRPC binds its own: the workers' gRPC servers can
+    listen on the port while this holds it; a port in use is one line now rather than a worker failing later."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        from distml.errors import UsageError
+
+        message = f"cannot listen for gRPC on {host}:{port}: {exc.strerror}"
+        raise UsageError(message, hint="pick another --grpc-port") from None
+    return sock
+
+
 def _announce(announce: Callable[[str], None], model: ServedModel, base: str, config: ServeConfig) -> None:
     workers = f"{config.workers} worker(s)"
     batching = f"batches of up to {config.max_batch_size} within {config.max_batch_delay_ms:g} ms"
@@ -262,6 +308,9 @@ def _announce(announce: Callable[[str], None], model: ServedModel, base: str, co
     announce(f"  V1: POST {base}/v1/models/{model.name}:predict")
     announce(f"  V2: POST {base}/v2/models/{model.name}/infer")
     announce(f"  health: {base}/v2/health/ready  metrics: {base}/metrics")
+    if config.grpc_port is not None:
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        announce(f"  gRPC V2: {host}:{config.grpc_port} (inference.GRPCInferenceService, grpc.health.v1.Health)")
     if config.log_url or config.log_file:
         announce(f"  request log ({config.log_mode}): {config.log_url or config.log_file}")
     announce(f"listening on {base}")
