@@ -4,6 +4,8 @@ DEADLINE_EXCEEDED, and the server stays healthy and correct after both (a server
 from __future__ import annotations
 
 import asyncio
+import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -84,12 +87,26 @@ def test_full_queue_is_resource_exhausted_with_a_retry_hint(server: ServerProces
     _still_correct(server, champion)
 
 
-def test_passed_deadline_is_deadline_exceeded(server: ServerProcess, champion: tuple[Path, Path]) -> None:
+def test_passed_deadline_is_deadline_exceeded_and_counted(server: ServerProcess, champion: tuple[Path, Path]) -> None:
+    # 64 PNGs of 512 x 512: their decoding (resized to 28 x 28) takes well over the 50 ms deadline, so the call is
+    # in the server's hands when the deadline passes: gRPC cancels the handler and the server counts a 504
+    big = io.BytesIO()
+    Image.fromarray(np.zeros((512, 512), dtype=np.uint8)).save(big, format="PNG")
+    files = pb.ModelInferRequest.InferInputTensor(name="images", datatype="BYTES", shape=[64])
+    files.contents.bytes_contents.extend([big.getvalue()] * 64)
     with grpc.insecure_channel(grpc_address(server)) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         stub.ServerLive(pb.ServerLiveRequest(), timeout=10)  # connected: the deadline is spent on the call itself
         with pytest.raises(grpc.RpcError) as caught:
-            stub.ModelInfer(_heavy(), timeout=0.002)
+            stub.ModelInfer(pb.ModelInferRequest(model_name=MODEL, inputs=[files]), timeout=0.05)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "Deadline Exceeded" in (caught.value.details() or "")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        metrics = request(server.base, "GET", "/metrics").body.decode()
+        if any('protocol="grpc"' in line and 'status="504"' in line for line in metrics.splitlines()):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the server did not count the call that passed its deadline as a 504")
     _still_correct(server, champion)
