@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from distml._proc import pid_alive
+
 START_TIMEOUT_S = 60.0
 _STARTED = "distml-test-node-started"
 # One node, as ray.cluster_utils.Cluster starts them (its Node class, in a process of its own), then waits until it
@@ -93,20 +95,6 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (ended, not yet reaped) counts as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _send(pids: list[int], sig: signal.Signals) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -132,7 +120,7 @@ class LocalRayCluster:
     def node_pids(self, index: int) -> list[int]:
         """The live processes of node ``index`` (0 = the head): its node process and everything below it."""
         root = self._nodes[index].pid
-        return [pid for pid in _descendants(root) if _alive(pid)]
+        return [pid for pid in _descendants(root) if pid_alive(pid)]
 
     def worker_nodes(self) -> list[int]:
         """The indexes of the worker nodes still running, oldest first (the head, 0, is not one)."""
@@ -151,16 +139,18 @@ class LocalRayCluster:
         return len(self._nodes) - 1
 
     def stop(self) -> None:
-        """Every process of every node, by pid: SIGTERM, then SIGKILL what is left after a few seconds.
+        """Every process of every node, by pid: SIGTERM, then SIGKILL what is left after two seconds.
 
         The pids are read once, first: a process whose parent has ended is no longer below the node's root.
+        Two seconds, not more: with the head's GCS gone, a worker node's raylet keeps retrying it and outlived
+        a 10 s grace; nothing of a test cluster outlives it (its temp folder is removed below).
         """
         pids = [pid for index in range(len(self._nodes)) for pid in self.node_pids(index)]
         _send(pids, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 2
+        while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        _send([pid for pid in pids if _alive(pid)], signal.SIGKILL)
+        _send([pid for pid in pids if pid_alive(pid)], signal.SIGKILL)
         for proc in self._nodes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
@@ -220,6 +210,10 @@ def start_local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> LocalRayClust
         # everywhere, so an address of 127.0.0.1 is not rewritten to the host's routable one, and the
         # workers' MASTER_ADDR is loopback too.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # A killed node is declared dead after 3 failed health checks 0.5 s apart (Ray's default: 5 checks 3 s
+        # apart, 15 s), so a node-loss test's job learns of it within seconds; read by the head's GCS.
+        "RAY_health_check_period_ms": "500",
+        "RAY_health_check_failure_threshold": "3",
     }
     # Short: Ray puts unix sockets under it, and their paths must stay under 108 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))

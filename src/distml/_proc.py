@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -26,11 +27,14 @@ def die_with_parent() -> Callable[[], None] | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (it may belong to another user)."""
+    """Whether process ``pid`` runs (it may belong to another user); a zombie (ended, not yet reaped) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state is the first field after the command, which is in parentheses
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return not sys.platform.startswith("linux")  # no /proc entry: gone on Linux; elsewhere kill(0) decides
