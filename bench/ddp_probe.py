@@ -93,14 +93,14 @@ def worker(home: Path, variant: str) -> None:
 
 
 def run_variant(home: Path, variant: str, cores: int) -> dict[str, float]:
-    from distml.train.launch import _MALLOC_DEFAULTS
+    from distml.train.launch import MALLOC_DEFAULTS
 
     me = [str(Path(__file__).resolve()), "--worker", variant, "--home", str(home)]
     if variant == "plain":
         cmd, threads = [sys.executable, *me], cores
     else:
         cmd, threads = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *me], 1
-    env = {**_MALLOC_DEFAULTS, **os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
+    env = {**MALLOC_DEFAULTS, **os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("PROBE "))
     return dict(json.loads(line.split(" ", 1)[1]))

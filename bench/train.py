@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: N812
 from distml.data import DatasetStore, open_dataset
 from distml.data.ingest import ingest
 from distml.data.sources import FashionMnistSource
-from distml.train.launch import _MALLOC_DEFAULTS
+from distml.train.launch import MALLOC_DEFAULTS
 from distml.train.models import ModelSpec, build_model
 from distml.workspace import Workspace
 
@@ -46,7 +46,7 @@ def plain_loop_process(home: Path, threads: int, fused: bool = False) -> float:
     Run inside this long-lived bench process instead, (a) gained from memory and caches warmed by earlier
     rounds, which a worker never has: 11.4k images/s in round 1, 12.4k in rounds 2 and 3 (2026-11-23).
     """
-    env = {**_MALLOC_DEFAULTS, **os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**MALLOC_DEFAULTS, **os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-loop", str(home), "--threads", str(threads),
            *(["--fused"] if fused else [])]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout

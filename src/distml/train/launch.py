@@ -32,7 +32,7 @@ from distml.workspace import Workspace
 # glibc serves each step's multi-MB activation tensors with fresh mmap()s and returns them on free, so every
 # step page-faults its memory in again: 1.7x slower on the seed CNN (6.1k -> 10.3k img/s, W=1, measured in
 # docs/performance.md). Keeping freed memory in the heap removes that. Set in the environment to override.
-_MALLOC_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+MALLOC_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 LOOPBACK = "127.0.0.1"
 # A single-host job listens on loopback only. torchrun's agent would host the workers' store itself, on every
 # interface; with sharing off, rank 0 hosts it at MASTER_ADDR (dist.init_distributed binds it there). gloo and
@@ -268,7 +268,7 @@ def run_job(
     cfg = job.config
     threads = cfg.threads_per_worker or max(1, usable_cores() // cfg.workers)
     worker = ["-m", "distml.train.worker", str(job.run_dir)]
-    env = {**_MALLOC_DEFAULTS, **os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    env = {**MALLOC_DEFAULTS, **os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a launcher inside a worker must not inherit its parent's identity
     with contextlib.ExitStack() as cleanup:

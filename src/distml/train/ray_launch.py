@@ -46,8 +46,13 @@ _PLACEMENT = {"pack": "PACK", "spread": "STRICT_SPREAD"}
 # Ray Train's defaults that do not fit distml (set unless the environment says otherwise): its print patch sends
 # every line a worker prints through its logger as well, so rank 0's progress reached the terminal twice; its
 # preemption watcher serves spot-instance draining, which distml's restarts do not use, and logs an error line on
-# every start.
-_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# every start. Its controller polls the workers every 2 s: every change of state (the group started, a rank
+# finished or failed) waited a second on average for the next poll; a poll is one small call per worker.
+_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 
 
 class Placement(TypedDict):
@@ -118,7 +123,9 @@ def run(job: Job, cluster: ClusterConfig) -> int:
         os.environ.setdefault(name, value)  # read when the trainer starts its controller, which inherits them
     train = importlib.import_module("ray.train")
     torch_train = importlib.import_module("ray.train.torch")
-    trainer = torch_train.TorchTrainer(
+    # Ray Train's TorchTrainer without its autoscaling request and placement-group cleaner (ray_trainer.py).
+    trainer_class = importlib.import_module("distml.train.ray_trainer").DistmlTorchTrainer
+    trainer = trainer_class(
         _worker,
         train_loop_config={"run_dir": str(job.run_dir), "token": token},
         torch_config=torch_train.TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=600),
@@ -151,9 +158,9 @@ def run(job: Job, cluster: ClusterConfig) -> int:
 
 def worker_env(cfg: TrainConfig, found: list[NodeInfo]) -> dict[str, str]:
     """The workers' environment: as the torchrun launcher sets it, loopback sockets when every node is local."""
-    from distml.train.launch import _MALLOC_DEFAULTS
+    from distml.train.launch import MALLOC_DEFAULTS
 
-    env = {**_MALLOC_DEFAULTS, "OMP_NUM_THREADS": str(cfg.threads_per_worker or 1), "PYTHONUNBUFFERED": "1"}
+    env = {**MALLOC_DEFAULTS, "OMP_NUM_THREADS": str(cfg.threads_per_worker or 1), "PYTHONUNBUFFERED": "1"}
     if found and all(node.ip.startswith("127.") for node in found):
         # gloo and NCCL bind to the host name's address unless told an interface; on a cluster whose nodes are
         # all on this host's loopback that may be a routable one (or none that the other nodes can reach).
