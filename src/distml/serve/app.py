@@ -73,6 +73,7 @@ class ServeApp:
         self.bodies = ByteBudget(config.max_inflight_bytes)
         self.lag = LoopLag(config.max_loop_lag_ms / 1000, busy=lambda: self.active > 0)
         self.active = 0  # inference requests inside the app (reading, waiting, parsing, queued, answering)
+        self._flusher: asyncio.Task[None] | None = None
         self.fleet = Fleet(model, config, self.source, self.metrics, on_change=lambda: self.rest.refresh())
         self.rest = Rest(self)  # the HTTP routes; gRPC (distml.serve.grpc_server) calls the steps below directly
 
@@ -113,13 +114,24 @@ class ServeApp:
                 on_drop=lambda reason, n: self.metrics.log_dropped.labels(reason).inc(n),
             )
         self.fleet.start()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
         self.ready = True
+
+    async def _flush_metrics(self) -> None:
+        # Counts gathered off the prometheus counters (Metrics.variant_request) reach them at least every second:
+        # with --workers N a scrape reads every worker's counters from the shared files, not its own pending ones
+        while True:
+            await asyncio.sleep(1.0)
+            self.metrics.flush()
 
     async def shutdown(self) -> None:
         """Stop taking requests, finish the queued ones (every variant's), flush the request log."""
         self.ready = False
         self.lag.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
         await self.fleet.stop()
+        self.metrics.flush()
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=True)
         if self.reqlog is not None:

@@ -95,7 +95,7 @@ class Metrics:
             self.log_events.labels(outcome)  # present at 0 from the start, so a reconciliation can read it
         self._stage = {(p, s): self.latency.labels(p, s) for p in PROTOCOLS for s in STAGES}
         self._counts: dict[tuple[str, str, int], Counter] = {}
-        self._variant_counts: dict[tuple[str, str, int], Counter] = {}
+        self._variant_pending: dict[tuple[str, str, int], int] = {}
 
     def request(self, protocol: str, model: str, status: int) -> None:
         key = (protocol, model, status)
@@ -105,11 +105,17 @@ class Metrics:
         child.inc()
 
     def variant_request(self, variant: str, version: str, status: int) -> None:
+        """Count one inference request of ``variant``: a dict increment here, added to the counter by
+        :meth:`flush` (at every scrape, and every second by the app) so the request path pays no counter lock."""
         key = (variant, version, status)
-        child = self._variant_counts.get(key)
-        if child is None:
-            child = self._variant_counts[key] = self.variant_requests.labels(variant, version, str(status))
-        child.inc()
+        pending = self._variant_pending
+        pending[key] = pending.get(key, 0) + 1
+
+    def flush(self) -> None:
+        """Move the counts :meth:`variant_request` gathered into ``distml_variant_requests_total``."""
+        pending, self._variant_pending = self._variant_pending, {}
+        for (variant, version, status), n in pending.items():
+            self.variant_requests.labels(variant, version, str(status)).inc(n)
 
     def variant(self, role: str, version: str | None, was: str | None = None) -> None:
         """``role`` now serves ``version`` (None: no longer served); ``was``: the version it served before."""
@@ -137,6 +143,7 @@ class Metrics:
         self.queue_depth.set(depth)
 
     def render(self) -> bytes:
+        self.flush()
         if self._multiprocess:
             merged = CollectorRegistry()
             MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
