@@ -1,6 +1,7 @@
 """The servers bench/serve_peers.py measures: how each starts (own venv, own session, CPU 0, loopback), answers
-one request before the load, and stops (its whole process tree: LitServe runs an API server and an inference
-worker, BentoML's circus arbiter puts each worker in a session of its own).
+one request before the load, pauses while another is measured, and stops: always its whole process tree
+(LitServe runs an API server and an inference worker, BentoML's circus arbiter puts each worker in a session of
+its own).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ class Running:
         """utime + stime of the server's processes (all their threads), its workers included."""
         table = _processes()
         return sum(table[pid][1] for pid in self.tree(table) if pid in table)
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to every process of the server (``SIGSTOP``: it takes no CPU while another is measured;
+        ``SIGCONT``: it runs again, warm)."""
+        for pid in self.tree():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def stop(self) -> None:
         """SIGTERM to the server's processes, SIGKILL to those left after 20 s; only those this script started."""
