@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,13 +229,31 @@ def start_local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> LocalRayClust
     return cluster
 
 
+def _require_ray() -> None:
+    if importlib.util.find_spec("ray") is None:  # not imported here: the tests' own process stays Ray-free
+        pytest.skip("Ray is an optional extra: pip install 'distml[ray]'")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[LocalRayCluster]:
     """A two-node local cluster (1 CPU each) for the whole test module; skipped when Ray is not installed."""
-    if importlib.util.find_spec("ray") is None:  # not imported here: the tests' own process stays Ray-free
-        pytest.skip("Ray is an optional extra: pip install 'distml[ray]'")
+    _require_ray()
     cluster = start_local_cluster()
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster_starting() -> Iterator[Future[LocalRayCluster]]:
+    """:func:`ray_cluster`, starting in a thread: ask for it first, build the module's data meanwhile, then
+    ``.result()`` (a node mostly waits for its processes to come up, so the two overlap)."""
+    _require_ray()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        starting = pool.submit(start_local_cluster)
+        try:
+            yield starting
+        finally:
+            if starting.exception() is None:
+                starting.result().stop()

@@ -9,18 +9,25 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
 from conftest import make_mnist, run_cli
 from distml.workspace import Workspace
-from ray_cluster import LocalRayCluster, ray_cluster  # noqa: F401  (the module-scoped fixture)
+from ray_cluster import LocalRayCluster, ray_cluster_starting  # noqa: F401  (the module-scoped fixture)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(home, model folder): a 1,200-image test split over several shard files, and a 1-epoch seed cnn for it."""
+def tiny(
+    ray_cluster_starting: Future[LocalRayCluster],  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, Path]:
+    """(home, model folder): a 1,200-image test split over several shard files, and a 1-epoch seed cnn for it.
+
+    The module's cluster starts meanwhile (asked for first, it starts in a thread).
+    """
     from distml.config import TrainConfig
     from distml.data.ingest import ingest
     from distml.data.sources import FashionMnistSource
@@ -49,11 +56,12 @@ def _on_ray(cluster: LocalRayCluster, *args: str | Path) -> subprocess.Completed
 
 def test_predict_on_ray_writes_the_rows_of_the_local_command(
     tiny: tuple[Path, Path],
-    ray_cluster: LocalRayCluster,  # noqa: F811
+    ray_cluster_starting: Future[LocalRayCluster],  # noqa: F811
     tmp_path: Path,
 ) -> None:
     import pyarrow.parquet as pq
 
+    ray_cluster = ray_cluster_starting.result(timeout=120)
     home, model = tiny
     local = run_cli("--home", home, "predict", model, "--dataset", "tiny", "--out", tmp_path / "local.parquet")
     assert local.code == 0, local.err
