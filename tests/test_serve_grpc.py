@@ -37,11 +37,10 @@ def grpc_address(server: ServerProcess) -> str:
 
 
 def start_server(home: Path, tmp: Path, **serve: Any) -> ServerProcess:
-    """``distml serve`` with gRPC on a free port (via the config file: one source for every setting)."""
-    settings = {"grpc_port": 0, **serve}
+    """``distml serve --grpc-port 0`` (a free port) with ``serve`` settings from a config file."""
     config = tmp / "distml.toml"
-    config.write_text("[serve]\n" + "".join(f"{k} = {v!r}\n" for k, v in settings.items()))
-    return ServerProcess(["--home", str(home), "--config", str(config), "serve", "--port", "0"])
+    config.write_text("[serve]\n" + "".join(f"{k} = {v!r}\n" for k, v in serve.items()))
+    return ServerProcess(["--home", str(home), "--config", str(config), "serve", "--port", "0", "--grpc-port", "0"])
 
 
 @pytest.fixture(scope="module")
