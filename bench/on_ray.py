@@ -38,10 +38,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from distml.data.ingest import ingest
 from distml.data.sources.fashion_mnist import FashionMnistSource
@@ -152,6 +153,23 @@ def checked(cmd: Command, what: str) -> Command:
     return cmd
 
 
+T = TypeVar("T")
+
+
+def paired_rounds(
+    rounds: int, part: str, local: Callable[[int], T], ray: Callable[[int], T], say: Callable[[T, T], str]
+) -> tuple[list[T], list[T]]:
+    """``local(r)`` then ``ray(r)`` for each round (interleaved: a drift of the machine's load hits both alike),
+    each round's pair printed as ``say`` words it; every round's results of each."""
+    got_local: list[T] = []
+    got_ray: list[T] = []
+    for r in range(rounds):
+        got_local.append(local(r))
+        got_ray.append(ray(r))
+        print(f"({part}) round {r + 1}: {say(got_local[-1], got_ray[-1])}", flush=True)
+    return got_local, got_ray
+
+
 def _row(name: str, values: list[float], target: str) -> dict[str, Any]:
     return {
         "measure": name,
@@ -207,17 +225,17 @@ def train_job(
 def train_part(home: Path, dataset: str, cluster: Cluster, rounds: int, tmp: Path, line_step: int) -> dict[str, Any]:
     config = tmp / "train.toml"
     config.write_text(f"[train]\nlog_every_steps = {line_step}\n")
-    local, ray = [], []
-    for r in range(rounds):
-        env = cluster.client_env()
-        local.append(train_job(home, config, dataset, f"torchrun-{r}", [], env, line_step))
-        ray.append(train_job(home, config, dataset, f"ray-{r}", ["--ray", cluster.address], env, line_step))
-        print(
-            f"(a) round {r + 1}: torchrun {local[-1]['images_per_s']:,.0f} img/s, first step "
-            f"{local[-1]['first_step_s']:.1f} s | Ray Train {ray[-1]['images_per_s']:,.0f} img/s, first step "
-            f"{ray[-1]['first_step_s']:.1f} s",
-            flush=True,
-        )
+    env = cluster.client_env()
+    local, ray = paired_rounds(
+        rounds,
+        "a",
+        lambda r: train_job(home, config, dataset, f"torchrun-{r}", [], env, line_step),
+        lambda r: train_job(home, config, dataset, f"ray-{r}", ["--ray", cluster.address], env, line_step),
+        lambda a, b: (
+            f"torchrun {a['images_per_s']:,.0f} img/s, first step {a['first_step_s']:.1f} s | "
+            f"Ray Train {b['images_per_s']:,.0f} img/s, first step {b['first_step_s']:.1f} s"
+        ),
+    )
     ratio = [b["images_per_s"] / a["images_per_s"] for a, b in zip(local, ray, strict=True)]
     rows = [
         _row("torchrun, 2 workers: img/s", [x["images_per_s"] for x in local], "reference"),
@@ -235,28 +253,24 @@ def train_part(home: Path, dataset: str, cluster: Cluster, rounds: int, tmp: Pat
 
 
 def candidates_part(home: Path, dataset: str, cluster: Cluster, rounds: int, epochs: int) -> dict[str, Any]:
-    local, ray = [], []
-    for r in range(rounds):
-        env = cluster.client_env()
-        base = [
-            "--home",
-            str(home),
-            "train",
-            "--candidates",
-            CANDIDATES,
-            "--dataset",
-            dataset,
-            "--workers",
-            "1",
-            "--epochs",
-            str(epochs),
-        ]
-        local.append(checked(distml([*base, "--run-name", f"cand-local-{r}"], env), "candidates (local)").wall_s)
+    env = cluster.client_env()
+    base = ["--home", str(home), "train", "--candidates", CANDIDATES, "--dataset", dataset]
+    base += ["--workers", "1", "--epochs", str(epochs)]
+
+    def on_cluster(r: int) -> float:
         with_ray = [*base, "--run-name", f"cand-ray-{r}", "--ray", cluster.address]
-        ray.append(checked(distml(with_ray, env), "candidates (--ray)").wall_s)
+        done = checked(distml(with_ray, env), "candidates (--ray)")
         if not on_ray(home, f"cand-ray-{r}"):
             sys.exit(f"error: the candidates cand-ray-{r}* have no placement.json: they did not run on Ray")
-        print(f"(b) round {r + 1}: local scheduler {local[-1]:.1f} s | Ray cluster {ray[-1]:.1f} s", flush=True)
+        return done.wall_s
+
+    local, ray = paired_rounds(
+        rounds,
+        "b",
+        lambda r: checked(distml([*base, "--run-name", f"cand-local-{r}"], env), "candidates (local)").wall_s,
+        on_cluster,
+        lambda a, b: f"local scheduler {a:.1f} s | Ray cluster {b:.1f} s",
+    )
     rows = [
         _row("local scheduler: 3 candidates, s", local, "reference"),
         _row("two-node Ray cluster: 3 candidates, s", ray, "-"),
@@ -302,22 +316,23 @@ def predict_part(home: Path, dataset: str, split: str, cluster: Cluster, rounds:
     )
     model = tmp / "model"
     checked(distml([*base, "models", "export", "predict-model", "--out", str(model)], env), "export")
-    local_rate, local_wall, ray_rate, ray_wall = [], [], [], []
-    images = 0
-    for r in range(rounds):
-        cmd = [*base, "predict", str(model), "--dataset", dataset, "--split", split]
-        done = checked(distml([*cmd, "--out", str(tmp / f"local-{r}.parquet")], env), "predict")
+    cmd = [*base, "predict", str(model), "--dataset", dataset, "--split", split]
+
+    def run(out: str, *extra: str) -> tuple[int, float, float]:  # images, img/s, the command's wall time
+        done = checked(distml([*cmd, "--out", str(tmp / out), *extra], env), f"predict {' '.join(extra)}")
         images, rate = _predicted(done)
-        local_rate.append(rate)
-        local_wall.append(done.wall_s)
-        done = checked(distml([*cmd, "--out", str(tmp / f"ray-{r}"), "--ray", cluster.address], env), "predict --ray")
-        ray_rate.append(_predicted(done)[1])
-        ray_wall.append(done.wall_s)
-        print(
-            f"(c) round {r + 1}: local {local_rate[-1]:,.0f} img/s ({local_wall[-1]:.1f} s) | --ray "
-            f"{ray_rate[-1]:,.0f} img/s ({ray_wall[-1]:.1f} s)",
-            flush=True,
-        )
+        return images, rate, done.wall_s
+
+    local, ray = paired_rounds(
+        rounds,
+        "c",
+        lambda r: run(f"local-{r}.parquet"),
+        lambda r: run(f"ray-{r}", "--ray", cluster.address),
+        lambda a, b: f"local {a[1]:,.0f} img/s ({a[2]:.1f} s) | --ray {b[1]:,.0f} img/s ({b[2]:.1f} s)",
+    )
+    images = local[-1][0] if local else 0
+    local_rate, local_wall = [x[1] for x in local], [x[2] for x in local]
+    ray_rate, ray_wall = [x[1] for x in ray], [x[2] for x in ray]
     rows = [
         _row("distml predict (local, all cores): img/s", local_rate, "reference"),
         _row("distml predict --ray (2 actors x 1 thread): img/s", ray_rate, "-"),
