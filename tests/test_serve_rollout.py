@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,8 @@ def _inside_99(hits: int, n: int, percent: float) -> bool:
 def test_the_routers_canary_share_of_distinct_keys_is_inside_the_99_percent_binomial_interval(percent: float) -> None:
     from distml.serve.variants import Router, Variant
 
-    champion, canary = Variant("champion", None, None), Variant("canary", None, None)  # type: ignore[arg-type]
+    stand_in = types.SimpleNamespace(version="1")  # the router reads nothing of the model but its version
+    champion, canary = Variant("champion", stand_in, None), Variant("canary", stand_in, None)  # type: ignore[arg-type]
     router = Router(champion, canary, percent)
     rng = np.random.default_rng(0)
     keys = [rng.bytes(16).hex() for _ in range(5000)]  # distinct keys, as request ids or client ids are

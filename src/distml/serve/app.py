@@ -155,19 +155,17 @@ class ServeApp:
         return _Admission(self, call)
 
     def count(self, call: Call) -> None:
+        """Count ``call`` active once (admit does it; REST does it before reading the body, so a body that
+        trickles in counts too)."""
         if not call.counted:
             call.counted = True
             self.active += 1
             self.lag.wake()
 
-    async def refuse_if_late(self, call: Call) -> None:
-        if self.active > self.config.max_queue and self.lag.late:
-            await self._refuse_later(call.started)  # a crowd and a late loop: overloaded, not just slow
-
-    def _pick(self, call: Call) -> Variant:
-        if call.version is None:
-            return self.router.pick(call.route_key)
-        variant = self.router.by_version(call.version)
+    def pick_version(self, call: Call) -> Variant:
+        """The variant a request for one version (``call.version``) goes to; 404 when none serves it."""
+        assert call.version is not None
+        variant = self.fleet.router.by_version(call.version)
         if variant is None:
             raise NotFoundError(self.not_served(self.name, call.version))
         return variant
@@ -247,7 +245,7 @@ class ServeApp:
                 "response", rid, endpoint, protocol, response, response_type, status, version=version, variant=role
             )
 
-    async def _refuse_later(self, started: float) -> NoReturn:
+    async def refuse_later(self, started: float) -> NoReturn:
         """503 for a request that arrives while the loop runs late (see :mod:`~distml.serve.overload`); nothing
         of it is read or parsed. The answer goes out ``refusal_delay_ms`` after the request came, give or take half
         of that at random: refused together, clients that retry at once would otherwise come back together."""
@@ -295,8 +293,9 @@ class _Admission(AbstractAsyncContextManager[Variant]):
         app, call = self.app, self.call
         if not call.counted:  # the transport may have counted it (and checked the loop) before reading its body
             app.count(call)
-            await app.refuse_if_late(call)
-        variant = app._pick(call)
+            if app.active > app.config.max_queue and app.lag.late:
+                await app.refuse_later(call.started)  # a crowd and a late loop: overloaded, not just slow
+        variant = app.fleet.router.pick(call.route_key) if call.version is None else app.pick_version(call)
         place = variant.batcher.place()
         await place.__aenter__()
         self.place = place

@@ -164,11 +164,14 @@ class Rest:
         content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
         app, config = self.app, self.app.config
         budget, declared, variant = Held(app.bodies), None, None
-        app.count(call)
+        call.counted = True  # app.count, inline: active from here, so a body that trickles in counts too
+        app.active += 1
+        app.lag.wake()
         try:
             try:
                 declared = declared_length(headers, config.max_body_bytes)
-                await app.refuse_if_late(call)
+                if app.active > config.max_queue and app.lag.late:
+                    await app.refuse_later(started)  # a crowd and a late loop: overloaded, not just slow
                 budget.take(declared or 0)
                 body = await read_body(receive, config.max_body_bytes, budget, config.body_timeout_s)
                 async with app.admit(call) as variant:

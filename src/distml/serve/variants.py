@@ -36,14 +36,13 @@ class Variant:
     role: str
     model: ServedModel
     batcher: Batcher
-    pending: int = 0  # requests between submitting to this batcher and their answer (see Router.predict)
+    pending: int = 0  # requests between submitting to this batcher and their answer (see ServeApp.predict)
     closed: bool = False  # retired: the batcher is closed (or closing) and takes no more requests
     loaded_at: float = field(default_factory=time.time)
+    version: str = field(init=False)  # the model's registry version ("1" for an unregistered folder)
 
-    @property
-    def version(self) -> str:
-        """The registry version of the model (``1`` for an unregistered folder)."""
-        return self.model.version
+    def __post_init__(self) -> None:
+        self.version = self.model.version  # a plain attribute: read twice per request
 
     def busy(self) -> bool:
         """Whether a request still holds a place in this variant's queue or waits for its answer."""
