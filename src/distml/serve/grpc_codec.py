@@ -158,3 +158,21 @@ def encode_model_infer(
 def _length_prefixed(items: list[bytes]) -> bytes:
     """BYTES elements as raw contents: each a 4-byte little-endian length, then the bytes."""
     return b"".join(len(item).to_bytes(4, "little") + item for item in items)
+
+
+def stream_answer(infer_response: bytes) -> bytes:
+    """A serialized ``ModelInferResponse`` as a serialized ``ModelStreamInferResponse`` (its ``infer_response``).
+
+    Protobuf encodes a message field as its tag, its length and the message's bytes, so wrapping the answer
+    already serialized is a few bytes of prefix, not a parse and a second serialization per message.
+    """
+    n, length = len(infer_response), bytearray()
+    while n > 0x7F:  # the length as a base-128 varint, low 7 bits first
+        length.append(n & 0x7F | 0x80)
+        n >>= 7
+    length.append(n)
+    return _INFER_RESPONSE_TAG + bytes(length) + infer_response
+
+
+# ModelStreamInferResponse.infer_response: field 2, wire type 2 (length-delimited)
+_INFER_RESPONSE_TAG = bytes([pb.ModelStreamInferResponse.DESCRIPTOR.fields_by_name["infer_response"].number << 3 | 2])

@@ -24,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -112,48 +113,105 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
         """One inference: ``data`` is the serialized ``ModelInferRequest``; the answer, serialized."""
         metadata = _metadata(context)
-        rid = request_id(metadata.get("x-request-id"))
+        call = self._call(metadata, request_id(metadata.get("x-request-id")))
+        outcome = await self._infer(call, data, context, "ModelInfer")
+        rid, variant = call.request_id, outcome.variant
+        if outcome.status != 200:
+            await _abort(context, outcome.status, outcome.failure, _trailer(rid, variant, *outcome.extra))
+        context.set_trailing_metadata(_trailer(rid, variant))
+        return outcome.out
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Triton's bidirectional stream: each ``ModelInferRequest`` in, one ``ModelStreamInferResponse`` out.
+
+        Each message is one inference through the same steps as ``ModelInfer`` (its own request id, admission,
+        metrics with endpoint ``ModelStreamInfer``, request-log line). Up to :data:`STREAM_WINDOW` messages of a
+        stream are in the app at once (they batch together); past that the server stops reading the stream, so
+        HTTP/2 flow control holds the client back rather than the server queueing its messages. Answers come in
+        the order the messages came, each with the message's ``id``; a message that fails is answered with
+        ``error_message`` (Triton's streaming convention) and the stream goes on.
+        """
+        metadata = _metadata(context)
+        slots = asyncio.Semaphore(STREAM_WINDOW)
+        pending: asyncio.Queue[asyncio.Future[bytes] | None] = asyncio.Queue()  # answers, in message order
+
+        async def read() -> None:
+            try:
+                async for data in messages:
+                    call = self._call(metadata, request_id(None))
+                    pending.put_nowait(asyncio.ensure_future(self._stream_one(call, data, context)))
+                    await slots.acquire()  # the window is full: read no more until an answer has gone out
+            finally:
+                pending.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await pending.get()) is not None:
+                yield await answer
+                slots.release()
+            await reader  # the stream's end, or the error that ended reading
+        finally:  # the client went away (or the stream failed): stop reading, cancel what is in the app
+            reader.cancel()
+            while not pending.empty():
+                if (left := pending.get_nowait()) is not None:
+                    left.cancel()
+
+    async def _stream_one(self, call: Call, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """One stream message's serialized ``ModelStreamInferResponse``: the answer, or ``error_message``."""
+        outcome = await self._infer(call, data, context, "ModelStreamInfer")
+        if outcome.status == 200:
+            return grpc_codec.stream_answer(outcome.out)
+        answer = pb.ModelStreamInferResponse(error_message=outcome.failure)
+        answer.infer_response.id = outcome.message_id  # Triton's clients match answers to requests by id
+        answer.infer_response.model_name = self.app.name
+        data_out: bytes = answer.SerializeToString()
+        return data_out
+
+    def _call(self, metadata: dict[str, bytes], rid: str) -> Call:
         route = metadata.get(self.app.config.route_header.lower())
-        call = Call("grpc", rid, route.decode("latin-1") if route else rid, time.perf_counter(), time.time())
-        variant: Variant | None = None
-        status, out, failure = 200, b"", ""
-        extra: tuple[tuple[str, str], ...] = ()
+        return Call("grpc", rid, route.decode("latin-1") if route else rid, time.perf_counter(), time.time())
+
+    async def _infer(self, call: Call, data: bytes, context: grpc.aio.ServicerContext, endpoint: str) -> Outcome:
+        """One inference through the app's steps; every outcome counted and logged once (``finish``)."""
+        outcome = Outcome()
         try:
             try:
                 request = grpc_codec.read_request(data)
+                outcome.message_id = request.id
                 self._variant(request.model_name, request.model_version)  # unknown model: refused before admission
                 call.version = request.model_version or None
                 async with self.app.admit(call) as variant:
+                    outcome.variant = variant
                     parsed = await self._parse(request, variant)
                     images = await self.app.decode(parsed.inputs, variant, "inputs[0]")
                 result = await self.app.predict(call, variant, images)
                 model = variant.model
                 limit = self.app.config.max_response_bytes
-                out = grpc_codec.encode_model_infer(
+                outcome.out = grpc_codec.encode_model_infer(
                     parsed, result.probabilities, model.labels, model.name, model.version, max_bytes=limit
                 )
             except RequestError as exc:
-                status, failure, extra = exc.status, exc.message, tuple(exc.headers.items())  # retry-after
+                outcome.fail(exc.status, exc.message, tuple(exc.headers.items()))  # retry-after
             except NotFoundError as exc:  # the version asked for went away (a hot swap) after the check above
-                status, failure = 404, exc.message
+                outcome.fail(404, exc.message)
         except asyncio.CancelledError:
             # gRPC cancels the handler when the client's deadline passes or the client cancels: no one to answer
             remaining = context.time_remaining()
-            status = 504 if remaining is not None and remaining <= 0 else 499
+            outcome.status = 504 if remaining is not None and remaining <= 0 else 499
             raise
         except Exception:
-            log.exception("internal error in gRPC request %s", rid)
-            status, failure = 500, f"internal error (request id {rid})"
+            log.exception("internal error in gRPC request %s", call.request_id)
+            outcome.fail(500, f"internal error (request id {call.request_id})")
         finally:
-            if status == 200:
-                self.app.finish(call, variant, status, "ModelInfer", data, CONTENT_TYPE, out, CONTENT_TYPE)
+            variant_ = outcome.variant
+            if outcome.status == 200:
+                self.app.finish(call, variant_, 200, endpoint, data, CONTENT_TYPE, outcome.out, CONTENT_TYPE)
             else:  # the request log records a failure as REST does: {"error": message}
-                error = orjson.dumps({"error": failure}) if failure else b""
-                self.app.finish(call, variant, status, "ModelInfer", data, CONTENT_TYPE, error, "application/json")
-        if status != 200:
-            await _abort(context, status, failure, _trailer(rid, variant, *extra))
-        context.set_trailing_metadata(_trailer(rid, variant))
-        return out
+                error = orjson.dumps({"error": outcome.failure}) if outcome.failure else b""
+                self.app.finish(call, variant_, outcome.status, endpoint, data, CONTENT_TYPE, error, "application/json")
+        return outcome
 
     async def _parse(self, request: Any, variant: Variant) -> Any:
         """The request's images and outputs; in a worker thread when the message is large (like REST's bodies)."""
@@ -166,6 +224,24 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
 # Messages this large or larger are parsed off the event loop, as REST bodies are.
 PARSE_OFFLOAD_BYTES = 256 << 10
+# A stream's messages in the app at once (admitted or waiting for admission): enough to fill a batch from one
+# stream; past it the server reads no more of the stream until an answer has gone out.
+STREAM_WINDOW = 64
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one inference ended: its HTTP-like status, the serialized answer or the failure, the variant."""
+
+    status: int = 200
+    out: bytes = b""
+    failure: str = ""
+    extra: tuple[tuple[str, str], ...] = ()  # trailing metadata a failure adds (retry-after)
+    variant: Variant | None = None
+    message_id: str = ""  # the request message's id, when it parsed
+
+    def fail(self, status: int, failure: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
+        self.status, self.failure, self.extra = status, failure, extra
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, bytes]:
@@ -242,5 +318,6 @@ def _handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
         "ModelMetadata": unary(servicer.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
         # bytes in, bytes out: the handler parses and serializes itself (see the module docstring)
         "ModelInfer": grpc.unary_unary_rpc_method_handler(servicer.ModelInfer),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(servicer.ModelStreamInfer),
     }
     return handlers
