@@ -33,7 +33,7 @@ from distml.config import ServeConfig
 from distml.serve.accept import Acceptor
 from distml.serve.app import ServeApp
 from distml.serve.http import ConnectionLimits, protocol_class
-from distml.serve.model import ServedModel, load_model
+from distml.serve.model import ServedModel, load_configured
 from distml.serve.source import ModelSource
 
 if TYPE_CHECKING:
@@ -45,18 +45,7 @@ log = logging.getLogger("distml.serve")
 def build_app(config: ServeConfig, source: ModelSource | Path) -> ServeApp:
     """Load the model ``source`` names and build the ASGI app for it (startup runs in the app's lifespan)."""
     source = source if isinstance(source, ModelSource) else ModelSource(Path(source))
-    return ServeApp(_load(config, source.path), config, source=source)
-
-
-def _load(config: ServeConfig, model_path: Path) -> ServedModel:
-    return load_model(
-        model_path,
-        threads=config.threads,
-        max_image_side=config.max_image_side,
-        max_image_pixels=config.max_image_pixels,
-        max_request_pixels=config.max_request_pixels,
-        decode_timeout_s=config.decode_timeout_s,
-    )
+    return ServeApp(load_configured(source.path, config), config, source=source)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -131,7 +120,7 @@ class _DrainingServer(uvicorn.Server):
 
 def serve(config: ServeConfig, source: ModelSource, *, announce: Callable[[str], None] = print) -> None:
     """Serve the model ``source`` names until SIGTERM/SIGINT. Loads it once here first, so a bad model fails fast."""
-    model = _load(config, source.path)
+    model = load_configured(source.path, config)
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     base = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
@@ -269,16 +258,7 @@ class RespawnBackoff:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        from distml.errors import UsageError
-
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}", hint="pick another --port") from None
+    sock = _bound(host, port, socket.SO_REUSEADDR, "", "--port")
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -286,18 +266,23 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _reserve(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` with SO_REUSEPORT, as gRPC binds its own: the workers' gRPC servers can
-    listen on the port while this holds it; a port in use is one line now rather than a worker failing later."""
+    listen on the port while this holds it; a port in use is one line now rather than a worker failing later.
+    It never listens: the kernel would hand it a share of the connections, and no one accepts them."""
+    return _bound(host, port, socket.SO_REUSEPORT, " for gRPC", "--grpc-port")
+
+
+def _bound(host: str, port: int, option: int, what: str, flag: str) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``option`` set; a port in use is a one-line UsageError."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, option, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
         from distml.errors import UsageError
 
-        message = f"cannot listen for gRPC on {host}:{port}: {exc.strerror}"
-        raise UsageError(message, hint="pick another --grpc-port") from None
+        raise UsageError(f"cannot listen{what} on {host}:{port}: {exc.strerror}", hint=f"pick another {flag}") from None
     return sock
 
 
