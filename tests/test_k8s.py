@@ -884,3 +884,14 @@ def test_a_canary_the_cluster_cannot_serve_is_one_line(tmp_path: Path, serve: st
     assert result.code == 2, result.out + result.err
     assert message in result.err and "Traceback" not in result.err and len(result.err.strip().splitlines()) <= 2
     assert not (tmp_path / "out").exists()
+
+
+def test_the_render_says_when_to_apply_the_canary(tmp_path: Path) -> None:
+    toml, _ = VARIANTS["serve-rollout"]
+    (tmp_path / "c.toml").write_text(toml)
+    result = run_cli("--config", tmp_path / "c.toml", "k8s", "render", "--out", tmp_path / "out")
+    assert result.code == 0, result.out + result.err
+    assert f"kubectl apply -f {tmp_path / 'out'}/inference-service-canary.yaml (KServe sends 20% " in result.out
+    (tmp_path / "plain.toml").write_text(SINK)  # no canary: no such line
+    plain = run_cli("--config", tmp_path / "plain.toml", "k8s", "render", "--out", tmp_path / "plain")
+    assert plain.code == 0 and "canary" not in plain.out, plain.out + plain.err

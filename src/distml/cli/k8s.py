@@ -67,6 +67,12 @@ def render_cmd(app: AppContext, out: Path) -> None:
         )
     run = "ray-job.yaml" if plan.k8s.engine == "ray" else "workflow.yaml"
     click.echo(f"next: distml k8s validate {out} && kubectl apply -k {out} && kubectl create -f {out}/{run}")
+    if plan.config.serve.canary is not None:
+        click.echo(
+            f"then, once the champion serves: kubectl apply -f {out}/inference-service-canary.yaml (KServe sends "
+            f"{plan.config.serve.canary_percent:g}% of requests to the canary; re-apply inference-service.yaml to "
+            "roll back)"
+        )
 
 
 def _ray_summary(plan: Plan, what: str) -> None:
