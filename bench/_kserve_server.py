@@ -41,13 +41,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import kserve  # type: ignore[import-not-found]  # only in .venv-kserve, not in .venv where mypy runs
+import kserve
 import numpy as np
 import onnxruntime as ort
 from kserve import InferOutput, InferRequest, InferResponse, model_server
-from kserve.errors import InvalidInput  # type: ignore[import-not-found]
-from kserve.protocol.rest import server as rest_server  # type: ignore[import-not-found]
-from kserve.utils.utils import generate_uuid  # type: ignore[import-not-found]
+from kserve.errors import InvalidInput
+from kserve.protocol.rest import server as rest_server
+from kserve.utils.utils import generate_uuid
 from PIL import Image
 
 
