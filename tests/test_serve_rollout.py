@@ -67,7 +67,9 @@ def _app(model_dir: Path, monkeypatch: pytest.MonkeyPatch, fakes: dict[str, Any]
     return build_app(ServeConfig(**settings), ModelSource(model_dir))
 
 
-async def _call(app: Any, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+async def _call(
+    app: Any, body: bytes, headers: dict[str, str] | None = None, path: str = V1
+) -> tuple[int, dict[str, str], Any]:
     sent: list[Any] = []
     messages = [{"type": "http.request", "body": body, "more_body": False}]
 
@@ -78,7 +80,7 @@ async def _call(app: Any, body: bytes, headers: dict[str, str] | None = None) ->
         sent.append(message)
 
     raw = [(b"content-type", b"application/json")] + [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await app({"type": "http", "method": "POST", "path": V1, "headers": raw}, receive, send)
+    await app({"type": "http", "method": "POST", "path": path, "headers": raw}, receive, send)
     return sent[0]["status"], {k.decode(): v.decode() for k, v in sent[0]["headers"]}, json.loads(sent[1]["body"])
 
 
@@ -158,6 +160,35 @@ def test_one_route_key_stays_on_one_variant(champion: tuple[Path, Path], monkeyp
     seen = _run(app, work)
     assert all(len(versions) == 1 for versions in seen.values()), seen
     assert {v for versions in seen.values() for v in versions} == {"1", "2"}  # both variants have clients
+
+
+def test_a_version_retired_after_the_route_checked_it_is_a_404_not_a_500(
+    champion: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hot swap can retire version 2 between REST's route check and admission: the client asked for a version
+    # that is no longer served (404 naming what is), not a server fault.
+    canary = dataclasses.replace(_real(champion[1]), version="2")
+    app = _app(champion[1], monkeypatch, {"c": canary}, canary="c", canary_percent=50)
+    image = sample_images(1)[0]
+    doc = {
+        "inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, *image.shape], "data": image.ravel().tolist()}]
+    }
+    body, path = json.dumps(doc).encode(), f"/v2/models/{MODEL}/versions/2/infer"
+
+    async def work() -> list[tuple[int, Any]]:
+        status, headers, answer = await _call(app, body, path=path)
+        assert (status, headers["x-model-version"]) == (200, "2"), answer
+        served = app.router.champion  # the route's check still sees version 2 served; admission no longer does
+        monkeypatch.setattr(app, "variant_for", lambda version: served)
+        monkeypatch.setattr(app.fleet.router, "by_version", lambda version: None)
+        status, _, answer = await _call(app, body, path=path)
+        return [(status, answer)]
+
+    [(status, answer)] = _run(app, work)
+    assert status == 404, answer
+    assert answer["error"] == f"model {MODEL!r} version '2' is not served here; this server serves {MODEL!r} " + (
+        "version 1 and version 2"
+    )
 
 
 # -- shadow ---------------------------------------------------------------------------------------------------------

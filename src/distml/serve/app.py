@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from distml.config import ServeConfig
-from distml.errors import NotFoundError, OverloadedError
+from distml.errors import OverloadedError, RequestError
 from distml.serve.batcher import Batcher, Result
 from distml.serve.call import Call
 from distml.serve.fleet import Fleet
@@ -163,11 +163,12 @@ class ServeApp:
             self.lag.wake()
 
     def pick_version(self, call: Call) -> Variant:
-        """The variant a request for one version (``call.version``) goes to; 404 when none serves it."""
+        """The variant a request for one version (``call.version``) goes to; a 404 when none serves it (the
+        transport checked the version, but a hot swap may have retired it since: a client error, never a 500)."""
         assert call.version is not None
         variant = self.fleet.router.by_version(call.version)
         if variant is None:
-            raise NotFoundError(self.not_served(self.name, call.version))
+            raise RequestError(self.not_served(self.name, call.version), status=404)
         return variant
 
     async def decode(self, inputs: Inputs, variant: Variant, where: str) -> np.ndarray:

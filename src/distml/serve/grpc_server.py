@@ -36,7 +36,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from distml import __version__
-from distml.errors import NotFoundError, RequestError, UsageError
+from distml.errors import RequestError, UsageError
 from distml.serve import grpc_codec
 from distml.serve.app import ServeApp
 from distml.serve.call import Call
@@ -192,10 +192,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 outcome.out = grpc_codec.encode_model_infer(
                     parsed, result.probabilities, model.labels, model.name, model.version, max_bytes=limit
                 )
-            except RequestError as exc:
+            except RequestError as exc:  # incl. a 404 when the version asked for went away (a hot swap) since
                 outcome.fail(exc.status, exc.message, tuple(exc.headers.items()))  # retry-after
-            except NotFoundError as exc:  # the version asked for went away (a hot swap) after the check above
-                outcome.fail(404, exc.message)
         except asyncio.CancelledError:
             # gRPC cancels the handler when the client's deadline passes or the client cancels: no one to answer
             remaining = context.time_remaining()
