@@ -108,6 +108,14 @@ def test_tritonclient_grpc_every_call_and_rest_identical(server: ServerProcess, 
         assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": ["-1", "28", "28", "1"]}]
         assert [o["name"] for o in meta["outputs"]] == ["probabilities", "class_id", "label"]
         assert client.is_model_ready(MODEL, version)
+        config = client.get_model_config(MODEL, as_json=True)["config"]  # what perf_analyzer reads first
+        assert (config["name"], config["platform"], config["max_batch_size"]) == (MODEL, "onnxruntime_onnx", 32)
+        assert config["input"] == [{"name": "images", "data_type": "TYPE_UINT8", "dims": ["28", "28", "1"]}]
+        assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [
+            ("probabilities", "TYPE_FP32", ["10"]),
+            ("class_id", "TYPE_INT64", ["1"]),
+            ("label", "TYPE_STRING", ["1"]),
+        ]
 
         images = sample_images(4, seed=3)
         rest = rest_v2_probabilities(server, images)
@@ -356,7 +364,10 @@ def test_unknown_model_in_metadata_calls_and_unimplemented_calls(server: ServerP
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert "model 'nope' is not served here" in caught.value.details()
     with pytest.raises(grpc.RpcError) as caught:
-        stub.ModelConfig(pb.ModelConfigRequest(name=MODEL), timeout=10)
+        stub.ModelConfig(pb.ModelConfigRequest(name="nope"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelStatistics(pb.ModelStatisticsRequest(name=MODEL), timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from distml.card import INPUT_NAME
@@ -153,6 +154,28 @@ def encode_model_infer(
     data: bytes = response.SerializeToString()
     check_response_size(len(data), max_bytes, n)
     return data
+
+
+# V2 datatypes as Triton's model-configuration data types.
+CONFIG_TYPES = {"UINT8": mc.TYPE_UINT8, "FP32": mc.TYPE_FP32, "INT64": mc.TYPE_INT64, "BYTES": mc.TYPE_STRING}
+
+
+def model_config(metadata: dict[str, Any], max_batch_size: int, max_delay_ms: float) -> Any:
+    """Triton's ``ModelConfigResponse`` for a model with V2 ``metadata`` (``GET /v2/models/NAME``'s document).
+
+    Triton's tools (``perf_analyzer``, Model Analyzer, ``get_model_config``) read it to learn the batch size and
+    the tensors. With ``max_batch_size`` > 0 Triton's dims leave out the batch dimension; a per-image scalar
+    output (``class_id``, ``label``) is dims ``[1]`` reshaped to ``[]``, as Triton writes it.
+    """
+    config = mc.ModelConfig(name=metadata["name"], platform=metadata["platform"], max_batch_size=max_batch_size)
+    config.dynamic_batching.max_queue_delay_microseconds = round(max_delay_ms * 1000)
+    for kind, field in (("inputs", config.input), ("outputs", config.output)):
+        for tensor in metadata[kind]:
+            dims = [int(d) for d in tensor["shape"][1:]]
+            item = field.add(name=tensor["name"], data_type=CONFIG_TYPES[tensor["datatype"]], dims=dims or [1])
+            if not dims:
+                item.reshape.SetInParent()  # reshape {shape: []}: one value per image
+    return pb.ModelConfigResponse(config=config)
 
 
 def _length_prefixed(items: list[bytes]) -> bytes:

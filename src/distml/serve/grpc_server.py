@@ -95,6 +95,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 getattr(response, kind).add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
         return response
 
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        """Triton's model configuration (its extension of the protocol), which Triton's tools such as
+        ``perf_analyzer`` read before they send anything."""
+        variant = await self._served(request.name, request.version, context)
+        c = self.app.config
+        return grpc_codec.model_config(variant.model.metadata_v2(), c.max_batch_size, c.max_batch_delay_ms)
+
     async def _served(self, name: str, version: str, context: grpc.aio.ServicerContext) -> Variant:
         """The variant serving model ``name`` (at ``version``, when given); NOT_FOUND otherwise."""
         try:
@@ -314,6 +321,7 @@ def _handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
         "ModelReady": unary(servicer.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
         "ServerMetadata": unary(servicer.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
         "ModelMetadata": unary(servicer.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelConfig": unary(servicer.ModelConfig, pb.ModelConfigRequest, pb.ModelConfigResponse),
         # bytes in, bytes out: the handler parses and serializes itself (see the module docstring)
         "ModelInfer": grpc.unary_unary_rpc_method_handler(servicer.ModelInfer),
         "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(servicer.ModelStreamInfer),
