@@ -61,6 +61,31 @@ def grpc_class(address: str, model: str, pixels: bytes) -> dict[str, Any]:
         client.close()
 
 
+def grpc_stream_class(address: str, model: str, pixels: bytes) -> dict[str, Any]:
+    """One message on a ModelStreamInfer stream through tritonclient.grpc before the load: its class and version."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=30)
+        image = grpcclient.InferInput("images", [1, 28, 28, 1], "UINT8")
+        image.set_data_from_numpy(np.frombuffer(pixels, dtype=np.uint8).reshape(1, 28, 28, 1))
+        client.async_stream_infer(model, [image], request_id="check-1")
+        result, error = answers.get(timeout=30)
+        if error is not None:
+            raise RuntimeError(f"the stream's answer is an error: {error}")
+        probabilities = result.as_numpy("probabilities")
+        response = result.get_response()
+        return {"status": 200, "class_id": int(probabilities.argmax()), "model_version": response.model_version}
+    finally:
+        client.stop_stream()
+        client.close()
+
+
 def h2load_command(url: str, body: Path, conns: int, duration: int, log: Path) -> list[str]:
     assert H2LOAD is not None
     return [

@@ -219,9 +219,10 @@ def url(server: Running, kind: str, model: str) -> str:
 
 def check(server: Running, kind: str, model: str, bodies: dict[str, bytes], pixels: bytes) -> dict[str, Any]:
     """One request of ``kind``: it must answer 200; returns its class (every server must agree)."""
-    if kind == "grpc":
+    if kind in ("grpc", "grpc-stream"):
         assert server.grpc is not None
-        return grpcload.grpc_class(server.grpc, model, pixels)
+        one = grpcload.grpc_class if kind == "grpc" else grpcload.grpc_stream_class
+        return one(server.grpc, model, pixels)
     request = urllib.request.Request(
         url(server, kind, model), data=bodies[kind], method="POST", headers={"Content-Type": "application/json"}
     )

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import _grpc_load as grpcload
+import _perf_analyzer as perfanalyzer
 from _peer_servers import Running, check, start, url
 from serve import (
     CACHE,
@@ -76,7 +77,8 @@ from serve import (
 REPO = Path(__file__).resolve().parents[1]
 PEER_ENV = REPO / "bench" / "_peer_env.sh"
 SERVERS = ("distml", "kserve", "litserve", "litserve-batch", "bentoml", "bentoml-batch")
-KINDS = {"distml": ("v1", "v2", "grpc"), "kserve": ("v1", "v2")}  # the peers: v2 only
+KINDS = {"distml": ("v1", "v2", "grpc", "grpc-stream"), "kserve": ("v1", "v2")}  # the peers: v2 only
+GRPC_KINDS = ("grpc", "grpc-stream")
 CONCURRENCY = (1, 8, 64)
 WRK_TIMEOUT_S = 10
 STARVED = 0.25  # a point whose server got under this share of its core is not counted (shared machine)
@@ -113,12 +115,19 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def point(server: Running, kind: str, target: str, files: dict[str, Path], conns: int, seconds: int) -> dict[str, Any]:
-    """One closed-loop point on CPU 1: wrk (REST) or h2load (gRPC), with both sides' CPU and the load average."""
-    log = files["h2load_log"]
-    if kind == "grpc":
+def point(
+    server: Running, kind: str, target: str, files: dict[str, Path], conns: int, seconds: int, model: str
+) -> dict[str, Any]:
+    """One closed-loop point on CPU 1: wrk (REST), h2load (unary gRPC) or perf_analyzer (gRPC streams), with
+    both sides' CPU and the load average."""
+    log, env = files["h2load_log"], None
+    if kind in GRPC_KINDS:
         before = grpc_statuses(server.base)
+    if kind == "grpc":
         cmd = grpcload.h2load_command(target, files["grpc"], conns, seconds, log)
+    elif kind == "grpc-stream":
+        cmd = perfanalyzer.command(target, model, files["pa_input"], conns, seconds, streaming=True)
+        env = perfanalyzer.env()
     else:
         # --timeout: wrk counts an answer slower than its 2 s default as a socket timeout, and the slower peers
         # take longer than that at c=64 while the shared machine is busy; slow is what the figures show, not an error.
@@ -137,7 +146,12 @@ def point(server: Running, kind: str, target: str, files: dict[str, Path], conns
     load, cpu, gen, busy0 = os.getloadavg()[0], server.cpu_seconds(), _children_cpu(), _cpu_busy(SERVER_CPU)
     started = time.perf_counter()
     done = subprocess.run(
-        ["taskset", "-c", str(LOAD_CPU), *cmd], capture_output=True, text=True, timeout=seconds + 30, check=False
+        ["taskset", "-c", str(LOAD_CPU), *cmd],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+        env=env,
     )
     wall = time.perf_counter() - started
     server_cpu, gen_cpu = server.cpu_seconds() - cpu, _children_cpu() - gen
@@ -146,13 +160,18 @@ def point(server: Running, kind: str, target: str, files: dict[str, Path], conns
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     if server.proc.poll() is not None:
         raise RuntimeError(f"{server.name} died during the load:\n{_tail(server.log)}")
-    r = grpcload.parse_h2load(done.stdout, log) if kind == "grpc" else parse_wrk(done.stdout)
-    if kind == "grpc":  # a gRPC error is an HTTP 200 to h2load: the server's own counts say
+    if kind == "grpc":
+        r = grpcload.parse_h2load(done.stdout, log)
+    elif kind == "grpc-stream":
+        r = perfanalyzer.parse(done.stdout)
+    else:
+        r = parse_wrk(done.stdout)
+    if kind in GRPC_KINDS:  # a gRPC error is an HTTP 200 to h2load: the server's own counts say
         after = grpc_statuses(server.base)
         statuses = {k: int(v - before.get(k, 0.0)) for k, v in after.items() if v - before.get(k, 0.0)}
         r["server_statuses"] = statuses
-        # h2load stops at the deadline by resetting the calls still in flight: the server counts each as
-        # cancelled (499). Up to one per connection is that ending, not an error.
+        # h2load (perf_analyzer) stops at the deadline by resetting the calls (streams) still in flight: the
+        # server counts each as cancelled (499). Up to one per request in flight is that ending, not an error.
         r["cancelled_at_end"] = statuses.get("499", 0)
         if set(statuses) - {"200", "499"} or r["cancelled_at_end"] > conns:
             r["errors"]["server_statuses"], r["ok"] = statuses, False
@@ -261,11 +280,17 @@ def targets(m: dict[str, Any]) -> list[dict[str, Any]]:
         row("distml REST V2 >= 2x BentoML at c=64 (its better config)", ("distml", "v2"), bento, 2.0),
         row("distml REST V1 >= 2x KServe V1 at c=64", ("distml", "v1"), [("kserve", "v1")], 2.0),
         row("distml REST V2 >= 2x KServe V2 at c=64", ("distml", "v2"), [("kserve", "v2")], 2.0),
-        row("distml gRPC V2 >= 1.2x REST V2 at c=64", ("distml", "grpc"), [("distml", "v2")], 1.2),
+        row("distml gRPC V2 unary >= 1.2x REST V2 at c=64", ("distml", "grpc"), [("distml", "v2")], 1.2),
+        row("distml gRPC V2 stream >= 1.2x REST V2 at c=64", ("distml", "grpc-stream"), [("distml", "v2")], 1.2),
     ]
 
 
-LABELS = {"v1": "REST V1 b64-PNG", "v2": "REST V2 UINT8 JSON", "grpc": "gRPC V2 raw UINT8"}
+LABELS = {
+    "v1": "REST V1 b64-PNG",
+    "v2": "REST V2 UINT8 JSON",
+    "grpc": "gRPC V2 raw UINT8",
+    "grpc-stream": "gRPC V2 stream raw",
+}
 
 
 def print_table(m: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -296,6 +321,7 @@ def print_table(m: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         ("distml REST V1", "distml", "v1"),
         ("distml REST V2", "distml", "v2"),
         ("distml gRPC V2", "distml", "grpc"),
+        ("distml gRPC V2 stream", "distml", "grpc-stream"),
     ]
     values = [m.get(n, {}).get(k, {}).get("64", {}).get("req_per_s") for _, n, k in cols]
     print(" | ".join(f"{h}: {'-' if v is None else f'{v:,.0f}'}" for (h, _, _), v in zip(cols, values, strict=True)))
@@ -331,7 +357,7 @@ def run_rounds(args: argparse.Namespace, servers: list[str], ctx: dict[str, Any]
         for name in servers:
             server = up[name] = start(name, ctx["model_dir"], ctx["model"], ctx["tmp"], ctx["pythons"], ctx["grpc"])
             for kind in KINDS.get(name, ("v2",)):
-                if kind != "grpc" or server.grpc:
+                if kind not in GRPC_KINDS or (server.grpc and kind in ctx["grpc_kinds"]):
                     answers.setdefault(name, {})[kind] = check(server, kind, ctx["model"], ctx["bodies"], ctx["pixels"])
             server.signal(signal.SIGSTOP)
             print(f"{name} started and checked: {answers[name]}", flush=True)
@@ -342,11 +368,13 @@ def run_rounds(args: argparse.Namespace, servers: list[str], ctx: dict[str, Any]
             for c in CONCURRENCY:
                 for name, kind in order:
                     server = up[name]
-                    target = f"http://{server.grpc}" if kind == "grpc" else url(server, kind, ctx["model"])
+                    target = {"grpc": f"http://{server.grpc}", "grpc-stream": str(server.grpc)}.get(kind) or url(
+                        server, kind, ctx["model"]
+                    )
                     server.signal(signal.SIGCONT)
                     try:
-                        point(server, kind, target, ctx["files"], 8, 1)  # warm-up, not kept
-                        r = point(server, kind, target, ctx["files"], c, args.duration)
+                        point(server, kind, target, ctx["files"], 8, 1, ctx["model"])  # warm-up, not kept
+                        r = point(server, kind, target, ctx["files"], c, args.duration, ctx["model"])
                     finally:
                         server.signal(signal.SIGSTOP)
                     points.setdefault(name, {}).setdefault(kind, {}).setdefault(c, []).append(r)
@@ -398,9 +426,12 @@ def main() -> None:
     model = json.loads((model_dir / "model.json").read_text())["name"]
     pythons = {"kserve": _kserve_python()} if "kserve" in servers else {}
     pythons |= {p: _peer_python(p) for p in ("litserve", "bentoml") if any(s.startswith(p) for s in servers)}
-    grpc = "distml" in servers and _distml_has_grpc() and grpcload.H2LOAD is not None
-    if "distml" in servers and not grpc:
-        print("note: no gRPC column (distml serve has no --grpc-port, or h2load is not installed)", flush=True)
+    grpc_kinds: tuple[str, ...] = ()
+    if "distml" in servers and _distml_has_grpc():
+        grpc_kinds = ("grpc",) * (grpcload.H2LOAD is not None) + ("grpc-stream",) * (perfanalyzer.ensure() is not None)
+    grpc = bool(grpc_kinds)
+    if "distml" in servers and "grpc" not in grpc_kinds:
+        print("note: no unary gRPC column (distml serve has no --grpc-port, or h2load is not installed)", flush=True)
     os.sched_setaffinity(0, {LOAD_CPU})  # this script stays off the servers' core
     pixels, image = sample_image(args.source)
     bodies = request_bodies(pixels)
@@ -434,6 +465,9 @@ def main() -> None:
             "wrk": f"wrk -t1 -cC -dDs --timeout={WRK_TIMEOUT_S}s --latency -s SCRIPT URL",
             "h2load": "h2load -t1 -cC -m1 -DD -d BODY -H 'content-type: application/grpc' -H 'te: trailers' "
             "URL/inference.GRPCInferenceService/ModelInfer",
+            "perf_analyzer": f"perf_analyzer ({perfanalyzer.WHEEL}) -i grpc --streaming --concurrency-range=C "
+            "--input-data=IMAGE --measurement-mode=time_windows --measurement-interval=D*1000/3 "
+            "--stability-percentage=1000 --max-trials=6",
         },
     }
     with tempfile.TemporaryDirectory(prefix="distml-bench-peers-") as tmp_name:
@@ -443,7 +477,9 @@ def main() -> None:
             (tmp / f"{kind}.json").write_bytes(bodies[kind])
             files[f"{kind}.lua"] = tmp / f"{kind}.lua"
             files[f"{kind}.lua"].write_text(LUA.format(body=json.dumps(str(tmp / f"{kind}.json"))))
-        if grpc:
+        if "grpc-stream" in grpc_kinds:
+            files["pa_input"] = perfanalyzer.input_data(pixels, tmp / "perf-analyzer-input.json")
+        if "grpc" in grpc_kinds:
             files["grpc"] = tmp / "grpc.bin"
             files["grpc"].write_bytes(grpcload.grpc_body(model, pixels))
             doc["grpc_generator_ceiling"] = generator_ceiling(files, args.duration, tmp)
@@ -459,6 +495,7 @@ def main() -> None:
             "tmp": tmp,
             "pythons": pythons,
             "grpc": grpc,
+            "grpc_kinds": grpc_kinds,
             "bodies": bodies,
             "pixels": pixels,
             "files": files,
