@@ -118,6 +118,24 @@ def post_json(base: str, path: str, doc: Any, headers: dict[str, str] | None = N
     )
 
 
+async def asgi_post(
+    app: Any, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    """POST ``body`` to the real ASGI ``app`` in-process (no socket): (status, headers, the JSON answer)."""
+    sent: list[Any] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> Any:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    raw = [(b"content-type", b"application/json")] + [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await app({"type": "http", "method": "POST", "path": path, "headers": raw}, receive, send)
+    return sent[0]["status"], {k.decode(): v.decode() for k, v in sent[0]["headers"]}, json.loads(sent[1]["body"])
+
+
 @dataclass
 class ServerProcess:
     """``distml serve`` as a real child process; its output is collected on a thread."""

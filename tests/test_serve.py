@@ -25,6 +25,7 @@ import pytest
 from serve_support import (
     MODEL,
     ServerProcess,
+    asgi_post,
     b64,
     gif,
     png,
@@ -554,25 +555,10 @@ def _asgi_calls(model_dir: Path, calls: list[tuple[str, bytes]], **settings: Any
 
     app = build_app(ServeConfig(**settings), model_dir)
 
-    async def call(path: str, body: bytes) -> tuple[int, dict[str, str], Any]:
-        sent: list[Any] = []
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive() -> Any:
-            return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-        async def send(message: Any) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-type", b"application/json")]}
-        await app(scope, receive, send)
-        headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
-        return sent[0]["status"], headers, json.loads(sent[1]["body"])
-
     async def main() -> list[Any]:
         await app.startup()
         try:
-            return list(await asyncio.gather(*(call(path, body) for path, body in calls)))
+            return list(await asyncio.gather(*(asgi_post(app, path, body) for path, body in calls)))
         finally:
             await app.shutdown()
 

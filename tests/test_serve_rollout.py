@@ -24,7 +24,7 @@ import pytest
 
 from conftest import run_cli
 from rollout_support import metric, registry_home, steady_load, variant_folder, wait_for
-from serve_support import MODEL, ServerProcess, reference_probabilities, request, sample_images
+from serve_support import MODEL, ServerProcess, asgi_post, reference_probabilities, request, sample_images
 
 V1 = f"/v1/models/{MODEL}:predict"
 Z99 = 2.5758  # the normal quantile of a two-sided 99% interval
@@ -70,18 +70,7 @@ def _app(model_dir: Path, monkeypatch: pytest.MonkeyPatch, fakes: dict[str, Any]
 async def _call(
     app: Any, body: bytes, headers: dict[str, str] | None = None, path: str = V1
 ) -> tuple[int, dict[str, str], Any]:
-    sent: list[Any] = []
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> Any:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
-    raw = [(b"content-type", b"application/json")] + [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await app({"type": "http", "method": "POST", "path": path, "headers": raw}, receive, send)
-    return sent[0]["status"], {k.decode(): v.decode() for k, v in sent[0]["headers"]}, json.loads(sent[1]["body"])
+    return await asgi_post(app, path, body, headers)
 
 
 def _run(app: Any, work: Any) -> Any:
