@@ -232,6 +232,34 @@ def test_a_shadow_that_falls_behind_is_dropped_and_never_delays_an_answer(
 
 
 # -- automatic rollback ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("champion_s", "canary_s", "floor_ms", "rolled_back"),
+    [
+        (0.0008, 0.0020, 10.0, False),  # 2.5x, but 1.2 ms: a scheduling hiccup, not a slower model
+        (0.0008, 0.0020, 0.0, True),  # without the floor the same figures roll it back
+        (0.0010, 0.0250, 10.0, True),  # 25x and 24 ms: slower
+        (0.0300, 0.0450, 10.0, False),  # 15 ms slower but only 1.5x
+    ],
+)
+def test_the_latency_rule_needs_both_the_ratio_and_the_floor(
+    champion_s: float, canary_s: float, floor_ms: float, rolled_back: bool
+) -> None:
+    from distml.config import ServeConfig
+    from distml.serve.rollout import Rollout
+    from distml.serve.variants import Router
+
+    champion, canary = types.SimpleNamespace(role="champion"), types.SimpleNamespace(role="canary")
+    router = Router(champion, canary, 50)  # type: ignore[arg-type]
+    verdicts: list[Any] = []
+    config = ServeConfig(canary="c", rollback_min_requests=20, rollback_latency_floor_ms=floor_ms)
+    rollout = Rollout(router, config, verdicts.append)
+    for _ in range(40):
+        rollout.record(champion, 200, champion_s)  # type: ignore[arg-type]
+        rollout.record(canary, 200, canary_s)  # type: ignore[arg-type]
+    assert (rollout.check() is not None) == rolled_back == bool(verdicts)
+    assert router.canary_percent == (0 if rolled_back else 50)
+
+
 def _until_rolled_back(app: Any, n: int) -> Any:
     body = _body(sample_images(1)[0])
 

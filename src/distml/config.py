@@ -206,6 +206,12 @@ class ServeConfig(_Section):
     rollback_latency_ratio: float = Field(
         default=2.0, ge=1, description="...or its p99 latency exceeds this times the champion's"
     )
+    rollback_latency_floor_ms: float = Field(
+        default=10.0,
+        ge=0,
+        le=60_000,
+        description="...and by at least this many ms (a ratio of sub-millisecond latencies is scheduling noise)",
+    )
     rollback_alias: str | None = Field(
         default=None, description="On rollback, also move this registry alias back to the champion's version"
     )

@@ -15,7 +15,8 @@ from distml.cli.options import AppContext, config_options, pass_app
     "refusal_delay_ms request_timeout_s max_body_bytes max_instances max_request_pixels decode_timeout_s "
     "max_inflight_bytes max_header_bytes header_timeout_s body_timeout_s idle_timeout_s log_url log_file "
     "log_mode drain_s access_log grpc_port follow_s canary canary_percent route_header shadow rollback_window_s "
-    "rollback_min_requests rollback_error_margin rollback_latency_ratio rollback_alias",
+    "rollback_min_requests rollback_error_margin rollback_latency_ratio rollback_latency_floor_ms "
+    "rollback_alias",
 )
 @pass_app
 def serve_cmd(app: AppContext, model: str | None) -> None:
@@ -41,9 +42,10 @@ def serve_cmd(app: AppContext, model: str | None) -> None:
     --canary MODEL sends --canary-percent of requests to a second model (the same model's other version), by a
     sticky key: the --route-header's value, else the request id, so one client stays on one variant. If, over
     --rollback-window-s, its error rate exceeds the champion's by --rollback-error-margin or its p99 latency is
-    over --rollback-latency-ratio times the champion's, its share drops to 0 (logged, distml_rollbacks_total)
-    and, with --rollback-alias, that registry alias is moved back to the champion's version. --shadow MODEL runs
-    a model on every request off the answer path and records its top-1 agreement (distml_shadow_images_total).
+    over --rollback-latency-ratio times the champion's (and --rollback-latency-floor-ms above it), its share
+    drops to 0 (logged, distml_rollbacks_total) and, with --rollback-alias, that registry alias is moved back to
+    the champion's version. --shadow MODEL runs a model on every request off the answer path and records its
+    top-1 agreement (distml_shadow_images_total).
 
     \b
     Examples:

@@ -158,6 +158,7 @@ ROLLOUT_FIELDS = (
     "rollback_min_requests",
     "rollback_error_margin",
     "rollback_latency_ratio",
+    "rollback_latency_floor_ms",
     "rollback_alias",
 )
 

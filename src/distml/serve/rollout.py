@@ -6,8 +6,10 @@ about the model and are not counted. At most every :data:`CHECK_EVERY_S` seconds
 ``rollback_window_s`` seconds, once the canary has ``rollback_min_requests`` requests:
 
 - its error rate (5xx share) minus the champion's is more than ``rollback_error_margin``, or
-- its p99 latency is more than ``rollback_latency_ratio`` times the champion's (when the champion has answered
-  at least ``rollback_min_requests`` requests in the window too: a p99 of a handful of requests is noise),
+- its p99 latency is more than ``rollback_latency_ratio`` times the champion's and more than
+  ``rollback_latency_floor_ms`` above it (when the champion has answered at least ``rollback_min_requests``
+  requests in the window too: a p99 of a handful of requests is noise; so is a ratio of sub-millisecond p99s,
+  which one scheduling hiccup doubles),
 
 and the canary is rolled back: its share goes to 0 at once (the router stops sending it requests), and
 ``on_rollback`` is called with why (the app logs it, counts it, writes a request-log event and, with
@@ -87,6 +89,7 @@ class Rollout:
         self.min_requests = config.rollback_min_requests
         self.error_margin = config.rollback_error_margin
         self.latency_ratio = config.rollback_latency_ratio
+        self.latency_floor_s = config.rollback_latency_floor_ms / 1000
         self._on_rollback = on_rollback
         self._windows = {"champion": _Window(self.window_s), "canary": _Window(self.window_s)}
         self._next_check = 0.0
@@ -125,11 +128,11 @@ class Rollout:
         if (
             reason is None
             and len(champion) >= self.min_requests
-            and _slower(canary_p99, champion_p99, self.latency_ratio)
+            and _slower(canary_p99, champion_p99, self.latency_ratio, self.latency_floor_s)
         ):
             reason = (
                 f"p99 latency {canary_p99 or 0:.4f} s against the champion's {champion_p99 or 0:.4f} s "
-                f"(ratio limit {self.latency_ratio:g})"
+                f"(ratio limit {self.latency_ratio:g}, at least {self.latency_floor_s * 1000:g} ms slower)"
             )
         if reason is None:
             return None
@@ -147,5 +150,7 @@ class Rollout:
         return self.verdict
 
 
-def _slower(canary_p99: float | None, champion_p99: float | None, ratio: float) -> bool:
-    return canary_p99 is not None and champion_p99 is not None and canary_p99 > ratio * champion_p99
+def _slower(canary_p99: float | None, champion_p99: float | None, ratio: float, floor_s: float) -> bool:
+    if canary_p99 is None or champion_p99 is None:
+        return False
+    return canary_p99 > ratio * champion_p99 and canary_p99 - champion_p99 > floor_s
