@@ -8,8 +8,9 @@ leaves the same status markers, ``result.json``, history and checkpoints in the 
 a Ray job exactly as it reads a torchrun one.
 
 The run folder must be on storage every node sees (the workspace on a shared filesystem, at the same path on
-every node): the driver writes a random token into it, and every rank reads it back before it starts, so a node
-that does not see the workspace fails the job at once with an error naming the node.
+every node): the driver writes a random token into it and, before the trainer starts, a zero-CPU task pinned to
+each alive node reads it back, so a node that does not see the workspace fails the job within seconds with an
+error naming the node. Every rank checks the token again before it trains (a node that joined later).
 
 Each rank also records where it ran: ``placement.json`` holds one entry per rank of the latest attempt.
 """
@@ -42,6 +43,9 @@ RAY_FOLDER = "ray"  # Ray Train's own storage (RunConfig), inside the run folder
 # Ray retries starting the worker group after a node is lost (waiting for the resources to come back, a minute
 # each time): after this many failed starts the job fails rather than waiting for ever.
 START_FAILURES = 5
+# How long the per-node workspace check may take (a Ray worker process starting on each node); a node that has not
+# answered by then is left to the ranks' own check, so a slow node never fails a job here.
+CHECK_TIMEOUT_S = 60.0
 _PLACEMENT = {"pack": "PACK", "spread": "STRICT_SPREAD"}
 # Ray Train's defaults that do not fit distml (set unless the environment says otherwise): its print patch sends
 # every line a worker prints through its logger as well, so rank 0's progress reached the terminal twice; its
@@ -121,6 +125,8 @@ def run(job: Job, cluster: ClusterConfig) -> int:
     shutil.rmtree(job.run_dir / RAY_FOLDER, ignore_errors=True)  # Ray's bookkeeping of an earlier command
     for name, value in _TRAIN_ENV.items():
         os.environ.setdefault(name, value)  # read when the trainer starts its controller, which inherits them
+    env = worker_env(cfg, found)
+    check_workspace_on_nodes(job.run_dir, token, found, _train_worker_runtime_env(env))
     train = importlib.import_module("ray.train")
     torch_train = importlib.import_module("ray.train.torch")
     # Ray Train's TorchTrainer without its autoscaling request and placement-group cleaner (ray_trainer.py).
@@ -139,7 +145,7 @@ def run(job: Job, cluster: ClusterConfig) -> int:
             name=RAY_FOLDER,
             storage_path=str(job.run_dir),
             failure_config=train.FailureConfig(max_failures=cfg.max_restarts, controller_failure_limit=START_FAILURES),
-            worker_runtime_env={"env_vars": worker_env(cfg, found)},
+            worker_runtime_env={"env_vars": env},
             logging_config=train.LoggingConfig(log_level="WARNING"),
         ),
     )
@@ -156,6 +162,44 @@ def run(job: Job, cluster: ClusterConfig) -> int:
     return 0
 
 
+def check_workspace_on_nodes(
+    run_dir: Path, token: str, found: list[NodeInfo], runtime_env: dict[str, dict[str, str]] | None = None
+) -> None:
+    """Fail within seconds, naming them, when alive nodes do not see ``run_dir`` (with the driver's ``token``).
+
+    One zero-CPU task pinned to each node (``soft=False``: on that node or not at all) reads the token back. Without
+    this the job learnt it only once Ray Train had started its controller and every worker, and the ranks had
+    imported torch and formed their process group: ~45 s on a busy 2-core test machine. A node that does not
+    answer within :data:`CHECK_TIMEOUT_S` (or dies meanwhile) is not judged here: the ranks' check still runs.
+
+    ``runtime_env``: the training workers' (:func:`_train_worker_runtime_env`), so that Ray can hand a checking
+    process on to a worker of the same job on that node instead of starting another one.
+    """
+    ray = require_ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    check = ray.remote(num_cpus=0, max_retries=0, runtime_env=runtime_env)(_sees_workspace)
+    asked = {
+        check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote(
+            run_dir, token
+        ): node
+        for node in found
+    }
+    ready, late = ray.wait(list(asked), num_returns=len(asked), timeout=CHECK_TIMEOUT_S)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    blind = []
+    for ref in ready:
+        try:
+            sees = bool(ray.get(ref))
+        except ray.exceptions.RayError:
+            continue  # the node (or its worker) died meanwhile: Ray's placement and the ranks' check handle it
+        if not sees:
+            blind.append(asked[ref])
+    if blind:
+        raise WorkspaceError(_blind_message(run_dir, [(node.ip, node.node_id) for node in blind]))
+
+
 def worker_env(cfg: TrainConfig, found: list[NodeInfo]) -> dict[str, str]:
     """The workers' environment: as the torchrun launcher sets it, loopback sockets when every node is local."""
     from distml.train.launch import MALLOC_DEFAULTS
@@ -166,6 +210,13 @@ def worker_env(cfg: TrainConfig, found: list[NodeInfo]) -> dict[str, str]:
         # all on this host's loopback that may be a routable one (or none that the other nodes can reach).
         env.update(GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
     return env
+
+
+def _train_worker_runtime_env(env: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The runtime environment Ray Train gives each worker: the Ray Train settings of this (driver's) environment
+    that it forwards, then ``env``, built as its worker group builds it (the controller runs in this process)."""
+    constants = importlib.import_module("ray.train.v2._internal.constants")
+    return {"env_vars": {**constants.get_env_vars_to_propagate(), **env}}
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -239,16 +290,24 @@ def _run_rank_on_ray(run_dir: Path, token: str) -> None:
 
 def _visibility_problem(run_dir: Path, token: str, node_ip: str, node_id: str) -> str | None:
     """Why this node does not see the driver's run folder (it must be on storage every node sees), or None."""
+    return None if _sees_workspace(run_dir, token) else _blind_message(run_dir, [(node_ip, node_id)])
+
+
+def _sees_workspace(run_dir: Path, token: str) -> bool:
+    """Whether this process sees the run folder the driver wrote: its token, and the job file beside it."""
     try:
-        seen = (run_dir / CHECK_FILE).read_text()
-        present = (run_dir / "job.json").is_file()
+        return (run_dir / CHECK_FILE).read_text() == token and (run_dir / "job.json").is_file()
     except OSError:
-        seen, present = "", False
-    if seen == token and present:
-        return None
+        return False
+
+
+def _blind_message(run_dir: Path, nodes: list[tuple[str, str]]) -> str:
+    """The one line for nodes (ip, node id) that do not see the run folder."""
+    who = " and ".join(f"node {ip} ({node_id[:12]})" for ip, node_id in nodes)
+    verb = "does" if len(nodes) == 1 else "do"
     return (
-        f"node {node_ip} ({node_id[:12]}) does not see the workspace: {run_dir} there is not the folder the "
-        "driver wrote; the workspace must be a shared filesystem path, the same on every node (docs/ray.md)"
+        f"{who} {verb} not see the workspace: {run_dir} there is not the folder the driver wrote; the workspace "
+        "must be a shared filesystem path, the same on every node (docs/ray.md)"
     )
 
 

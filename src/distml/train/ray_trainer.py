@@ -1,33 +1,46 @@
-"""Ray Train's ``TorchTrainer`` without the two helpers that cost a distml job start-up time and serve it nothing.
+"""Ray Train's ``TorchTrainer`` without the parts that cost a distml job start-up time and serve it nothing.
 
-Imported only when a job runs on Ray (it imports Ray Train at the top), by :mod:`distml.train.ray_launch` and,
-through pickling, by Ray Train's controller: the scaling policy below travels to the controller by reference, so
-every node imports this module (distml is installed on every node).
+Imported only when a job runs on Ray (it imports Ray Train at the top), by :mod:`distml.train.ray_launch`; the
+workers import it too (the scaling policy travels by reference), and distml is installed on every node.
 
-1. **The autoscaling request.** Ray Train's fixed-size policy asks Ray Data's ``AutoscalingCoordinator`` (a
-   detached actor it creates on first use, importing Ray Data) to reserve the job's resources, and waits up to 5 s
-   for the answer. On the clusters distml runs on (a fixed set of nodes, or KubeRay with its autoscaler off) that
-   request changes nothing; the first job on a fresh cluster waited the whole 5 s while the actor started and
-   printed a traceback ("Failed to send resource request") into distml's output. An autoscaling cluster still
-   grows for the job: Ray's autoscaler reads the pending placement group itself.
-2. **The placement-group cleaner.** Each job starts a detached ``PlacementGroupCleaner`` actor (one more Python
-   process that imports Ray Train) that asks the state API once a second whether the controller is alive, to
-   remove the job's placement group if the controller dies while the driver lives on. distml's driver is one
-   process per job that ends when the controller does, and Ray removes a job's placement groups when its driver
-   ends; without the dashboard's state API the cleaner logged a warning every second into distml's output.
+1. **The controller runs in the driver.** Ray Train starts its controller as one more actor, a process that
+   imports Ray Train and torch again (~6 CPU-s, on the critical path: the worker group waited for it). A distml
+   job has a driver process of its own that waits for the controller anyway and has Ray Train and torch imported
+   already, so the same controller runs there, on the same node Ray would have put it (the driver's). What the
+   separate actor buys, a controller that outlives its driver, serves nothing here: a distml job ends with its
+   driver, and Ray ends the job's actors with it.
+2. **The autoscaling request.** Ray Train's fixed-size policy asks Ray Data's ``AutoscalingCoordinator`` (a
+   detached actor it creates on first use) to reserve the job's resources, and waits up to 5 s for the answer. On
+   the clusters distml runs on (a fixed set of nodes, or KubeRay with its autoscaler off) that request changes
+   nothing; the first job on a fresh cluster waited the whole 5 s and printed a traceback ("Failed to send
+   resource request") into distml's output. An autoscaling cluster still grows for the job: Ray's autoscaler
+   reads the pending placement group itself.
+3. **The placement-group cleaner.** A detached actor per job that polls the state API once a second to remove the
+   job's placement group if the controller dies while the driver lives on: here they are one process, and Ray
+   removes a job's placement groups when its driver ends. Without the dashboard it logged a warning a second.
+4. **The datasets callback.** It starts a ``DatasetManager`` actor (one more process, ~3 CPU-s) for the Ray
+   Datasets a trainer is given; distml's workers read the dataset store themselves and are given none.
 
-Both are private hooks of Ray Train (``_create_default_callbacks``, ``_initialize_and_run_controller``): Ray is
-pinned exactly in the ``ray`` extra, and tests/test_ray_train.py runs real jobs through this class.
+All are private parts of Ray Train 2.60 (``TrainController``, ``WorkerGroup``, ``_create_default_callbacks``,
+``_initialize_and_run_controller``): Ray is pinned exactly in the ``ray`` extra, and tests/test_ray_train.py runs
+real jobs, restarts and failures through this class.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import ray
+from ray.actor import ActorHandle
 from ray.train import Result
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.context import TrainRunContext
+from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+from ray.train.v2._internal.execution.worker_group.worker import Worker
+from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
 from ray.train.v2.api.callback import RayTrainCallback
 from ray.train.v2.torch.torch_trainer import TorchTrainer
 
@@ -45,14 +58,56 @@ class FixedSizePolicy(FixedScalingPolicy):
         """Never sent (see the module's docstring)."""
 
 
+class DriverWorkerGroup(WorkerGroup):
+    """Ray Train's worker group, driven from the driver process instead of a controller actor."""
+
+    def _init_train_context_on_workers(
+        self, workers: list[Worker], sync_actor: ActorHandle[Any], train_context_args: dict[str, list[Any]]
+    ) -> None:
+        # Ray's own method but for ``controller_actor``: Ray's passes the calling actor's handle, and a driver is no
+        # actor. A worker uses it only in ray.train.get_all_reported_checkpoints(), which distml never calls.
+        tasks = [
+            worker.actor.init_train_context.remote(
+                train_run_context=self._train_run_context,
+                distributed_context=worker.distributed_context,
+                synchronization_actor=sync_actor,
+                storage_context=self._storage_context,
+                worker_callbacks=self._worker_callbacks_to_propagate,
+                controller_actor=None,
+                **{arg: values[i] for arg, values in train_context_args.items()},
+            )
+            for i, worker in enumerate(workers)
+        ]
+        ray.get(tasks)
+        self._decorate_worker_log_file_paths(workers)
+
+
+class DriverController(TrainController):
+    """Ray Train's controller, run in the driver process (see the module's docstring)."""
+
+    worker_group_cls = DriverWorkerGroup
+
+
 class DistmlTorchTrainer(TorchTrainer):
-    """``TorchTrainer`` with :class:`FixedSizePolicy` and no placement-group cleaner actor."""
+    """``TorchTrainer`` whose controller runs in the driver, with :class:`FixedSizePolicy`, no placement-group
+    cleaner and no datasets callback."""
 
     def _create_default_callbacks(self) -> list[RayTrainCallback]:
         callbacks: list[RayTrainCallback] = super()._create_default_callbacks()
-        return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
+        unused: tuple[type, ...] = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
+        return [cb for cb in callbacks if not isinstance(cb, unused)]
 
     def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Result:
         built = controller_init_kwargs["scaling_policy"]  # Ray's own, from this trainer's ScalingConfig
         controller_init_kwargs["scaling_policy"] = FixedSizePolicy(built.scaling_config)
-        return super()._initialize_and_run_controller(**controller_init_kwargs)
+        controller = DriverController(**controller_init_kwargs)
+        try:
+            asyncio.run(controller.run())  # type: ignore[no-untyped-call]
+        except BaseException:
+            # Interrupted (Ctrl-C, or SIGTERM turned into KeyboardInterrupt by a candidate's process): stop the
+            # workers now rather than when Ray notices that the driver has gone.
+            group = controller._worker_group
+            if group is not None and group.has_started():
+                group.abort()  # type: ignore[no-untyped-call]
+            raise
+        return controller.get_result()
