@@ -316,6 +316,8 @@ def test_a_node_that_does_not_see_the_workspace_fails_the_job_naming_the_node(
     assert "node 127.0.0.1 (" in errors[-1] and "does not see the workspace" in errors[-1]
     assert "shared filesystem path" in errors[-1]
     assert "Traceback" not in _own_lines(result.stderr)
+    # Found by the check of each node before the trainer started, not by the ranks of a first attempt.
+    assert "failed on Ray after" not in errors[-1]
 
 
 # -- faults ---------------------------------------------------------------------------------------------------------
