@@ -125,8 +125,7 @@ def run(job: Job, cluster: ClusterConfig) -> int:
     shutil.rmtree(job.run_dir / RAY_FOLDER, ignore_errors=True)  # Ray's bookkeeping of an earlier command
     for name, value in _TRAIN_ENV.items():
         os.environ.setdefault(name, value)  # read when the trainer starts its controller, which inherits them
-    env = worker_env(cfg, found)
-    check_workspace_on_nodes(job.run_dir, token, found, _train_worker_runtime_env(env))
+    check_workspace_on_nodes(job.run_dir, token, found)
     train = importlib.import_module("ray.train")
     torch_train = importlib.import_module("ray.train.torch")
     # Ray Train's TorchTrainer without its autoscaling request and placement-group cleaner (ray_trainer.py).
@@ -145,7 +144,7 @@ def run(job: Job, cluster: ClusterConfig) -> int:
             name=RAY_FOLDER,
             storage_path=str(job.run_dir),
             failure_config=train.FailureConfig(max_failures=cfg.max_restarts, controller_failure_limit=START_FAILURES),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": worker_env(cfg, found)},
             logging_config=train.LoggingConfig(log_level="WARNING"),
         ),
     )
@@ -162,23 +161,20 @@ def run(job: Job, cluster: ClusterConfig) -> int:
     return 0
 
 
-def check_workspace_on_nodes(
-    run_dir: Path, token: str, found: list[NodeInfo], runtime_env: dict[str, dict[str, str]] | None = None
-) -> None:
+def check_workspace_on_nodes(run_dir: Path, token: str, found: list[NodeInfo]) -> None:
     """Fail within seconds, naming them, when alive nodes do not see ``run_dir`` (with the driver's ``token``).
 
     One zero-CPU task pinned to each node (``soft=False``: on that node or not at all) reads the token back. Without
     this the job learnt it only once Ray Train had started its controller and every worker, and the ranks had
     imported torch and formed their process group: ~45 s on a busy 2-core test machine. A node that does not
     answer within :data:`CHECK_TIMEOUT_S` (or dies meanwhile) is not judged here: the ranks' check still runs.
-
-    ``runtime_env``: the training workers' (:func:`_train_worker_runtime_env`), so that Ray can hand a checking
-    process on to a worker of the same job on that node instead of starting another one.
+    Each task costs a Ray worker process on its node (~1-2 CPU-s): Ray 2.60 never hands a task's process on to an
+    actor, even one with the same runtime environment (measured), so the training workers start their own.
     """
     ray = require_ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    check = ray.remote(num_cpus=0, max_retries=0, runtime_env=runtime_env)(_sees_workspace)
+    check = ray.remote(num_cpus=0, max_retries=0)(_sees_workspace)
     asked = {
         check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote(
             run_dir, token
@@ -210,13 +206,6 @@ def worker_env(cfg: TrainConfig, found: list[NodeInfo]) -> dict[str, str]:
         # all on this host's loopback that may be a routable one (or none that the other nodes can reach).
         env.update(GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
     return env
-
-
-def _train_worker_runtime_env(env: dict[str, str]) -> dict[str, dict[str, str]]:
-    """The runtime environment Ray Train gives each worker: the Ray Train settings of this (driver's) environment
-    that it forwards, then ``env``, built as its worker group builds it (the controller runs in this process)."""
-    constants = importlib.import_module("ray.train.v2._internal.constants")
-    return {"env_vars": {**constants.get_env_vars_to_propagate(), **env}}
 
 
 def failure_reason(exc: BaseException) -> str:
