@@ -42,6 +42,20 @@ def test_version() -> None:
     assert (result.code, result.out.strip()) == (0, f"distml, version {__version__}")
 
 
+def test_the_program_ends_without_pythons_last_collection_and_a_library_call_keeps_it() -> None:
+    """As a process's entry point, main() freezes the heap (skip_final_collection: ~2-5 s of a heavy process's
+    exit); called with argv, as tests do, it leaves the caller's collector alone."""
+    code = (
+        "import atexit, gc, sys; from distml.cli.main import main\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0, flush=True))\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    print('library', gc.get_freeze_count() > 0)\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "library False" in done.stdout and done.stdout.rstrip().endswith("frozen True")
+
+
 def test_unknown_dataset_name_is_a_usage_error(home: Path) -> None:
     result = run_cli("--home", home, "data", "ingest", "mnist")
     assert result.code == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -38,3 +39,15 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return not sys.platform.startswith("linux")  # no /proc entry: gone on Linux; elsewhere kill(0) decides
+
+
+def skip_final_collection() -> None:
+    """Spare this process the garbage collection that Python runs as it exits: call it as ``main`` returns.
+
+    A process with torch, MLflow and Ray loaded spent 2-3 CPU-s in that last collection (measured: a ``distml
+    train --ray`` driver printed its last line ~3 s before it ended, a ``distml run`` ~5 s), only to free memory
+    the operating system takes back anyway. ``gc.freeze()`` moves every object to the permanent generation, which
+    no collection visits; reference counting still frees what it frees, ``atexit`` handlers still run and the
+    standard streams are still flushed. Only for a process's own entry point, never for a library call.
+    """
+    gc.freeze()

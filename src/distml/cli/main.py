@@ -9,6 +9,7 @@ import click
 from pydantic import ValidationError
 
 from distml import __version__
+from distml._proc import skip_final_collection
 from distml.cli.data import data
 from distml.cli.k8s import k8s
 from distml.cli.models import evaluate_cmd, models, predict_cmd, select_cmd
@@ -48,7 +49,19 @@ cli.add_command(tune_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; user errors become one line on stderr and an exit code (2 usage, 1 failure)."""
+    """Run the CLI; user errors become one line on stderr and an exit code (2 usage, 1 failure).
+
+    As the program (no ``argv``), the process then ends without Python's last garbage collection
+    (:func:`distml._proc.skip_final_collection`); called with ``argv`` (tests), it leaves the caller's as it is.
+    """
+    try:
+        _main(argv)
+    finally:
+        if argv is None:
+            skip_final_collection()
+
+
+def _main(argv: list[str] | None) -> None:
     debug = bool(os.environ.get("DISTML_DEBUG"))
     try:
         code = cli.main(args=argv, prog_name="distml", standalone_mode=False)

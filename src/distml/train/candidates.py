@@ -378,4 +378,9 @@ def summarise(jobs: list[Candidate]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    try:
+        sys.exit(_main(sys.argv[1:]))
+    finally:
+        from distml._proc import skip_final_collection
+
+        skip_final_collection()  # the pipeline's step waits for this process to end

@@ -88,4 +88,9 @@ def run_rank(run_dir: Path, ctx: DistContext, *, join: Callable[[], None] | None
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    finally:
+        from distml._proc import skip_final_collection
+
+        skip_final_collection()  # torchrun waits for every worker to end before it reports the job done
