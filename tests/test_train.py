@@ -6,6 +6,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -377,10 +378,17 @@ def test_a_clean_finish_with_a_shutdown_abort_is_not_a_failure(tiny_home: Path) 
         _interpret(job, 1, Rendezvous())
 
 
-def test_one_mlflow_run_per_job_with_metrics_reopened_on_resume(tiny_home: Path) -> None:
+def test_one_mlflow_run_per_job_with_metrics_reopened_on_resume(
+    tiny_home: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # torchrun's and its workers' imports, on their stderr
     first = train(_cfg(workers=2, epochs=2), Workspace(tiny_home), "tracked")
+    monkeypatch.delenv("PYTHONPROFILEIMPORTTIME")
+    imported = re.findall(r"^import time:.*\|\s*([\w.]+)$", capfd.readouterr().err, flags=re.MULTILINE)
+    assert "distml.train.loop" in imported  # the workers' imports are here...
+    assert not [m for m in imported if m.split(".")[0] == "mlflow"]  # ...and MLflow's are not: the launcher logs
     client = MlflowClient(tracking_uri=f"sqlite:///{tiny_home.resolve() / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("distml-tiny").experiment_id])
     assert [r.info.run_name for r in runs] == ["tracked"]  # one run for the job, not one per rank

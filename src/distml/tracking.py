@@ -1,8 +1,8 @@
 """MLflow access shared by the stages: the tracking URI, a client, experiments, and one run per training job.
 
 The launcher opens the MLflow run before any worker starts and records its id in the job, so every attempt of
-the job (a torchrun restart, or re-running the same ``--run-name``) logs to the same run. Rank 0 logs its
-metrics through :class:`distml.train.tracking.RankTracker`.
+the job (a torchrun restart, or re-running the same ``--run-name``) logs to the same run. The launcher also logs the
+per-epoch metrics rank 0 writes (:class:`distml.train.job_run.MetricsRelay`); workers never open the store.
 
 The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<workspace>/mlflow.db`` with artifacts in
 ``<workspace>/mlartifacts``.

@@ -379,7 +379,8 @@ def train(
             job = job_run.open_job_run(job, workspace)
         start = time.perf_counter()
         try:
-            result = run_job(job, rdzv, lock, cluster)
+            with job_run.MetricsRelay(job):
+                result = run_job(job, rdzv, lock, cluster)
         except BaseException as exc:
             job_run.close_job_run(job, ok=False, error=str(exc) if isinstance(exc, DistmlError) else type(exc).__name__)
             raise

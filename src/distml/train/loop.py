@@ -178,9 +178,7 @@ def build(job: Job, ctx: DistContext) -> Training:
         optimizer=optimizer,
         order=order,
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext(),
-        tracker=RankTracker(
-            ctx, uri=job.mlflow_uri, run_id=job.mlflow_run_id, tensorboard_dir=job.run_dir / "tensorboard"
-        ),
+        tracker=RankTracker(ctx, tensorboard_dir=job.run_dir / "tensorboard"),
         pos=pos,
         history=_read_history(job.run_dir) if ctx.is_main and pos.global_step else [],
         started=time.perf_counter(),

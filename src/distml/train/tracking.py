@@ -1,16 +1,15 @@
-"""Per-epoch metrics of a training job to MLflow and TensorBoard, from rank 0 only.
+"""Per-step and per-epoch metrics of a training job to TensorBoard, from rank 0 only.
 
-On other ranks the tracker does nothing, so the loop never branches on rank. Opening and closing the job's MLflow run
-(and the tracking URI) live in :mod:`distml.tracking`, shared with the registry.
+On other ranks the tracker does nothing, so the loop never branches on rank. MLflow gets the per-epoch metrics from
+the launcher, which reads the ``history.json`` rank 0 writes (:class:`distml.train.job_run.MetricsRelay`): no
+worker imports MLflow or opens its store.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distml.tracking import mlflow_client
 from distml.train.dist import DistContext
 
 if TYPE_CHECKING:
@@ -18,12 +17,10 @@ if TYPE_CHECKING:
 
 
 class RankTracker:
-    """Per-epoch metrics to MLflow and TensorBoard from rank 0; a no-op elsewhere (or with no run id)."""
+    """Per-step and per-epoch metrics to TensorBoard from rank 0; a no-op elsewhere."""
 
-    def __init__(self, ctx: DistContext, *, uri: str | None, run_id: str | None, tensorboard_dir: Path) -> None:
+    def __init__(self, ctx: DistContext, *, tensorboard_dir: Path) -> None:
         self.enabled = ctx.is_main
-        self._client = mlflow_client(uri) if self.enabled and uri and run_id else None
-        self._run_id = run_id
         self._tb: SummaryWriter | None = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -33,11 +30,6 @@ class RankTracker:
     def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if self._tb is None:  # not rank 0
             return
-        if self._client is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self._client.log_batch(self._run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
         for key, value in metrics.items():
             self._tb.add_scalar(key, value, epoch)
         self._tb.flush()
