@@ -114,10 +114,9 @@ def _executor(workspace: Workspace, config: DistmlConfig) -> TrialExecutor:
 
 def _local_executor(workspace: Workspace) -> TrialExecutor:
     from distml.search.executor import LocalExecutor
-    from distml.train.dist import usable_cores
-    from distml.train.launch import _gpu_count
+    from distml.train.dist import gpu_count, usable_cores
 
-    return LocalExecutor(workspace, usable_cores(), _gpu_count())
+    return LocalExecutor(workspace, usable_cores(), gpu_count())  # without an NVIDIA driver: no torch import
 
 
 def _dataset(base: TrainConfig, workspace: Workspace) -> tuple[str, str]:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from distml._proc import die_with_parent
 from distml.config import ClusterConfig, TrainConfig
@@ -23,11 +23,14 @@ from distml.data.store import DatasetStore
 from distml.errors import DistmlError, TrainingError, UsageError, WorkspaceError
 from distml.model_names import check_model_name
 from distml.train import job_run
-from distml.train.dist import usable_cores
+from distml.train.dist import gpu_count, usable_cores
 from distml.train.job import Job, check_resume, check_split
 from distml.train.resources import on_ray
 from distml.train.runlock import RunLock, lock_run
 from distml.workspace import Workspace
+
+if TYPE_CHECKING:
+    from distml.train.ray_launch import WorkspaceCheck
 
 # glibc serves each step's multi-MB activation tensors with fresh mmap()s and returns them on free, so every
 # step page-faults its memory in again: 1.7x slower on the seed CNN (6.1k -> 10.3k img/s, W=1, measured in
@@ -249,9 +252,15 @@ def _check_existing(job: Job) -> None:
 
 
 def run_job(
-    job: Job, rdzv: Rendezvous = Rendezvous(), lock: RunLock | None = None, cluster: ClusterConfig | None = None
+    job: Job,
+    rdzv: Rendezvous = Rendezvous(),
+    lock: RunLock | None = None,
+    cluster: ClusterConfig | None = None,
+    check: WorkspaceCheck | None = None,
 ) -> TrainResult:
     """Run ``job``'s workers (under torchrun; one worker directly; on Ray) and wait; rank 0 prints the progress.
+
+    ``check``: on Ray, the per-node workspace check already under way (:func:`ray_launch.start_workspace_check`).
 
     ``lock``, the run folder's lock, is shared with the launched process, so the folder stays locked until that
     process has ended, even if this one is killed first. On Ray this process drives the job, so the lock is
@@ -264,7 +273,7 @@ def run_job(
         from distml.train import ray_launch
 
         assert cluster is not None
-        return _interpret(job, ray_launch.run(job, cluster), rdzv, launcher="Ray Train")
+        return _interpret(job, ray_launch.run(job, cluster, check), rdzv, launcher="Ray Train")
     cfg = job.config
     threads = cfg.threads_per_worker or max(1, usable_cores() // cfg.workers)
     worker = ["-m", "distml.train.worker", str(job.run_dir)]
@@ -353,9 +362,8 @@ def _interpret(job: Job, code: int, rdzv: Rendezvous, launcher: str | None = Non
 
 
 def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    """This host's CUDA devices: 0 at once without an NVIDIA driver, without importing torch (~3 CPU-s)."""
+    return gpu_count()
 
 
 def train(
@@ -375,12 +383,19 @@ def train(
         workspace = Workspace(workspace.home.resolve())
     job, lock = _prepare_locked(cfg, workspace, run_name, rdzv, cluster)
     try:
+        check = None
+        if on_ray(cluster):
+            from distml.cluster import nodes
+            from distml.train import ray_launch
+
+            # Under way on the nodes while this process opens the MLflow run (MLflow's import: seconds).
+            check = ray_launch.start_workspace_check(job, nodes())
         if rdzv.node_rank == 0:
             job = job_run.open_job_run(job, workspace)
         start = time.perf_counter()
         try:
             with job_run.MetricsRelay(job):
-                result = run_job(job, rdzv, lock, cluster)
+                result = run_job(job, rdzv, lock, cluster, check)
         except BaseException as exc:
             job_run.close_job_run(job, ok=False, error=str(exc) if isinstance(exc, DistmlError) else type(exc).__name__)
             raise

@@ -26,18 +26,18 @@ import re
 import secrets
 import shutil
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from distml.cluster import NodeInfo, connect, nodes, require_ray
 from distml.config import ClusterConfig, TrainConfig
 from distml.errors import DistmlError, TrainingError, UsageError, WorkspaceError
 from distml.files import write_atomic
 from distml.train.job import Job
+from distml.train.ray_check import CHECK_FILE, sees_workspace
 
 PLACEMENT_FILE = "placement.json"
-CHECK_FILE = "ray-check"  # the driver's token: a rank that cannot read it does not see this workspace
 ATTEMPTS = "ray-attempts"  # under status/: one file per attempt of the worker group
 RAY_FOLDER = "ray"  # Ray Train's own storage (RunConfig), inside the run folder
 # Ray retries starting the worker group after a node is lost (waiting for the resources to come back, a minute
@@ -111,21 +111,22 @@ def worker_resources(cfg: TrainConfig, gpu: bool) -> dict[str, float]:
     return need
 
 
-def run(job: Job, cluster: ClusterConfig) -> int:
+def run(job: Job, cluster: ClusterConfig, check: WorkspaceCheck | None = None) -> int:
     """Run ``job`` on the cluster and wait; 0 when the worker group finished (the markers say the rest).
 
+    ``check``: the per-node workspace check, started earlier by :func:`start_workspace_check` (else started here).
     A failed job (a rank's error, a node lost more often than ``max_restarts`` allows, a node that cannot see
     the workspace) is a TrainingError with Ray's reason on one line.
     """
     found = check_placeable(job.config, cluster)
     gpu = uses_gpu(found)
     cfg = job.config
-    token = secrets.token_hex(16)
-    write_atomic(job.run_dir / CHECK_FILE, token.encode())
+    check = check or start_workspace_check(job, found)
+    token = check.token
     shutil.rmtree(job.run_dir / RAY_FOLDER, ignore_errors=True)  # Ray's bookkeeping of an earlier command
     for name, value in _TRAIN_ENV.items():
         os.environ.setdefault(name, value)  # read when the trainer starts its controller, which inherits them
-    check_workspace_on_nodes(job.run_dir, token, found)
+    check.wait()
     train = importlib.import_module("ray.train")
     torch_train = importlib.import_module("ray.train.torch")
     # Ray Train's TorchTrainer without its autoscaling request and placement-group cleaner (ray_trainer.py).
@@ -161,39 +162,63 @@ def run(job: Job, cluster: ClusterConfig) -> int:
     return 0
 
 
-def check_workspace_on_nodes(run_dir: Path, token: str, found: list[NodeInfo]) -> None:
-    """Fail within seconds, naming them, when alive nodes do not see ``run_dir`` (with the driver's ``token``).
+@dataclass(frozen=True)
+class WorkspaceCheck:
+    """The per-node workspace check under way: one zero-CPU task per alive node reading the driver's token back.
 
-    One zero-CPU task pinned to each node (``soft=False``: on that node or not at all) reads the token back. Without
-    this the job learnt it only once Ray Train had started its controller and every worker, and the ranks had
-    imported torch and formed their process group: ~45 s on a busy 2-core test machine. A node that does not
-    answer within :data:`CHECK_TIMEOUT_S` (or dies meanwhile) is not judged here: the ranks' check still runs.
-    Each task costs a Ray worker process on its node (~1-2 CPU-s): Ray 2.60 never hands a task's process on to an
-    actor, even one with the same runtime environment (measured), so the training workers start their own.
+    Started by :func:`start_workspace_check` as soon as the job file is written, so that the nodes start the
+    tasks' worker processes while the driver opens the job's MLflow run; :meth:`wait` then judges the answers.
+    """
+
+    run_dir: Path
+    token: str
+    asked: dict[Any, NodeInfo]  # the task's ObjectRef -> the node it is pinned to
+
+    def wait(self) -> None:
+        """Fail within seconds, naming them, when alive nodes do not see ``run_dir`` (with the driver's ``token``).
+
+        Without this the job learnt it only once Ray Train had started its controller and every worker, and the
+        ranks had imported torch and formed their process group: ~45 s on a busy 2-core test machine. A node that
+        does not answer within :data:`CHECK_TIMEOUT_S` (or dies meanwhile) is not judged here: the ranks' check
+        still runs.
+        """
+        ray = require_ray()
+        ready, late = ray.wait(list(self.asked), num_returns=len(self.asked), timeout=CHECK_TIMEOUT_S)
+        for ref in late:
+            ray.cancel(ref, force=True)
+        blind = []
+        for ref in ready:
+            try:
+                sees = bool(ray.get(ref))
+            except ray.exceptions.RayError:
+                continue  # the node (or its worker) died meanwhile: Ray's placement and the ranks' check handle it
+            if not sees:
+                blind.append(self.asked[ref])
+        if blind:
+            raise WorkspaceError(_blind_message(self.run_dir, [(node.ip, node.node_id) for node in blind]))
+
+
+def start_workspace_check(job: Job, found: list[NodeInfo]) -> WorkspaceCheck:
+    """Write a new token into the run folder and ask each of the nodes ``found`` to read it back (not waiting).
+
+    One zero-CPU task pinned to each node (``soft=False``: on that node or not at all). Each costs a Ray worker
+    process on its node, which imports only the standard library and :mod:`distml.train.ray_check`: Ray 2.60 never
+    hands a task's process on to an actor, even one with the same runtime environment (measured), so the training
+    workers start their own.
     """
     ray = require_ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    check = ray.remote(num_cpus=0, max_retries=0)(_sees_workspace)
+    token = secrets.token_hex(16)
+    write_atomic(job.run_dir / CHECK_FILE, token.encode())
+    check = ray.remote(num_cpus=0, max_retries=0)(sees_workspace)
     asked = {
         check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote(
-            run_dir, token
+            str(job.run_dir), token
         ): node
         for node in found
     }
-    ready, late = ray.wait(list(asked), num_returns=len(asked), timeout=CHECK_TIMEOUT_S)
-    for ref in late:
-        ray.cancel(ref, force=True)
-    blind = []
-    for ref in ready:
-        try:
-            sees = bool(ray.get(ref))
-        except ray.exceptions.RayError:
-            continue  # the node (or its worker) died meanwhile: Ray's placement and the ranks' check handle it
-        if not sees:
-            blind.append(asked[ref])
-    if blind:
-        raise WorkspaceError(_blind_message(run_dir, [(node.ip, node.node_id) for node in blind]))
+    return WorkspaceCheck(job.run_dir, token, asked)
 
 
 def worker_env(cfg: TrainConfig, found: list[NodeInfo]) -> dict[str, str]:
@@ -279,15 +304,7 @@ def _run_rank_on_ray(run_dir: Path, token: str) -> None:
 
 def _visibility_problem(run_dir: Path, token: str, node_ip: str, node_id: str) -> str | None:
     """Why this node does not see the driver's run folder (it must be on storage every node sees), or None."""
-    return None if _sees_workspace(run_dir, token) else _blind_message(run_dir, [(node_ip, node_id)])
-
-
-def _sees_workspace(run_dir: Path, token: str) -> bool:
-    """Whether this process sees the run folder the driver wrote: its token, and the job file beside it."""
-    try:
-        return (run_dir / CHECK_FILE).read_text() == token and (run_dir / "job.json").is_file()
-    except OSError:
-        return False
+    return None if sees_workspace(str(run_dir), token) else _blind_message(run_dir, [(node_ip, node_id)])
 
 
 def _blind_message(run_dir: Path, nodes: list[tuple[str, str]]) -> str:
