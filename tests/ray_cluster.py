@@ -140,15 +140,16 @@ class LocalRayCluster:
         return len(self._nodes) - 1
 
     def stop(self) -> None:
-        """Every process of every node, by pid: SIGTERM, then SIGKILL what is left after two seconds.
+        """Every process of every node, by pid: SIGTERM, then SIGKILL what is left after half a second.
 
         The pids are read once, first: a process whose parent has ended is no longer below the node's root.
-        Two seconds, not more: with the head's GCS gone, a worker node's raylet keeps retrying it and outlived
-        a 10 s grace; nothing of a test cluster outlives it (its temp folder is removed below).
+        Half a second, not more: with the head's GCS gone, a worker node's raylet keeps retrying it and outlived
+        a 10 s grace (every module's teardown waited the whole grace); nothing of a test cluster needs to outlive
+        it (its temp folder is removed below).
         """
         pids = [pid for index in range(len(self._nodes)) for pid in self.node_pids(index)]
         _send(pids, signal.SIGTERM)
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 0.5
         while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         _send([pid for pid in pids if pid_alive(pid)], signal.SIGKILL)

@@ -2,7 +2,7 @@
 
 The launcher opens the MLflow run before any worker starts and records its id in the job, so every attempt of
 the job (a torchrun restart, or re-running the same ``--run-name``) logs to the same run. The launcher also logs the
-per-epoch metrics rank 0 writes (:class:`distml.train.job_run.MetricsRelay`); workers never open the store.
+per-epoch metrics rank 0 writes (:class:`distml.train.job_run.JobTracking`); workers never open the store.
 
 The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<workspace>/mlflow.db`` with artifacts in
 ``<workspace>/mlartifacts``.

@@ -388,22 +388,23 @@ def train(
             from distml.cluster import nodes
             from distml.train import ray_launch
 
-            # Under way on the nodes while this process opens the MLflow run (MLflow's import: seconds).
+            # Under way on the nodes while this process imports Ray Train and opens the MLflow run.
             check = ray_launch.start_workspace_check(job, nodes())
-        if rdzv.node_rank == 0:
-            job = job_run.open_job_run(job, workspace)
+        # Node 0 opens the MLflow run beside the workers' start, and logs their epochs into it as they end.
+        tracked = job_run.JobTracking(job, workspace if rdzv.node_rank == 0 else None)
         start = time.perf_counter()
         try:
-            with job_run.MetricsRelay(job):
+            with tracked:
                 result = run_job(job, rdzv, lock, cluster, check)
         except BaseException as exc:
-            job_run.close_job_run(job, ok=False, error=str(exc) if isinstance(exc, DistmlError) else type(exc).__name__)
+            error = str(exc) if isinstance(exc, DistmlError) else type(exc).__name__
+            job_run.close_job_run(tracked.job, ok=False, error=error)
             raise
         result.metrics.setdefault("wall_seconds", time.perf_counter() - start)
-        job_run.close_job_run(job, ok=True)
+        job_run.close_job_run(tracked.job, ok=True)
     finally:
         lock.release()
-    result.metrics["mlflow_run_id"] = job.mlflow_run_id
+    result.metrics["mlflow_run_id"] = tracked.job.mlflow_run_id
     return result
 
 

@@ -1,7 +1,7 @@
 """Per-step and per-epoch metrics of a training job to TensorBoard, from rank 0 only.
 
 On other ranks the tracker does nothing, so the loop never branches on rank. MLflow gets the per-epoch metrics from
-the launcher, which reads the ``history.json`` rank 0 writes (:class:`distml.train.job_run.MetricsRelay`): no
+the launcher, which reads the ``history.json`` rank 0 writes (:class:`distml.train.job_run.JobTracking`): no
 worker imports MLflow or opens its store.
 """
 

@@ -1,4 +1,4 @@
-"""The launcher logs rank 0's per-epoch metrics to MLflow (MetricsRelay); no worker imports MLflow.
+"""The launcher's MLflow side (JobTracking): it opens the run beside the workers and logs rank 0's epochs into it.
 
 A real MLflow store (SQLite in a temp folder) and a real ``history.json`` as rank 0 writes it. The whole path (a
 torchrun job whose metrics reach MLflow while its workers import no MLflow, a resumed job continuing them) is
@@ -12,11 +12,19 @@ import math
 import time
 from pathlib import Path
 
+import pytest
+
+from conftest import make_mnist
 from distml import tracking
 from distml.config import TrainConfig
+from distml.data import DatasetStore
+from distml.data.ingest import ingest
+from distml.data.sources import FashionMnistSource
+from distml.errors import DistmlError
 from distml.files import write_atomic
 from distml.train.job import EPOCH_METRICS, EpochRecord, Job
-from distml.train.job_run import MetricsRelay
+from distml.train.job_run import JobTracking
+from distml.workspace import Workspace
 
 
 def _record(epoch: int) -> EpochRecord:
@@ -42,13 +50,17 @@ def _write_history(run_dir: Path, epochs: int) -> None:
 
 
 def _job(tmp_path: Path) -> Job:
-    uri, run_id = tracking.open_run(
-        home=tmp_path / "home", experiment="relay", run_name="r", existing_id=None, params={}, tags={}
-    )
+    """A prepared job over a real (tiny) dataset, with an MLflow run of its own."""
+    home = tmp_path / "home"
+    files = make_mnist(tmp_path / "src", n_train=32, n_test=8)
+    ingest(FashionMnistSource(home / "downloads", location=str(files.folder), spec=files.spec),
+           store=DatasetStore(Workspace(home)), name="tiny")  # fmt: skip
+    uri, run_id = tracking.open_run(home=home, experiment="relay", run_name="r", existing_id=None, params={}, tags={})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cfg = TrainConfig.model_validate({"dataset": "tiny", "workers": 1, "epochs": 3})
-    return Job(cfg, run_dir, tmp_path / "data", "0" * 64, 1, mlflow_uri=uri, mlflow_run_id=run_id)
+    dataset = DatasetStore(Workspace(home)).resolve("tiny")
+    return Job(cfg, run_dir, dataset, "0" * 64, 1, mlflow_uri=uri, mlflow_run_id=run_id)
 
 
 def _steps(job: Job, key: str = "val_accuracy") -> list[int]:
@@ -58,7 +70,7 @@ def _steps(job: Job, key: str = "val_accuracy") -> list[int]:
 
 def test_each_epoch_reaches_mlflow_once_while_the_job_runs_and_a_resume_adds_only_new_ones(tmp_path: Path) -> None:
     job = _job(tmp_path)
-    with MetricsRelay(job, every_s=0.1):
+    with JobTracking(job, every_s=0.1):
         _write_history(job.run_dir, 1)
         deadline = time.monotonic() + 10
         while not _steps(job) and time.monotonic() < deadline:  # logged while the job runs, not only at its end
@@ -71,7 +83,7 @@ def test_each_epoch_reaches_mlflow_once_while_the_job_runs_and_a_resume_adds_onl
     assert math.isnan(logged["test_accuracy"])  # NaN (no test yet) is logged as NaN, as rank 0 logged it
 
     # The same --run-name again (resume): its history holds the earlier epochs, which are not logged twice.
-    with MetricsRelay(job) as relay:
+    with JobTracking(job) as relay:
         assert relay.relay() == 0
         _write_history(job.run_dir, 3)
         assert relay.relay() == 1
@@ -83,6 +95,31 @@ def test_without_an_mlflow_run_the_relay_does_nothing(tmp_path: Path) -> None:
     job = _job(tmp_path)
     other_node = Job(job.config, job.run_dir, job.dataset_path, job.dataset_digest, 1)  # no run: another node
     _write_history(job.run_dir, 2)
-    with MetricsRelay(other_node) as relay:
+    with JobTracking(other_node) as relay:
         assert relay.relay() == 0
     assert _steps(job) == []
+
+
+def test_the_run_opens_beside_the_job_and_the_job_file_gets_it(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    fresh = Job(job.config, job.run_dir, job.dataset_path, job.dataset_digest, 1)  # as prepared: no run yet
+    fresh.write()
+    with JobTracking(fresh, Workspace(tmp_path / "home"), every_s=0.1) as tracked:
+        _write_history(job.run_dir, 1)
+    assert tracked.job.mlflow_run_id and tracked.job.mlflow_run_id != job.mlflow_run_id  # a run of its own
+    assert Job.read(job.run_dir).mlflow_run_id == tracked.job.mlflow_run_id  # recorded for a resume
+    assert _steps(tracked.job) == [1]
+
+
+def test_a_run_that_cannot_be_opened_is_raised_when_the_job_ends_unless_the_job_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = _job(tmp_path)
+    fresh = Job(job.config, job.run_dir, job.dataset_path, job.dataset_digest, 1)
+    fresh.write()
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}")  # cannot be made
+    with pytest.raises(OSError, match="a-file"), JobTracking(fresh, Workspace(tmp_path)):
+        pass  # the workers' wait: the run could not be opened meanwhile
+    with pytest.raises(DistmlError, match="the job's own"), JobTracking(fresh, Workspace(tmp_path)):
+        raise DistmlError("the job's own failure")
