@@ -311,7 +311,7 @@ def test_oversubscribe_is_allowed_when_asked(tiny_home: Path) -> None:
 def test_more_workers_than_gpus_is_a_usage_error(tiny_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # NCCL refuses two ranks on one GPU; on a GPU host the launcher says so before starting anything. CI has no
     # GPU, so the count is set here; the real check ran on a lent H100 (bench/train_gpu.py, "one_gpu_limit").
-    monkeypatch.setattr("distml.train.launch._gpu_count", lambda: 1)
+    monkeypatch.setattr("distml.train.launch.gpu_count", lambda: 1)
     with pytest.raises(UsageError, match=r"--workers 2 is more than the 1 GPU\(s\)"):
         prepare(_cfg(workers=2), Workspace(tiny_home), "two-on-one-gpu")
     assert prepare(_cfg(workers=1), Workspace(tiny_home), "one-on-one-gpu").world_size == 1

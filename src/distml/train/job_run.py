@@ -1,4 +1,4 @@
-"""The MLflow run of one training job: opened by the launcher before the workers start, closed when they end.
+"""The MLflow run of one training job: opened by the launcher as the workers start, closed when they end.
 
 One run per run folder (its id kept in ``mlflow_run_id``, so a resumed job continues the same run). The launcher
 opens it in a thread while the workers start and logs the job's per-epoch metrics into it (:class:`JobTracking`),

@@ -190,7 +190,7 @@ def _check_this_host(cfg: TrainConfig) -> None:
     """Refuse more workers than this host's GPUs, or (on CPU) than its cores unless oversubscribing is allowed."""
     cores = usable_cores()
     threads = cfg.threads_per_worker or 1
-    gpus = _gpu_count()
+    gpus = gpu_count()  # without an NVIDIA driver: 0 at once, no torch import
     if gpus and cfg.workers > gpus:
         raise UsageError(
             f"--workers {cfg.workers} is more than the {gpus} GPU(s) on this host",
@@ -359,11 +359,6 @@ def _interpret(job: Job, code: int, rdzv: Rendezvous, launcher: str | None = Non
     if result_file.is_file():
         metrics = json.loads(result_file.read_text())
     return TrainResult(job.run_dir, metrics, code)
-
-
-def _gpu_count() -> int:
-    """This host's CUDA devices: 0 at once without an NVIDIA driver, without importing torch (~3 CPU-s)."""
-    return gpu_count()
 
 
 def train(
