@@ -259,7 +259,9 @@ def test_sigkill_mid_trial_then_the_same_command_resumes_it_and_the_study_is_det
     """
     from distml.train.runlock import lock_file
 
-    config = _toml(tmp_path / "distml.toml", "lr = { low = 0.01, high = 0.1, log = true }")
+    # Batch 16 (20 steps an epoch, not 10): epoch 2 must outlast the poll that sees epoch 1 and the SIGSTOP below.
+    # Once rank 0 no longer logged to MLflow at each epoch's end, a 10-step epoch 2 sometimes ended first on CI.
+    config = _toml(tmp_path / "distml.toml", "lr = { low = 0.01, high = 0.1, log = true }", {"batch_size": 16})
     space_run = bands_home / "runs" / "s-t001"
     frozen: list[int] = []
     log = (tmp_path / "tuner.log").open("wb")
