@@ -409,6 +409,35 @@ def test_one_mlflow_run_per_job_with_metrics_reopened_on_resume(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2, 3]
 
 
+def test_the_launcher_of_a_job_never_loads_torch(tiny_home: Path) -> None:
+    """Only the workers train: the launcher opens the MLflow run (torch's version as a parameter), relays the epochs
+    and closes the run with the last checkpoint without importing torch (~1.8 CPU-s beside the workers' start-up,
+    and again at the end). A resumed job loads torch to check its checkpoint, as it must."""
+    code = (
+        "import sys\nfrom distml.cli.main import main\n"
+        "try:\n    main(sys.argv[1:])\nfinally:\n    print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    args = ["--home", str(tiny_home), "train", "--dataset", "tiny", "--epochs", "1", "--workers", "2",
+            "--run-name", "lean"]  # fmt: skip
+    for epochs, loaded in (("1", False), ("2", True)):
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args, "--epochs", epochs], capture_output=True, text=True, timeout=240
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"torch loaded: {loaded}" in done.stdout
+    from distml.tracking import mlflow_client, tracking_uri
+
+    run_id = (tiny_home / "runs" / "lean" / "mlflow_run_id").read_text().strip()
+    params = mlflow_client(tracking_uri(tiny_home)).get_run(run_id).data.params
+    assert params["system.torch"] == torch.__version__ and params["system.cuda"] in ("none", *_gpu_names())
+
+
+def _gpu_names() -> list[str]:
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
 # -- the validation split ---------------------------------------------------------------------------------------
 
 

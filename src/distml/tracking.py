@@ -148,13 +148,18 @@ def close_run(uri: str, run_id: str, *, ok: bool, artifacts: list[Path]) -> None
     client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 
-def system_info() -> dict[str, str]:
-    import torch
+def system_info(cuda: str) -> dict[str, str]:
+    """The host's software as run parameters; ``cuda``: the first GPU's name, or "none".
+
+    torch's version is read from its installed package, not by importing it: a launcher has no other use for torch
+    (~1.8 CPU-s, on a 2-core machine beside the workers starting).
+    """
+    from importlib.metadata import version
 
     return {
         "system.python": platform.python_version(),
-        "system.torch": torch.__version__,
+        "system.torch": version("torch"),
         "system.platform": platform.platform(),
         "system.cpu_count": str(os.cpu_count()),
-        "system.cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "system.cuda": cuda,
     }

@@ -11,9 +11,10 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Required, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Required, TypedDict, cast
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _NAME = re.compile(r"ckpt-(\d{6})-(\d{9})\.pt")
 KEEP = 3
@@ -46,6 +47,8 @@ def save_checkpoint(folder: Path, state: CheckpointState, *, epoch: int, step: i
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(epoch, step)
     tmp = folder / f".{final.name}.{os.getpid()}.tmp"
+    import torch  # here, not at the top: a launcher lists checkpoints without loading torch (~1.8 CPU-s)
+
     try:
         with tmp.open("wb") as fh:
             torch.save(state, fh)
@@ -77,7 +80,12 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 def load_latest(folder: Path, warn: Callable[[str], None]) -> tuple[Path, CheckpointState] | None:
     """The newest checkpoint that loads, falling back past corrupt ones (with a warning for each)."""
-    for path in reversed(list_checkpoints(folder)):
+    checkpoints = list_checkpoints(folder)
+    if not checkpoints:
+        return None  # without importing torch: a fresh run's launcher never needs it
+    import torch
+
+    for path in reversed(checkpoints):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # any failure to load means "corrupt": fall back

@@ -124,6 +124,15 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def cuda_device_name() -> str:
+    """The first visible CUDA device's name, or "none"; without an NVIDIA driver at once, without importing torch."""
+    if not gpu_count():
+        return "none"
+    import torch
+
+    return str(torch.cuda.get_device_name(0))
+
+
 class RankLogger:
     """Prints on rank 0; on other ranks every method does nothing, so call sites never branch on rank."""
 

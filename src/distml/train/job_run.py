@@ -21,6 +21,7 @@ from typing import Any
 from distml import tracking
 from distml.data.reader import open_path
 from distml.files import write_atomic
+from distml.train.dist import cuda_device_name
 from distml.train.job import EPOCH_METRICS, EpochRecord, Job
 from distml.workspace import Workspace
 
@@ -33,7 +34,7 @@ def open_job_run(job: Job, workspace: Workspace) -> Job:
     id_file = job.run_dir / "mlflow_run_id"
     existing = id_file.read_text().strip() if id_file.is_file() else None
     params = {**job.config.model_dump(mode="json"), "world_size": job.world_size, "dataset_digest": job.dataset_digest}
-    params.update(tracking.system_info())
+    params.update(tracking.system_info(cuda=cuda_device_name()))
     dataset_name = open_path(job.dataset_path).name
     uri, run_id = tracking.open_run(
         home=workspace.home,
