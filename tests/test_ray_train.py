@@ -104,11 +104,20 @@ def _reference(home: Path, job: subprocess.Popen[str]) -> Path:
     return home / "runs" / "long-torchrun"
 
 
+# ``distml ARGS`` run by distml's own main in-process, then one line saying whether the process loaded torch.
+_TELLS_TORCH = (
+    "import sys\nfrom distml.cli.main import main\n"
+    "try:\n    main(sys.argv[1:])\nfinally:\n    print('torch loaded:', 'torch' in sys.modules)\n"
+)
+
+
 def _distml(
-    env: dict[str, str], home: Path, *args: str, timeout: float = TIMEOUT_S
+    env: dict[str, str], home: Path, *args: str, timeout: float = TIMEOUT_S, tell_torch: bool = False
 ) -> subprocess.CompletedProcess[str]:
+    """``distml ARGS --home HOME``; ``tell_torch``: its output ends with whether the command loaded torch."""
+    program = ["-c", _TELLS_TORCH] if tell_torch else ["-m", "distml"]
     return subprocess.run(
-        [sys.executable, "-m", "distml", *args, "--home", str(home)],
+        [sys.executable, *program, *args, "--home", str(home)],
         env=env,
         capture_output=True,
         text=True,
@@ -178,12 +187,13 @@ def test_a_ray_job_equals_the_torchrun_job_step_for_step(
     home = ray_home
     started = time.monotonic()
     got = _distml(cluster.client_env(), home, "train", *LONG, "--run-name", "long-ray",
-                  "--ray", cluster.address, "--placement", "spread")  # fmt: skip
+                  "--ray", cluster.address, "--placement", "spread", tell_torch=True)  # fmt: skip
     print(f"ray job: {time.monotonic() - started:.1f} s")
     output = _ok(got)
     reference = _reference(home, reference_job)  # trained meanwhile
     run_dir = home / "runs" / "long-ray"
     assert "resuming" not in output  # a fresh run
+    assert "torch loaded: False" in got.stdout  # only the ranks train: the driver never loads torch (ray_trainer.py)
     assert re.search(r"placement: long-ray: rank 0 on node \w{8} \(127\.0\.0\.1\), rank 1 on node \w{8}", output)
     # Every step as under torchrun: the same losses bit for bit, then the same final weights.
     (ours,), (theirs,) = _history(run_dir), _history(reference)

@@ -27,8 +27,9 @@ import secrets
 import shutil
 import sys
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from distml.cluster import NodeInfo, connect, nodes, require_ray
 from distml.config import ClusterConfig, TrainConfig
@@ -36,6 +37,9 @@ from distml.errors import DistmlError, TrainingError, UsageError, WorkspaceError
 from distml.files import write_atomic
 from distml.train.job import Job
 from distml.train.ray_check import CHECK_FILE, sees_workspace
+
+if TYPE_CHECKING:
+    from distml.train.dist import DistContext
 
 PLACEMENT_FILE = "placement.json"
 ATTEMPTS = "ray-attempts"  # under status/: one file per attempt of the worker group
@@ -126,14 +130,12 @@ def run(job: Job, cluster: ClusterConfig, check: WorkspaceCheck | None = None) -
     shutil.rmtree(job.run_dir / RAY_FOLDER, ignore_errors=True)  # Ray's bookkeeping of an earlier command
     for name, value in _TRAIN_ENV.items():
         os.environ.setdefault(name, value)  # read when the trainer starts its controller, which inherits them
-    train, torch_train, trainer_module = load_ray_train()
+    train, trainer_module = load_ray_train()
     check.wait()
-    # Ray Train's TorchTrainer without its autoscaling request and placement-group cleaner (ray_trainer.py).
-    trainer_class = trainer_module.DistmlTorchTrainer
-    trainer = trainer_class(
+    # Ray Train's TorchTrainer without torch in this process, its autoscaling request and more (ray_trainer.py).
+    trainer = trainer_module.DistmlTorchTrainer(
         _worker,
         train_loop_config={"run_dir": str(job.run_dir), "token": token},
-        torch_config=torch_train.TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=600),
         scaling_config=train.ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=gpu,
@@ -161,19 +163,15 @@ def run(job: Job, cluster: ClusterConfig, check: WorkspaceCheck | None = None) -
     return 0
 
 
-def load_ray_train() -> tuple[Any, Any, Any]:
-    """Import Ray Train, its torch backend (torch itself) and :mod:`distml.train.ray_trainer`: ~3.5 CPU-s.
+def load_ray_train() -> tuple[Any, Any]:
+    """Import Ray Train (with pandas and parts of Ray Data) and :mod:`distml.train.ray_trainer`: ~1.7 CPU-s.
 
     :func:`distml.train.launch.train` calls it once the workspace check is under way and before it starts the
     thread that opens the MLflow run: the imports then run while the nodes start the check's processes, and
     without that thread's imports taking turns with them for the interpreter lock (measured: the job started
     its workers ~1.5 s later when both imported at once).
     """
-    return (
-        importlib.import_module("ray.train"),
-        importlib.import_module("ray.train.torch"),
-        importlib.import_module("distml.train.ray_trainer"),
-    )
+    return importlib.import_module("ray.train"), importlib.import_module("distml.train.ray_trainer")
 
 
 @dataclass(frozen=True)
@@ -279,13 +277,25 @@ def _worker(config: dict[str, str]) -> None:
 def _run_rank_on_ray(run_dir: Path, token: str) -> None:
     import torch.distributed as dist
 
-    from distml.train.dist import context_from_env
+    from distml.train.dist import context_from_env, init_distributed
+
+    ctx = context_from_env()  # the trainer's backend set RANK, LOCAL_RANK, WORLD_SIZE, ... and MASTER_* (ray_trainer)
+    # Each attempt of the worker group has its own store (a new port on rank 0's node): no prefix to keep apart.
+    init_distributed(ctx, timeout=timedelta(minutes=10))
+    try:
+        _run_rank_in_group(run_dir, token, ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_rank_in_group(run_dir: Path, token: str, ctx: DistContext) -> None:
+    import torch.distributed as dist
+
     from distml.train.worker import run_rank
 
     ray = require_ray()
     node_id = str(ray.get_runtime_context().get_node_id())
     node_ip = str(ray.util.get_node_ip_address())
-    ctx = context_from_env()  # Ray Train sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and MASTER_*
     # Every rank checks that it sees the run folder, and all learn each other's answer before anything else: a rank
     # that stopped alone would leave the others waiting in their next collective until Ray tears them down.
     problem = _visibility_problem(run_dir, token, node_ip, node_id)
@@ -309,8 +319,8 @@ def _run_rank_on_ray(run_dir: Path, token: str) -> None:
     dist.all_gather_object(everyone, mine)
     if ctx.rank == 0:
         write_atomic(run_dir / PLACEMENT_FILE, (json.dumps(everyone, indent=2) + "\n").encode())
-    # Ray Train has created the process group (join=None); the attempt keeps the shared-memory segments of two
-    # attempts apart, as torchrun's restart count does.
+    # The group exists (join=None); the attempt keeps the shared-memory segments of two attempts apart, as
+    # torchrun's restart count does.
     reason = run_rank(run_dir, replace(ctx, restart=attempt, job_id=f"ray-{ctx.job_id}"), join=None)
     if reason is not None:
         raise TrainingError(reason)

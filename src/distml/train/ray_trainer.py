@@ -20,20 +20,28 @@ workers import it too (the scaling policy travels by reference), and distml is i
    removes a job's placement groups when its driver ends. Without the dashboard it logged a warning a second.
 4. **The datasets callback.** It starts a ``DatasetManager`` actor (one more process, ~3 CPU-s) for the Ray
    Datasets a trainer is given; distml's workers read the dataset store themselves and are given none.
+5. **torch in the driver.** ``TorchTrainer``'s backend (``TorchConfig``) creates the process group from the
+   driver, and its module imports torch there (~1.8 CPU-s of every job, in a process that never trains). Here
+   the backend (:class:`TorchrunVariables`) only gives each rank torchrun's variables, and the ranks join the
+   process group themselves as under torchrun (:func:`distml.train.dist.init_distributed`, whose store listens
+   on the rank-0 node's address alone, where ``TorchConfig``'s listened on every interface).
 
-All are private parts of Ray Train 2.60 (``TrainController``, ``WorkerGroup``, ``_create_default_callbacks``,
-``_initialize_and_run_controller``): Ray is pinned exactly in the ``ray`` extra, and tests/test_ray_train.py runs
-real jobs, restarts and failures through this class.
+The first four are private parts of Ray Train 2.60 (``TrainController``, ``WorkerGroup``,
+``_create_default_callbacks``, ``_initialize_and_run_controller``): Ray is pinned exactly in the ``ray`` extra,
+and tests/test_ray_train.py runs real jobs, restarts and failures through this class.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import ray
 from ray.actor import ActorHandle
 from ray.train import Result
+from ray.train._internal.utils import get_address_and_port
+from ray.train.backend import Backend, BackendConfig
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.context import TrainRunContext
@@ -41,8 +49,47 @@ from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 from ray.train.v2._internal.execution.worker_group.worker import Worker
 from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
+from ray.train.v2._internal.util import TrainingFramework
 from ray.train.v2.api.callback import RayTrainCallback
-from ray.train.v2.torch.torch_trainer import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+
+class TorchrunVariables(BackendConfig):
+    """A distml job's backend: each rank gets torchrun's variables, then joins the process group itself."""
+
+    @property
+    def backend_cls(self) -> type[Backend]:
+        return _TorchrunVariablesBackend
+
+    @property
+    def framework(self) -> TrainingFramework:
+        return TrainingFramework.TORCH  # what Ray's state API reports for the run
+
+
+class _TorchrunVariablesBackend(Backend):
+    # As Ray's torch backend: a node's ranks all see the node's GPUs given to the job, and pick one by local rank.
+    share_cuda_visible_devices = True
+
+    def on_start(self, worker_group: Any, backend_config: BackendConfig) -> None:
+        """Rank 0's node address and a free port there, as MASTER_ADDR and MASTER_PORT of every rank."""
+        addr, port = worker_group.execute_single(0, get_address_and_port)
+        worker_group.execute(set_torchrun_variables, addr=addr, port=port)
+
+
+def set_torchrun_variables(addr: str, port: int) -> None:
+    """In a worker: the variables torchrun sets, from Ray Train's context (its ranks, numbered by node)."""
+    context = ray.train.get_context()
+    os.environ.update(
+        {
+            "MASTER_ADDR": addr,
+            "MASTER_PORT": str(port),
+            "RANK": str(context.get_world_rank()),
+            "WORLD_SIZE": str(context.get_world_size()),
+            "LOCAL_RANK": str(context.get_local_rank()),
+            "LOCAL_WORLD_SIZE": str(context.get_local_world_size()),
+            "NODE_RANK": str(context.get_node_rank()),
+        }
+    )
 
 
 class FixedSizePolicy(FixedScalingPolicy):
@@ -88,9 +135,12 @@ class DriverController(TrainController):
     worker_group_cls = DriverWorkerGroup
 
 
-class DistmlTorchTrainer(TorchTrainer):
-    """``TorchTrainer`` whose controller runs in the driver, with :class:`FixedSizePolicy`, no placement-group
-    cleaner and no datasets callback."""
+class DistmlTorchTrainer(DataParallelTrainer):
+    """Ray Train's trainer for torch, with :class:`TorchrunVariables` as its backend, its controller in the driver,
+    :class:`FixedSizePolicy`, no placement-group cleaner and no datasets callback."""
+
+    def __init__(self, train_loop_per_worker: Any, **kwargs: Any) -> None:
+        super().__init__(train_loop_per_worker, backend_config=TorchrunVariables(), **kwargs)
 
     def _create_default_callbacks(self) -> list[RayTrainCallback]:
         callbacks: list[RayTrainCallback] = super()._create_default_callbacks()
