@@ -104,10 +104,10 @@ def _reference(home: Path, job: subprocess.Popen[str]) -> Path:
     return home / "runs" / "long-torchrun"
 
 
-# ``distml ARGS`` run by distml's own main in-process, then one line saying whether the process loaded torch.
+# ``distml ARGS`` as ``python -m distml`` runs it (main() reads sys.argv), then whether the process loaded torch.
 _TELLS_TORCH = (
     "import sys\nfrom distml.cli.main import main\n"
-    "try:\n    main(sys.argv[1:])\nfinally:\n    print('torch loaded:', 'torch' in sys.modules)\n"
+    "try:\n    main()\nfinally:\n    print('torch loaded:', 'torch' in sys.modules)\n"
 )
 
 

@@ -415,7 +415,7 @@ def test_the_launcher_of_a_job_never_loads_torch(tiny_home: Path) -> None:
     and again at the end). A resumed job loads torch to check its checkpoint, as it must."""
     code = (
         "import sys\nfrom distml.cli.main import main\n"
-        "try:\n    main(sys.argv[1:])\nfinally:\n    print('torch loaded:', 'torch' in sys.modules)\n"
+        "try:\n    main()\nfinally:\n    print('torch loaded:', 'torch' in sys.modules)\n"
     )
     args = ["--home", str(tiny_home), "train", "--dataset", "tiny", "--epochs", "1", "--workers", "2",
             "--run-name", "lean"]  # fmt: skip
