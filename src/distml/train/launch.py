@@ -383,9 +383,8 @@ def train(
             from distml.cluster import nodes
             from distml.train import ray_launch
 
-            # Under way on the nodes while this process imports Ray Train (first, alone: see load_ray_train).
+            # Under way on the nodes while this process opens the MLflow run and imports Ray Train.
             check = ray_launch.start_workspace_check(job, nodes())
-            ray_launch.load_ray_train()
         # Node 0 opens the MLflow run beside the workers' start, and logs their epochs into it as they end.
         tracked = job_run.JobTracking(job, workspace if rdzv.node_rank == 0 else None)
         start = time.perf_counter()

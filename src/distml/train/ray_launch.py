@@ -130,10 +130,10 @@ def run(job: Job, cluster: ClusterConfig, check: WorkspaceCheck | None = None) -
     shutil.rmtree(job.run_dir / RAY_FOLDER, ignore_errors=True)  # Ray's bookkeeping of an earlier command
     for name, value in _TRAIN_ENV.items():
         os.environ.setdefault(name, value)  # read when the trainer starts its controller, which inherits them
-    train, trainer_module = load_ray_train()
     check.wait()
+    train = importlib.import_module("ray.train")
     # Ray Train's TorchTrainer without torch in this process, its autoscaling request and more (ray_trainer.py).
-    trainer = trainer_module.DistmlTorchTrainer(
+    trainer = importlib.import_module("distml.train.ray_trainer").DistmlTorchTrainer(
         _worker,
         train_loop_config={"run_dir": str(job.run_dir), "token": token},
         scaling_config=train.ScalingConfig(
@@ -161,17 +161,6 @@ def run(job: Job, cluster: ClusterConfig, check: WorkspaceCheck | None = None) -
             hint="re-running the same --run-name resumes from the last checkpoint",
         ) from None
     return 0
-
-
-def load_ray_train() -> tuple[Any, Any]:
-    """Import Ray Train (with pandas and parts of Ray Data) and :mod:`distml.train.ray_trainer`: ~1.7 CPU-s.
-
-    :func:`distml.train.launch.train` calls it once the workspace check is under way and before it starts the
-    thread that opens the MLflow run: the imports then run while the nodes start the check's processes, and
-    without that thread's imports taking turns with them for the interpreter lock (measured: the job started
-    its workers ~1.5 s later when both imported at once).
-    """
-    return importlib.import_module("ray.train"), importlib.import_module("distml.train.ray_trainer")
 
 
 @dataclass(frozen=True)

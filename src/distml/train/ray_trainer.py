@@ -77,7 +77,14 @@ class _TorchrunVariablesBackend(Backend):
 
 
 def set_torchrun_variables(addr: str, port: int) -> None:
-    """In a worker: the variables torchrun sets, from Ray Train's context (its ranks, numbered by node)."""
+    """In a worker: the variables torchrun sets, from Ray Train's context (its ranks, numbered by node).
+
+    It also imports torch, here in the worker's main thread, before Ray Train starts the thread that runs the
+    training function: imported first in that thread, the same 2-worker job trained at ~4,300 img/s instead of
+    ~6,200 (``bench/on_ray.py --only train``, three rounds each on the 2-core machine; the cause is not known).
+    """
+    import torch  # noqa: F401  (see above)
+
     context = ray.train.get_context()
     os.environ.update(
         {
