@@ -5,8 +5,8 @@ workers import it too (the scaling policy travels by reference), and distml is i
 
 1. **The controller runs in the driver.** Ray Train starts its controller as one more actor, a process that
    imports Ray Train and torch again (~6 CPU-s, on the critical path: the worker group waited for it). A distml
-   job has a driver process of its own that waits for the controller anyway and has Ray Train and torch imported
-   already, so the same controller runs there, on the same node Ray would have put it (the driver's). What the
+   job has a driver process of its own that waits for the controller anyway and has Ray Train imported already,
+   so the same controller runs there, on the same node Ray would have put it (the driver's). What the
    separate actor buys, a controller that outlives its driver, serves nothing here: a distml job ends with its
    driver, and Ray ends the job's actors with it.
 2. **The autoscaling request.** Ray Train's fixed-size policy asks Ray Data's ``AutoscalingCoordinator`` (a
@@ -27,7 +27,8 @@ workers import it too (the scaling policy travels by reference), and distml is i
    on the rank-0 node's address alone, where ``TorchConfig``'s listened on every interface).
 
 The first four are private parts of Ray Train 2.60 (``TrainController``, ``WorkerGroup``,
-``_create_default_callbacks``, ``_initialize_and_run_controller``): Ray is pinned exactly in the ``ray`` extra,
+``_create_default_callbacks``, ``_initialize_and_run_controller``), the fifth its developer API (``Backend``,
+``BackendConfig``) and one internal helper (``get_address_and_port``): Ray is pinned exactly in the ``ray`` extra,
 and tests/test_ray_train.py runs real jobs, restarts and failures through this class.
 """
 
