@@ -213,20 +213,25 @@ def run_cli(*args: str | Path) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
-# Runs the CLI, then writes the names of every module it imported to the file named by argv[1].
+# Runs the CLI as ``python -m distml`` does (main() reads sys.argv, and the process ends without Python's last
+# collection), then writes the names of every module it imported to the file named by argv[1].
 _FRESH = """
 import json, sys
 from distml.cli.main import main
+report = sys.argv.pop(1)
 try:
-    main(sys.argv[2:])
+    main()
 finally:
-    with open(sys.argv[1], "w") as fh:
+    with open(report, "w") as fh:
         json.dump(sorted(sys.modules), fh)
 """
 
 
-def run_cli_fresh(tmp_path: Path, *args: str | Path, timeout_s: float = 300) -> tuple[CliResult, set[str]]:
-    """Run ``distml ARGS`` in a new interpreter, as a user's command runs (its imports included).
+def run_cli_fresh(
+    tmp_path: Path, *args: str | Path, timeout_s: float = 300, env: dict[str, str] | None = None
+) -> tuple[CliResult, set[str]]:
+    """Run ``distml ARGS`` in a new interpreter, as a user's command runs (its imports included); ``env``: its
+    environment (default: this one's).
 
     Returns its result and the top-level packages it imported (``torch``, ``mlflow``... when it did).
     """
@@ -237,6 +242,7 @@ def run_cli_fresh(tmp_path: Path, *args: str | Path, timeout_s: float = 300) -> 
         text=True,
         timeout=timeout_s,
         check=False,
+        env=env,
     )
     loaded = {name.split(".")[0] for name in json.loads(report.read_text())} if report.is_file() else set()
     return CliResult(proc.returncode, proc.stdout, proc.stderr), loaded

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import free_port, make_mnist
+from conftest import free_port, make_mnist, run_cli_fresh
 from distml.data.ingest import ingest
 from distml.data.sources import FashionMnistSource
 from distml.data.store import DatasetStore
@@ -104,20 +104,11 @@ def _reference(home: Path, job: subprocess.Popen[str]) -> Path:
     return home / "runs" / "long-torchrun"
 
 
-# ``distml ARGS`` as ``python -m distml`` runs it (main() reads sys.argv), then whether the process loaded torch.
-_TELLS_TORCH = (
-    "import sys\nfrom distml.cli.main import main\n"
-    "try:\n    main()\nfinally:\n    print('torch loaded:', 'torch' in sys.modules)\n"
-)
-
-
 def _distml(
-    env: dict[str, str], home: Path, *args: str, timeout: float = TIMEOUT_S, tell_torch: bool = False
+    env: dict[str, str], home: Path, *args: str, timeout: float = TIMEOUT_S
 ) -> subprocess.CompletedProcess[str]:
-    """``distml ARGS --home HOME``; ``tell_torch``: its output ends with whether the command loaded torch."""
-    program = ["-c", _TELLS_TORCH] if tell_torch else ["-m", "distml"]
     return subprocess.run(
-        [sys.executable, *program, *args, "--home", str(home)],
+        [sys.executable, "-m", "distml", *args, "--home", str(home)],
         env=env,
         capture_output=True,
         text=True,
@@ -186,14 +177,15 @@ def test_a_ray_job_equals_the_torchrun_job_step_for_step(
     """(The reference job is asked for first: it trains while the cluster starts, then while this job starts.)"""
     home = ray_home
     started = time.monotonic()
-    got = _distml(cluster.client_env(), home, "train", *LONG, "--run-name", "long-ray",
-                  "--ray", cluster.address, "--placement", "spread", tell_torch=True)  # fmt: skip
+    done, modules = run_cli_fresh(home.parent, "train", *LONG, "--run-name", "long-ray", "--ray", cluster.address,
+                                  "--placement", "spread", "--home", home, env=cluster.client_env(),
+                                  timeout_s=TIMEOUT_S)  # fmt: skip
     print(f"ray job: {time.monotonic() - started:.1f} s")
-    output = _ok(got)
+    output = _ok(subprocess.CompletedProcess([], done.code, done.out, done.err))
     reference = _reference(home, reference_job)  # trained meanwhile
     run_dir = home / "runs" / "long-ray"
     assert "resuming" not in output  # a fresh run
-    assert "torch loaded: False" in got.stdout  # only the ranks train: the driver never loads torch (ray_trainer.py)
+    assert "torch" not in modules  # only the ranks train: the driver never loads torch (ray_trainer.py)
     assert re.search(r"placement: long-ray: rank 0 on node \w{8} \(127\.0\.0\.1\), rank 1 on node \w{8}", output)
     # Every step as under torchrun: the same losses bit for bit, then the same final weights.
     (ours,), (theirs,) = _history(run_dir), _history(reference)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_mnist, run_cli
+from conftest import make_mnist, run_cli, run_cli_fresh
 from distml.config import TrainConfig
 from distml.data import DatasetStore
 from distml.data.ingest import ingest
@@ -413,18 +413,11 @@ def test_the_launcher_of_a_job_never_loads_torch(tiny_home: Path) -> None:
     """Only the workers train: the launcher opens the MLflow run (torch's version as a parameter), relays the epochs
     and closes the run with the last checkpoint without importing torch (~1.8 CPU-s beside the workers' start-up,
     and again at the end). A resumed job loads torch to check its checkpoint, as it must."""
-    code = (
-        "import sys\nfrom distml.cli.main import main\n"
-        "try:\n    main()\nfinally:\n    print('torch loaded:', 'torch' in sys.modules)\n"
-    )
-    args = ["--home", str(tiny_home), "train", "--dataset", "tiny", "--epochs", "1", "--workers", "2",
-            "--run-name", "lean"]  # fmt: skip
+    args = ["--home", tiny_home, "train", "--dataset", "tiny", "--epochs", "1", "--workers", "2", "--run-name", "lean"]
     for epochs, loaded in (("1", False), ("2", True)):
-        done = subprocess.run(
-            [sys.executable, "-c", code, *args, "--epochs", epochs], capture_output=True, text=True, timeout=240
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert f"torch loaded: {loaded}" in done.stdout
+        done, modules = run_cli_fresh(tiny_home.parent, *args, "--epochs", epochs, timeout_s=240)
+        assert done.code == 0, done.err[-3000:]
+        assert ("torch" in modules) is loaded
     from distml.tracking import mlflow_client, tracking_uri
 
     run_id = (tiny_home / "runs" / "lean" / "mlflow_run_id").read_text().strip()
